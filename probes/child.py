@@ -1,0 +1,129 @@
+"""Run a function in a fresh child process, so that a crash, an abort, a hang or a
+process-global patch never reaches the caller.
+
+Spawn (not fork): the child starts with no CUDA context and no patched torch, and a parent that
+already initialised CUDA stays safe. The function and its arguments must be picklable (a
+module-level function). Its return value comes back through a pipe; an exception comes back as
+its type name and message, so that the parent can re-raise it as the right `TunerError`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from tuner.errors import ProbeError, TunerError
+
+# Exit codes of a child killed by a signal are negative; name the common ones for messages.
+_SIGNAL_NAMES = {
+    -signal.SIGABRT: "aborted (SIGABRT)",
+    -signal.SIGSEGV: "crashed (SIGSEGV)",
+    -signal.SIGKILL: "was killed (SIGKILL)",
+    -signal.SIGBUS: "crashed (SIGBUS)",
+}
+
+
+@dataclass(frozen=True)
+class ChildFailure:
+    """How a child failed, as data the parent can act on."""
+
+    kind: str
+    """`exception`, `timeout`, `crash`."""
+    message: str
+    error_type: str | None = None
+    error_code: str | None = None
+
+
+class ChildFailed(ProbeError):
+    """A child process failed; `failure` says how."""
+
+    def __init__(self, failure: ChildFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+        if failure.error_code:
+            self.code = failure.error_code
+
+
+def _child_main(
+    conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        code = exc.code if isinstance(exc, TunerError) else None
+        message = exc.message if isinstance(exc, TunerError) else f"{type(exc).__name__}: {exc}"
+        conn.send(("error", type(exc).__name__, code, message, traceback.format_exc(limit=8)))
+    else:
+        conn.send(("ok", result))
+    finally:
+        conn.close()
+
+
+def run_in_child(
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float,
+    what: str = "child process",
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """`fn(*args, **kwargs)` in a spawned process; its result, or `ChildFailed`.
+
+    A `TunerError` raised in the child keeps its code and message; any other exception becomes
+    a probe error naming its type. A hang past `timeout` seconds kills the child; so does the
+    caller's KeyboardInterrupt.
+    """
+    ctx = mp.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})  # spawn copies the parent's environment at start
+    try:
+        process = ctx.Process(target=_child_main, args=(sender, fn, args, kwargs), daemon=True)
+        process.start()
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    sender.close()
+    try:
+        if not receiver.poll(timeout):
+            _kill(process)
+            raise ChildFailed(
+                ChildFailure("timeout", f"The {what} did not finish within {timeout:g} s and was stopped.")
+            )
+        try:
+            message = receiver.recv()
+        except EOFError:
+            process.join(5)
+            raise ChildFailed(_crash(what, process.exitcode)) from None
+    except BaseException:
+        _kill(process)
+        raise
+    finally:
+        receiver.close()
+    process.join(10)
+    if process.is_alive():
+        _kill(process)
+    if message[0] == "ok":
+        return message[1]
+    _, error_type, code, text, _trace = message
+    raise ChildFailed(ChildFailure("exception", text, error_type=error_type, error_code=code))
+
+
+def _crash(what: str, exitcode: int | None) -> ChildFailure:
+    how = _SIGNAL_NAMES.get(exitcode or 0, f"exited with code {exitcode}")
+    return ChildFailure("crash", f"The {what} {how} before returning a result.")
+
+
+def _kill(process: Any) -> None:
+    if process.is_alive():
+        process.kill()
+    process.join(5)

@@ -1,0 +1,1 @@
+"""SQL storage: models, repository functions, migrations."""

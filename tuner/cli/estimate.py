@@ -1,0 +1,10 @@
+"""`tuner estimate` (CONTRACT.md)."""
+
+from __future__ import annotations
+
+from tuner.cli._common import not_built
+
+
+def estimate() -> None:
+    """Not built yet."""
+    not_built("estimate")

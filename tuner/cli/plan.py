@@ -1,0 +1,10 @@
+"""`tuner plan` (CONTRACT.md)."""
+
+from __future__ import annotations
+
+from tuner.cli._common import not_built
+
+
+def plan() -> None:
+    """Not built yet."""
+    not_built("plan")

@@ -1,0 +1,10 @@
+"""`tuner probe` (CONTRACT.md)."""
+
+from __future__ import annotations
+
+from tuner.cli._common import not_built
+
+
+def probe() -> None:
+    """Not built yet."""
+    not_built("probe")

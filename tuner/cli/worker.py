@@ -1,0 +1,10 @@
+"""`tuner worker` (CONTRACT.md)."""
+
+from __future__ import annotations
+
+from tuner.cli._common import not_built
+
+
+def worker() -> None:
+    """Not built yet."""
+    not_built("worker")

@@ -1,0 +1,91 @@
+"""What probes and the planner produce: probe results and plans (CONTRACT.md shapes)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuner.search_types import MemoryLine, Trial
+from tuner.spec import Backend, DeviceSpec, PlanPolicy, WorkloadSpec
+
+
+class WorkloadFacts(BaseModel):
+    """Facts about the built model that the planner needs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    parameter_count: int
+    trainable_parameter_count: int | None = None
+    has_batchnorm: bool = False
+    has_moe: bool = False
+
+
+class ProbeResult(BaseModel):
+    """The largest micro-batch of one workload on one device, for one checkpointing choice,
+    with every trial that led there."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int | None = None
+    created_at: datetime | None = None
+    fingerprint: str
+    workload: WorkloadSpec
+    device: DeviceSpec
+    backend: Backend
+    gradient_checkpointing: bool
+    max_batch_size: int
+    """Largest micro-batch that fit (0: nothing fits)."""
+    strategy: str = "guided"
+    stop_reason: str = "exact"
+    trials: list[Trial] = Field(default_factory=list)
+    memory_line: MemoryLine | None = None
+    """Peak reserved bytes ≈ fixed + per_sample × b, fitted to the passing trials."""
+    capacity_bytes: int | None = None
+    """Bytes the search was allowed to use (device memory less context overhead and margin)."""
+    seconds: float = 0.0
+    versions: dict[str, str] = Field(default_factory=dict)
+    """torch, cuda, transformers, tuner versions of the process that probed."""
+    allocator_conf: str | None = None
+    """`PYTORCH_CUDA_ALLOC_CONF` during the probe."""
+    facts: WorkloadFacts | None = None
+    verified_steps: int | None = None
+    """Steps the answer survived in a fresh process (None: not verified)."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Backend-specific details (e.g. the estimate's per-category bytes)."""
+
+
+class Plan(BaseModel):
+    """What a training script applies (CONTRACT.md "Plan")."""
+
+    id: int | None = None
+    created_at: datetime | None = None
+    cache_hit: bool = False
+    fingerprint: str
+    workload: WorkloadSpec
+    device: DeviceSpec
+    backend: Backend
+    effective_batch_size: int
+    world_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+    micro_batch_sizes: list[int] | None = None
+    """Per-rank micro-batches of one window, only when uneven (they sum to effective / world)."""
+    gradient_checkpointing: bool
+    max_micro_batch_size: dict[str, int]
+    """Largest micro-batch per checkpointing choice probed: `{"off": 51, "on": 100}`."""
+    memory_budget_bytes: int
+    predicted_peak_bytes: int | None
+    predicted_samples_per_second: float | None = None
+    probe_id: int | None = None
+    probe_ids: dict[str, int] = Field(default_factory=dict)
+    """Probe id per checkpointing choice."""
+    policy: PlanPolicy = Field(default_factory=PlanPolicy)
+    reason: str = ""
+    """Why this checkpointing choice and micro-batch."""
+    warnings: list[str] = Field(default_factory=list)
+    hints: list[str] = Field(default_factory=list)
+    accumulation_schedule: list[dict[str, int]] | None = None
+    """Batch-size ramp: `[{"until_step": s, "accumulation_steps": k}, ...]` at a fixed micro-batch."""
+    versions: dict[str, str] = Field(default_factory=dict)

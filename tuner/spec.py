@@ -1,0 +1,311 @@
+"""Workload, device, policy and plan-request specs (CONTRACT.md), and the workload fingerprint.
+
+Pure pydantic: the API process validates specs without importing torch. What can only be
+checked by building the model (an unknown `model_type`, a factory that raises) is found in
+`probes/` and reported as `ModelBuildError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS
+from tuner.errors import SpecError
+from tuner.settings import get_settings
+
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
+Backend = Literal["cuda", "estimate"]
+CheckpointingPolicy = Literal["auto", "on", "off"]
+Family = Literal["transformers", "torchvision", "builtin", "python"]
+Task = Literal["causal-lm", "masked-lm", "seq-classification"]
+
+MAX_SEQ_LEN = 131_072
+MAX_DIM = 65_536
+MAX_LAYERS = 512
+MAX_VOCAB = 1_048_576
+MAX_IMAGE_SIDE = 4096
+MAX_CLASSES = 1_048_576
+MAX_BATCH = 1 << 20
+
+# transformers config keys whose size a server must bound, and the bound.
+_CONFIG_BOUNDS: dict[str, int] = {
+    **dict.fromkeys(("n_layer", "num_hidden_layers", "num_layers", "n_layers", "decoder_layers"), MAX_LAYERS),
+    **dict.fromkeys(("n_embd", "hidden_size", "d_model", "dim"), MAX_DIM),
+    **dict.fromkeys(("n_inner", "intermediate_size", "ffn_dim", "d_ff"), 4 * MAX_DIM),
+    **dict.fromkeys(("n_head", "num_attention_heads", "num_key_value_heads"), 1024),
+    **dict.fromkeys(("vocab_size",), MAX_VOCAB),
+    **dict.fromkeys(("n_positions", "max_position_embeddings", "n_ctx"), MAX_SEQ_LEN),
+    **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts"), 1024),
+}
+_POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+# Keys that do not change the model that is built; dropped before fingerprinting.
+_CONFIG_IRRELEVANT = frozenset({"transformers_version", "_name_or_path", "architectures"})
+_FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_CONFIG_MAX_BYTES = 64_000
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Spec):
+    """Which model to build. Fields other than `family` apply to some families only."""
+
+    family: Family
+    """`transformers`, `torchvision`, `builtin` or `python` (CONTRACT.md)."""
+    config: dict[str, Any] | None = None
+    """transformers: a config dict with `model_type`; passed to `AutoConfig.for_model`."""
+    task: Task = "causal-lm"
+    """transformers: which head to build."""
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    """torchvision and builtin: the model's name (`resnet50`, `decoder`)."""
+    factory: str | None = Field(default=None, max_length=200)
+    """python: `package.module:function` returning an `nn.Module`."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """torchvision, builtin and python: keyword arguments of the builder."""
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        if config is None:
+            return None
+        if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+            raise ValueError('needs a \'model_type\' string, e.g. {"model_type": "gpt2"}')
+        if len(json.dumps(config, default=str)) > _CONFIG_MAX_BYTES:
+            raise ValueError(f"is larger than {_CONFIG_MAX_BYTES} bytes of JSON")
+        for key, bound in _CONFIG_BOUNDS.items():
+            value = config.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+            if not 1 <= value <= bound:
+                raise ValueError(f"{key} must be between 1 and {bound}, got {value}")
+        return {k: v for k, v in config.items() if k not in _CONFIG_IRRELEVANT}
+
+    @field_validator("kwargs")
+    @classmethod
+    def _check_kwargs_size(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(kwargs, default=str)) > _CONFIG_MAX_BYTES:
+            raise ValueError(f"is larger than {_CONFIG_MAX_BYTES} bytes of JSON")
+        return kwargs
+
+    @model_validator(mode="after")
+    def _check_family(self) -> ModelSpec:
+        if self.family == "transformers":
+            if self.config is None:
+                raise ValueError(
+                    'model.config is required for family \'transformers\' (e.g. {"model_type": "gpt2"})'
+                )
+        elif self.family == "torchvision":
+            if self.name is None:
+                raise ValueError("model.name is required for family 'torchvision' (e.g. 'resnet50')")
+        elif self.family == "builtin":
+            if self.name not in BUILTIN_CONFIGS:
+                raise ValueError(
+                    f"model.name must be one of {sorted(BUILTIN_CONFIGS)} for family 'builtin', "
+                    f"got {self.name!r}"
+                )
+            try:
+                filled = BUILTIN_CONFIGS[self.name].model_validate(self.kwargs)
+            except ValidationError as exc:
+                raise ValueError(
+                    f"model.kwargs for builtin {self.name!r}: {format_validation_error(exc)}"
+                ) from None
+            # Defaults filled in so that explicit and implied values fingerprint alike.
+            object.__setattr__(self, "kwargs", filled.model_dump(mode="json"))
+        elif self.family == "python":
+            _check_factory(self.factory)
+        return self
+
+
+def _check_factory(factory: str | None) -> None:
+    if factory is None or not _FACTORY.match(factory):
+        raise ValueError("model.factory must look like 'package.module:function' for family 'python'")
+    package = factory.split(":", 1)[0].split(".", 1)[0]
+    allowed = get_settings().allowed_factory_package_set
+    if package not in allowed:
+        raise ValueError(
+            f"model.factory package {package!r} is not allowed on this server; "
+            "list it in the TUNER_ALLOWED_FACTORY_PACKAGES setting (comma-separated) to allow it"
+        )
+
+
+class TokensInputs(_Spec):
+    """Token sequences; labels are the inputs, the loss runs over all tokens."""
+
+    kind: Literal["tokens"]
+    seq_len: int = Field(ge=1, le=MAX_SEQ_LEN)
+    """Tokens per sample."""
+
+
+class ImageInputs(_Spec):
+    """Images with class labels."""
+
+    kind: Literal["image"]
+    channels: int = Field(default=3, ge=1, le=64)
+    height: int = Field(default=224, ge=1, le=MAX_IMAGE_SIDE)
+    width: int = Field(default=224, ge=1, le=MAX_IMAGE_SIDE)
+    num_classes: int = Field(default=1000, ge=1, le=MAX_CLASSES)
+
+
+class FeaturesInputs(_Spec):
+    """Feature vectors with class labels."""
+
+    kind: Literal["features"]
+    dim: int = Field(ge=1, le=1 << 20)
+    num_classes: int = Field(default=10, ge=1, le=MAX_CLASSES)
+
+
+InputsSpec = Annotated[TokensInputs | ImageInputs | FeaturesInputs, Field(discriminator="kind")]
+
+
+class OptimizerSpec(_Spec):
+    """The optimizer whose state the plan must make room for."""
+
+    name: Literal["adamw", "adam", "sgd", "adafactor"] = "adamw"
+    implementation: Literal["foreach", "fused", "for-loop"] = "foreach"
+
+
+class WorkloadSpec(_Spec):
+    """What is trained: model, inputs, precision and optimizer. Its fingerprint keys the cache."""
+
+    model: ModelSpec
+    inputs: InputsSpec
+    precision: Precision = "bf16-mixed"
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+
+    @model_validator(mode="after")
+    def _check_inputs_match_model(self) -> WorkloadSpec:
+        expected: str | None = None
+        if self.model.family == "transformers":
+            expected = "tokens"
+        elif self.model.family == "torchvision":
+            expected = "image"
+        elif self.model.family == "builtin" and self.model.name:
+            expected = BUILTIN_INPUTS[self.model.name]
+        if expected is not None and self.inputs.kind != expected:
+            raise ValueError(f"inputs.kind must be {expected!r} for this model, got {self.inputs.kind!r}")
+        if isinstance(self.inputs, TokensInputs):
+            limit = _position_limit(self.model)
+            if limit is not None and self.inputs.seq_len > limit:
+                raise ValueError(
+                    f"inputs.seq_len ({self.inputs.seq_len}) exceeds the model's maximum positions ({limit})"
+                )
+        return self
+
+    def canonical_json(self) -> str:
+        """Sorted keys, no whitespace, defaults filled in: the text the fingerprint hashes."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON: equal for specs that build the same workload."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def describe(self) -> str:
+        """A short human name: `gpt2`, `builtin decoder`, `resnet50`."""
+        if self.model.family == "transformers" and self.model.config:
+            return str(self.model.config["model_type"])
+        if self.model.family == "python":
+            return str(self.model.factory)
+        return str(self.model.name)
+
+
+def _position_limit(model: ModelSpec) -> int | None:
+    if model.family == "transformers" and model.config:
+        for key in _POSITION_KEYS:
+            if isinstance(model.config.get(key), int):
+                return int(model.config[key])
+    if model.family == "builtin" and model.name == "decoder":
+        return int(model.kwargs["max_seq_len"])
+    return None
+
+
+class DeviceSpec(_Spec):
+    """A GPU by name and total memory (as `torch.cuda.get_device_properties` reports them)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    total_memory_bytes: int = Field(ge=1 << 20, le=1 << 44)
+
+
+class RampSpec(_Spec):
+    """Grow the effective batch linearly over the first steps, at a fixed micro-batch."""
+
+    start_effective_batch_size: int = Field(ge=1, le=MAX_BATCH)
+    ramp_steps: int = Field(ge=1, le=10_000_000)
+
+
+class PlanPolicy(_Spec):
+    """How the plan is chosen."""
+
+    gradient_checkpointing: CheckpointingPolicy = "auto"
+    memory_margin: float = Field(default=0.05, ge=0.0, le=0.5)
+    """Fraction of the device's memory kept free."""
+    max_micro_batch_size: int | None = Field(default=None, ge=1, le=MAX_BATCH)
+    """An upper bound the caller imposes on the micro-batch."""
+    allow_uneven_micro_batches: bool = False
+    """Allow micro-batches of different sizes when no divisor fits well."""
+    ramp: RampSpec | None = None
+    """An optional batch-size ramp, returned as an accumulation schedule."""
+
+
+class PlanRequest(_Spec):
+    """`POST /v1/plans`: a workload and what the plan must reach."""
+
+    workload: WorkloadSpec
+    effective_batch_size: int = Field(ge=1, le=MAX_BATCH)
+    world_size: int = Field(default=1, ge=1, le=65_536)
+    device: DeviceSpec | None = None
+    backend: Backend = "cuda"
+    policy: PlanPolicy = Field(default_factory=PlanPolicy)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field: `inputs.seq_len: Input should be ≥ 1`."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        loc = [str(p) for p in error["loc"] if p not in _UNION_TAGS]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        path = ".".join(loc)
+        # Model-level checks already name their field ("model.kwargs ..."): do not repeat it.
+        parts.append(message if not path or message.startswith(path + ".") else f"{path}: {message}")
+    return "; ".join(parts)
+
+
+_UNION_TAGS = frozenset({"tokens", "image", "features"})
+
+
+def _parse(model: type[_Spec], data: Any, what: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"Invalid {what}: {format_validation_error(exc)}") from None
+
+
+def parse_workload(data: Any) -> WorkloadSpec:
+    """Validate a workload dict; raise `SpecError` naming every bad field."""
+    result: WorkloadSpec = _parse(WorkloadSpec, data, "workload spec")
+    return result
+
+
+def parse_plan_request(data: Any) -> PlanRequest:
+    """Validate a plan request dict; raise `SpecError` naming every bad field."""
+    result: PlanRequest = _parse(PlanRequest, data, "plan request")
+    return result
+
+
+def load_workload_file(path: str) -> WorkloadSpec:
+    """Read and validate a workload spec JSON file (the CLI's SPEC.json)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as exc:
+        raise SpecError(f"Cannot read spec file {path!r}: {exc.strerror}.") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"Spec file {path!r} is not valid JSON: {exc.msg} at line {exc.lineno}.") from None
+    return parse_workload(data)
