@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,9 +51,22 @@ class ChildFailed(ProbeError):
             self.code = failure.error_code
 
 
+_PARENT: Connection | None = None
+"""In a child started by `run_in_child`: the pipe to the parent, for `send_progress`."""
+
+
+def send_progress(message: Any) -> None:
+    """From inside a child: hand `message` (picklable) to the parent's `on_message` callback at
+    once, while the child keeps running. Outside a child it does nothing."""
+    if _PARENT is not None:
+        _PARENT.send(("progress", message))
+
+
 def _child_main(
     conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> None:
+    global _PARENT
+    _PARENT = conn
     try:
         result = fn(*args, **kwargs)
     except BaseException as exc:
@@ -71,13 +85,15 @@ def run_in_child(
     timeout: float,
     what: str = "child process",
     env: dict[str, str] | None = None,
+    on_message: Callable[[Any], None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """`fn(*args, **kwargs)` in a spawned process; its result, or `ChildFailed`.
 
     A `TunerError` raised in the child keeps its code and message; any other exception becomes
     a probe error naming its type. A hang past `timeout` seconds kills the child; so does the
-    caller's KeyboardInterrupt.
+    caller's KeyboardInterrupt. What the child passes to `send_progress` reaches `on_message`
+    in the caller as it happens (and is dropped without one); `timeout` bounds the whole run.
     """
     ctx = mp.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
@@ -93,17 +109,25 @@ def run_in_child(
             else:
                 os.environ[key] = value
     sender.close()
+    deadline = time.monotonic() + timeout
     try:
-        if not receiver.poll(timeout):
-            _kill(process)
-            raise ChildFailed(
-                ChildFailure("timeout", f"The {what} did not finish within {timeout:g} s and was stopped.")
-            )
-        try:
-            message = receiver.recv()
-        except EOFError:
-            process.join(5)
-            raise ChildFailed(_crash(what, process.exitcode)) from None
+        while True:
+            if not receiver.poll(max(0.0, deadline - time.monotonic())):
+                _kill(process)
+                raise ChildFailed(
+                    ChildFailure(
+                        "timeout", f"The {what} did not finish within {timeout:g} s and was stopped."
+                    )
+                )
+            try:
+                message = receiver.recv()
+            except EOFError:
+                process.join(5)
+                raise ChildFailed(_crash(what, process.exitcode)) from None
+            if message[0] != "progress":
+                break
+            if on_message is not None:
+                on_message(message[1])
     except BaseException:
         _kill(process)
         raise

@@ -6,15 +6,47 @@ defaults (which the fingerprint needs); `probes/builtin_models.py` builds the mo
 
 from __future__ import annotations
 
-from typing import Literal
+import types
+import typing
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _DIM = Field(ge=1, le=65_536)
 
 
+def refuse_bool_for_number(model: type[BaseModel], data: Any) -> Any:
+    """A before-validator of a whole model: pydantic's lax mode reads `true` as the integer 1,
+    which would let `"seq_len": true` through; a boolean is accepted only where a field may be one.
+    (A model validator rather than a field one: pydantic forbids those on union discriminators.)"""
+    if not isinstance(data, dict):
+        return data
+    bad = [
+        name
+        for name, value in data.items()
+        if isinstance(value, bool)
+        and name in model.model_fields
+        and not _admits_bool(model.model_fields[name].annotation)
+    ]
+    if bad:
+        raise ValueError(f"{bad[0]} must be a number, not the boolean {str(data[bad[0]]).lower()}")
+    return data
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field of this type may hold a boolean: anything but int, float and their optionals."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_admits_bool(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation not in (int, float)
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_bool_for_number(cls, data: Any) -> Any:
+        return refuse_bool_for_number(cls, data)
 
 
 class MLPConfig(_Config):
@@ -77,6 +109,11 @@ class DecoderConfig(_Config):
     """Experts every token passes through as well."""
     aux_loss_coef: float = Field(default=0.01, ge=0.0, le=10.0)
     """Weight of the load-balancing auxiliary loss."""
+    moe_capacity_factor: float = Field(default=1.25, gt=0.0, le=256.0)
+    """Tokens each expert processes, as a multiple of its even share (tokens × experts_per_token /
+    num_experts); assignments beyond it are dropped (Switch/GShard). Fixed per-expert buffers keep
+    the memory independent of the routing, so a fake-tensor trace and a GPU run agree; a factor
+    of num_experts / experts_per_token drops nothing."""
 
     @model_validator(mode="after")
     def _check_shapes(self) -> DecoderConfig:

@@ -32,6 +32,8 @@ class Trial:
     """cudaMalloc retries after freeing cached blocks: a sign of fragmentation near the limit."""
     samples_per_second: float | None = None
     """Throughput of the last (steady) iteration."""
+    step_seconds: float | None = None
+    """Wall time of the last (steady) iteration; `seconds` is the whole trial's."""
     peak_phase: str | None = None
     """forward, backward or optimizer: where the peak happened (when known)."""
     error: str | None = None

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=100)
     """Attempts before a job ends `failed`."""
 
+    retry_backoff_seconds: float = Field(default=10.0, ge=0)
+    """Delay before a failed job's first retry; it doubles with every further attempt."""
+
+    worker_poll_seconds: float = Field(default=1.0, gt=0)
+    """How long an idle worker waits between looks at the queue."""
+
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long a worker lets its current job finish before releasing it."""
+
     probe_timeout_seconds: float = Field(default=900.0, gt=0)
     """Wall-clock limit of one probe's child process."""
 
@@ -46,6 +55,9 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=1_000_000, gt=0)
     """Largest request body the API accepts."""
+
+    torch_minor: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
+    """The torch minor version (`2.13`) plans are looked up for; default: the installed torch's."""
 
     @field_validator("allowed_factory_packages")
     @classmethod

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS
+from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS, refuse_bool_for_number
 from tuner.errors import SpecError
 from tuner.settings import get_settings
 
@@ -51,6 +51,11 @@ _CONFIG_MAX_BYTES = 64_000
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_bool_for_number(cls, data: Any) -> Any:
+        return refuse_bool_for_number(cls, data)
 
 
 class ModelSpec(_Spec):

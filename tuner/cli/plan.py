@@ -1,10 +1,256 @@
-"""`tuner plan` (CONTRACT.md)."""
+"""`tuner plan` (CONTRACT.md): micro-batch, accumulation steps and checkpointing for an effective
+batch, planned here (probe, then `tuner.planner.make_plan`) or by a tuner service."""
 
 from __future__ import annotations
 
-from tuner.cli._common import not_built
+import sys
+from contextlib import nullcontext
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from tuner.cli._common import clear_errors, console, fail, print_json, size_option
+
+if TYPE_CHECKING:
+    from tuner.results import Plan, ProbeResult
+    from tuner.search_types import Trial
+    from tuner.spec import Backend, DeviceSpec, PlanRequest, WorkloadSpec
 
 
-def plan() -> None:
-    """Not built yet."""
-    not_built("plan")
+class BackendChoice(StrEnum):
+    cuda = "cuda"
+    estimate = "estimate"
+
+
+class CheckpointingChoice(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+def plan(
+    spec: str = typer.Argument(..., help="Workload spec JSON file."),
+    effective_batch_size: int = typer.Option(
+        ..., "--effective-batch-size", help="Samples per optimizer step."
+    ),
+    world_size: int = typer.Option(1, "--world-size", help="Data-parallel ranks."),
+    local: bool = typer.Option(
+        False, "--local", help="Probe on this machine (the default without --server or TUNER_SERVER)."
+    ),
+    server: str | None = typer.Option(None, "--server", help="Tuner service URL (default: TUNER_SERVER)."),
+    backend: BackendChoice | None = typer.Option(
+        None,
+        "--backend",
+        help="cuda: real trials on a GPU; estimate: GPU-free trace for --device-memory. "
+        "Default here: estimate with --device-memory, else cuda on this machine's GPU.",
+        show_default=False,
+    ),
+    device_memory: str | None = typer.Option(
+        None, "--device-memory", help="Target device memory for estimate, e.g. 80GiB or 40GB."
+    ),
+    device_name: str | None = typer.Option(None, "--device-name", help="Target device name."),
+    checkpointing: CheckpointingChoice = typer.Option(
+        CheckpointingChoice.auto, "--checkpointing", help="auto: probe both and choose by predicted speed."
+    ),
+    margin: float = typer.Option(0.05, "--margin", help="Fraction of device memory kept free."),
+    max_micro_batch_size: int | None = typer.Option(
+        None, "--max-micro-batch-size", help="Never plan a larger micro-batch."
+    ),
+    allow_uneven: bool = typer.Option(
+        False, "--allow-uneven", help="Allow micro-batches of different sizes when no divisor fits well."
+    ),
+    ramp_start: int | None = typer.Option(
+        None, "--ramp-start", help="Batch-size ramp: the effective batch at step 0 (needs --ramp-steps)."
+    ),
+    ramp_steps: int | None = typer.Option(None, "--ramp-steps", help="Batch-size ramp: its length in steps."),
+    wait: float = typer.Option(300.0, "--wait", help="With --server: seconds to wait for a probe job."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Plan micro-batch size, accumulation steps and gradient checkpointing for an effective batch."""
+    with clear_errors():
+        from tuner.settings import get_settings
+
+        if local and server:
+            fail("Give either --local or --server, not both.")
+        server_url = None if local else (server or get_settings().server)
+        total_memory = size_option(device_memory)
+        chosen_backend = _resolve_backend(backend, total_memory, remote=server_url is not None)
+        device = _device(chosen_backend, total_memory, device_name, remote=server_url is not None)
+        from tuner.spec import load_workload_file
+
+        workload = load_workload_file(spec)
+        policy: dict[str, Any] = {
+            "gradient_checkpointing": checkpointing.value,
+            "memory_margin": margin,
+            "max_micro_batch_size": max_micro_batch_size,
+            "allow_uneven_micro_batches": allow_uneven,
+        }
+        if (ramp_start is None) != (ramp_steps is None):
+            fail("A ramp needs both --ramp-start and --ramp-steps.")
+        if ramp_start is not None:
+            policy["ramp"] = {"start_effective_batch_size": ramp_start, "ramp_steps": ramp_steps}
+        request = _request(workload, effective_batch_size, world_size, device, chosen_backend, policy)
+        if server_url is not None:
+            result = _plan_on_server(server_url, request, wait)
+        else:
+            result = _plan_locally(request, show_progress=sys.stderr.isatty())
+    if as_json:
+        print_json(result)
+    else:
+        print_plan(result)
+
+
+def _resolve_backend(choice: BackendChoice | None, total_memory: int | None, *, remote: bool) -> Backend:
+    if choice is not None:
+        return "cuda" if choice is BackendChoice.cuda else "estimate"
+    if total_memory is not None:
+        return "estimate"
+    if remote:
+        return "cuda"
+    from probes.local_gpu import detect_local_gpu
+
+    if detect_local_gpu() is None:
+        fail(
+            "This machine has no CUDA GPU: pass --device-memory (e.g. 80GiB) to plan with the "
+            "GPU-free estimate backend, or --server to ask a tuner service."
+        )
+    return "cuda"
+
+
+def _device(
+    backend: Backend, total_memory: int | None, name: str | None, *, remote: bool
+) -> DeviceSpec | None:
+    from tuner.errors import DeviceRequiredError
+    from tuner.spec import DeviceSpec
+    from tuner.units import format_bytes
+
+    if total_memory is None:
+        if backend == "estimate":
+            raise DeviceRequiredError(
+                "The estimate backend needs the target device's memory: pass --device-memory, e.g. 80GiB."
+            )
+        if name is not None:
+            fail("--device-name needs --device-memory as well.")
+        return None
+    if backend == "cuda" and not remote:
+        fail("--device-memory is for the estimate backend; the cuda backend measures this machine's GPU.")
+    return DeviceSpec(name=name or f"GPU with {format_bytes(total_memory)}", total_memory_bytes=total_memory)
+
+
+def _request(
+    workload: WorkloadSpec,
+    effective_batch_size: int,
+    world_size: int,
+    device: DeviceSpec | None,
+    backend: Backend,
+    policy: dict[str, Any],
+) -> PlanRequest:
+    from tuner.spec import parse_plan_request
+
+    return parse_plan_request(
+        {
+            "workload": workload.model_dump(mode="json"),
+            "effective_batch_size": effective_batch_size,
+            "world_size": world_size,
+            "device": device.model_dump(mode="json") if device else None,
+            "backend": backend,
+            "policy": policy,
+        }
+    )
+
+
+def _plan_locally(request: PlanRequest, *, show_progress: bool) -> Plan:
+    """Probe each checkpointing choice the policy needs, one after the other, then plan."""
+    from probes.probe import run_probe
+    from tuner.planner import make_plan
+
+    needed = {"off": [False], "on": [True], "auto": [False, True]}[request.policy.gradient_checkpointing]
+    probes: dict[bool, ProbeResult] = {}
+    for checkpointing in needed:
+        what = (
+            f"Probing {request.workload.describe()} ({request.backend}), "
+            f"checkpointing {_on_off(checkpointing)}"
+        )
+        with console.status(what, spinner="dots") if show_progress else nullcontext():
+
+            def progress(trial: Trial) -> None:
+                if show_progress:
+                    console.log(_describe_trial(trial), highlight=False)
+
+            probes[checkpointing] = run_probe(
+                request.workload,
+                backend=request.backend,
+                device=request.device,
+                gradient_checkpointing=checkpointing,
+                # No plan can use more than the caller's cap: searching beyond it is wasted.
+                max_batch_size=request.policy.max_micro_batch_size or 65536,
+                progress=progress,
+            )
+    return make_plan(request, probes)
+
+
+def _plan_on_server(base_url: str, request: PlanRequest, wait: float) -> Plan:
+    from tuner.client import TunerClient
+    from tuner.settings import get_settings
+
+    token = get_settings().api_token
+    with TunerClient(base_url, token=token.get_secret_value() if token else None) as client:
+        # The server holds the request up to 300 s; longer waits are spent polling the job.
+        result: Plan = client.create_plan(request, wait=min(wait, 300.0), max_seconds=wait)
+    return result
+
+
+def _describe_trial(trial: Trial) -> str:
+    """`batch 48 fits (1.20 GiB)` or `batch 96 does not fit`."""
+    from tuner.units import format_bytes
+
+    peak = trial.peak_reserved_bytes or trial.peak_allocated_bytes
+    verdict = "fits" if trial.ok else "does not fit"
+    return f"batch {trial.batch_size} {verdict}" + (f" ({format_bytes(peak)})" if peak else "")
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def print_plan(plan: Plan) -> None:
+    """The plan as a table on stdout, then its reason, warnings and hints."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuner.planner import Split, describe_split
+    from tuner.units import format_bytes
+
+    out = Console()
+    table = Table(title=f"Plan for {plan.workload.describe()} on {plan.device.name}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    if plan.micro_batch_sizes:
+        split = Split(plan.micro_batch_size, plan.accumulation_steps, tuple(plan.micro_batch_sizes))
+        table.add_row("micro-batches per rank", f"{describe_split(split)} (uneven)")
+    else:
+        table.add_row("micro-batch size", str(plan.micro_batch_size))
+    table.add_row("accumulation steps", str(plan.accumulation_steps))
+    table.add_row("world size", str(plan.world_size))
+    table.add_row("effective batch", str(plan.effective_batch_size))
+    table.add_row("gradient checkpointing", _on_off(plan.gradient_checkpointing))
+    largest = ", ".join(f"{key}: {value}" for key, value in plan.max_micro_batch_size.items())
+    table.add_row("largest micro-batch", largest)
+    table.add_row("memory budget", format_bytes(plan.memory_budget_bytes))
+    table.add_row("predicted peak", format_bytes(plan.predicted_peak_bytes))
+    if plan.predicted_samples_per_second is not None:
+        table.add_row("predicted samples/s", f"{plan.predicted_samples_per_second:.1f} per device")
+    table.add_row("backend", plan.backend)
+    if plan.accumulation_schedule:
+        ramp = ", ".join(
+            f"{entry['accumulation_steps']} until step {entry['until_step']}"
+            for entry in plan.accumulation_schedule
+        )
+        table.add_row("ramp (accumulation)", ramp)
+    out.print(table)
+    out.print(plan.reason, highlight=False)
+    for warning in plan.warnings:
+        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for hint in plan.hints:
+        out.print(f"[cyan]hint:[/] {hint}", highlight=False)

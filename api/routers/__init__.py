@@ -1,0 +1,1 @@
+"""One router per resource: plans, jobs, probes, health, metrics, and the HTML pages."""

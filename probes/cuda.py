@@ -1,0 +1,204 @@
+"""The `cuda` backend: real trials of the canonical train step on the local GPU.
+
+A trial builds the workload on the GPU, runs at least two full iterations at batch size b (the
+optimizer's state only exists from the first `step()` on, so the second iteration is the one
+that counts) and records peak allocated and reserved bytes, the allocator's retries, and the
+last iteration's time. Running out of memory is a verdict, detected by exception type; any other
+error propagates. Everything the trial allocated is released before the next one.
+
+Meant to run inside a spawned child (`probes.probe` does that): a CUDA crash, an abort or a hang
+must never reach the process that asked.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Any
+
+import torch
+
+from probes.step import Phase, run_train_steps
+from probes.workloads import BuiltWorkload, build_workload
+from tuner.errors import ProbeError
+from tuner.results import WorkloadFacts
+from tuner.search_types import Trial
+from tuner.spec import DeviceSpec, WorkloadSpec
+
+KERNEL_ALLOWANCE_BYTES = 256 << 20
+"""Memory outside the allocator that appears only once kernels load (lazy module loading), after
+the capacity is measured: kept out of the capacity that predictions aim at."""
+
+
+def out_of_memory_types() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "this batch does not fit", most specific first."""
+    types: list[type[BaseException]] = [torch.cuda.OutOfMemoryError]
+    generic = getattr(torch, "OutOfMemoryError", None)  # torch ≥ 2.5: any device's OOM
+    if isinstance(generic, type) and generic not in types:
+        types.append(generic)
+    return tuple(types)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an out-of-memory error (by type, never by message text)."""
+    return isinstance(exc, out_of_memory_types())
+
+
+def require_cuda() -> None:
+    """Refuse clearly where no GPU is visible."""
+    if not torch.cuda.is_available():
+        raise ProbeError(
+            "The cuda backend needs a CUDA GPU, and this machine has none; use the estimate backend."
+        )
+
+
+def local_device() -> DeviceSpec:
+    """The GPU this process probes (device 0 of those visible)."""
+    require_cuda()
+    props = torch.cuda.get_device_properties(0)
+    return DeviceSpec(name=str(props.name), total_memory_bytes=int(props.total_memory))
+
+
+def check_requested_device(requested: DeviceSpec | None, local: DeviceSpec) -> None:
+    """A request for another GPU than this one is refused, not silently answered for this one."""
+    if requested is None:
+        return
+    same_memory = (
+        abs(requested.total_memory_bytes - local.total_memory_bytes) <= 0.01 * local.total_memory_bytes
+    )
+    if requested.name != local.name or not same_memory:
+        raise ProbeError(
+            f"The probe was asked for {requested.name} ({requested.total_memory_bytes} bytes) "
+            f"but this machine's GPU is {local.name} ({local.total_memory_bytes} bytes)."
+        )
+
+
+def usable_capacity_bytes() -> int:
+    """Bytes the caching allocator can still reach: free device memory plus what it already
+    holds, less an allowance for kernels that load later. Other processes' memory and the CUDA
+    context are outside it."""
+    free, _total = torch.cuda.mem_get_info()
+    return max(0, int(free) + int(torch.cuda.memory_reserved()) - KERNEL_ALLOWANCE_BYTES)
+
+
+def allocator_conf() -> str | None:
+    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+
+
+def release_memory() -> None:
+    """Return every cached block to the driver, so that the next trial starts from a clean pool."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+class CudaTrials:
+    """`fits(b) -> Trial` on the local GPU for one workload and checkpointing choice.
+
+    The model is built once and reused while trials pass (its weights are part of every trial's
+    peak anyway); each trial makes a fresh optimizer, so its state is created lazily as in
+    training. After an out-of-memory error the model is rebuilt, since a step may have stopped
+    half-way through its update.
+    """
+
+    def __init__(
+        self, spec: WorkloadSpec, *, gradient_checkpointing: bool, iterations: int = 2, seed: int = 0
+    ) -> None:
+        if iterations < 2:
+            raise ProbeError("A GPU trial needs at least two iterations (optimizer state is created lazily).")
+        require_cuda()
+        self.spec = spec
+        self.gradient_checkpointing = gradient_checkpointing
+        self.iterations = iterations
+        self.seed = seed
+        self._workload: BuiltWorkload | None = None
+        self.facts: WorkloadFacts | None = None
+
+    def _build(self) -> BuiltWorkload:
+        if self._workload is None:
+            self._workload = build_workload(
+                self.spec, device="cuda", gradient_checkpointing=self.gradient_checkpointing, seed=self.seed
+            )
+            self.facts = self._workload.facts
+        return self._workload
+
+    def close(self) -> None:
+        """Drop the model and return its memory."""
+        self._workload = None
+        release_memory()
+
+    def __call__(self, batch_size: int) -> Trial:
+        return self.run(batch_size, iterations=self.iterations)
+
+    def run(self, batch_size: int, *, iterations: int) -> Trial:
+        """One trial of `iterations` steps at `batch_size`."""
+        release_memory()
+        started = time.perf_counter()
+        retries_before = _alloc_retries()
+        phases = _PeakPhases()
+        steps: Any = None
+        out_of_memory = False
+        try:
+            workload = self._build()
+            torch.cuda.reset_peak_memory_stats()
+            steps = run_train_steps(
+                workload,
+                batch_size,
+                iterations=iterations,
+                on_phase=phases.enter,
+                synchronize=torch.cuda.synchronize,
+            )
+        except BaseException as exc:
+            if not is_out_of_memory(exc):
+                raise
+            out_of_memory = True  # leave the except block first: its traceback pins the tensors
+        if out_of_memory:
+            self._workload = None
+            release_memory()
+            return Trial(
+                batch_size=batch_size,
+                ok=False,
+                seconds=time.perf_counter() - started,
+                num_alloc_retries=_alloc_retries() - retries_before,
+                error="out_of_memory",
+            )
+        phases.enter(None, iterations)
+        trial = Trial(
+            batch_size=batch_size,
+            ok=True,
+            peak_allocated_bytes=int(torch.cuda.max_memory_allocated()),
+            peak_reserved_bytes=int(torch.cuda.max_memory_reserved()),
+            seconds=time.perf_counter() - started,
+            num_alloc_retries=_alloc_retries() - retries_before,
+            samples_per_second=batch_size / steps.seconds[-1] if steps.seconds[-1] > 0 else None,
+            step_seconds=steps.seconds[-1],
+            peak_phase=phases.peak_phase,
+        )
+        del steps
+        release_memory()
+        return trial
+
+    def verify(self, batch_size: int, steps: int) -> Trial:
+        """The answer held for `steps` iterations (meant for a fresh process)."""
+        return self.run(batch_size, iterations=max(2, steps))
+
+
+class _PeakPhases:
+    """Which phase the peak happened in: the one during which `max_memory_allocated` last rose
+    (the allocator's statistics are kept on the host, so no synchronisation is needed)."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.peak = 0
+        self.peak_phase: str | None = None
+
+    def enter(self, phase: Phase | None, _iteration: int) -> None:
+        peak = int(torch.cuda.max_memory_allocated())
+        if self.current is not None and peak > self.peak:
+            self.peak, self.peak_phase = peak, self.current
+        self.current = phase
+
+
+def _alloc_retries() -> int:
+    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))

@@ -1,0 +1,109 @@
+"""Estimates from any process: each call runs in a fresh child process, which installs the
+CUDA emulation there and never here. Importing this module does not import torch, so the API
+process and the CLI can call it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from tuner.errors import EstimateError, ModelBuildError, SpecError
+from tuner.settings import get_settings
+from tuner.spec import WorkloadSpec
+
+if TYPE_CHECKING:
+    from probes.estimate.report import EstimateReport
+    from tuner.search import Strategy
+    from tuner.search_types import SearchResult
+
+
+def estimate_peak(
+    spec: WorkloadSpec,
+    batch_size: int,
+    *,
+    gradient_checkpointing: bool = False,
+    timeout: float | None = None,
+) -> EstimateReport:
+    """The estimate of one train step of `spec` at `batch_size`, traced in a fresh child.
+
+    A trace that fails is an `EstimateError` (a model that cannot be built at all stays a
+    `ModelBuildError`); so is a child that crashes or runs past `timeout` seconds (default:
+    the `estimate_timeout_seconds` setting)."""
+    report: EstimateReport = run_estimate_child(
+        _trace_in_child,
+        spec,
+        batch_size,
+        gradient_checkpointing,
+        timeout=timeout,
+        what=f"estimate of {spec.describe()} at batch size {batch_size}",
+    )
+    return report
+
+
+def estimate_max_batch(
+    spec: WorkloadSpec,
+    device_total_bytes: int,
+    *,
+    gradient_checkpointing: bool,
+    memory_margin: float = 0.0,
+    strategy: Strategy = "guided",
+    max_batch_size: int = 65536,
+    timeout: float | None = None,
+) -> SearchResult:
+    """The largest micro-batch whose predicted reserved peak fits a card of
+    `device_total_bytes` less the margin (`probes.estimate.session.search_max_batch`), searched
+    in a fresh child."""
+    result: SearchResult = run_estimate_child(
+        _search_in_child,
+        spec,
+        device_total_bytes,
+        gradient_checkpointing,
+        memory_margin,
+        strategy,
+        max_batch_size,
+        timeout=timeout,
+        what=f"estimate search of {spec.describe()}",
+    )
+    return result
+
+
+def run_estimate_child(fn: Callable[..., Any], *args: Any, timeout: float | None, what: str) -> Any:
+    """`fn(*args)` in a fresh child; its failures as `EstimateError` (a model that cannot be
+    built stays a `ModelBuildError`, a bad argument a `SpecError`)."""
+    from probes.child import ChildFailed, run_in_child
+
+    limit = timeout if timeout is not None else get_settings().estimate_timeout_seconds
+    try:
+        return run_in_child(fn, *args, timeout=limit, what=what)
+    except ChildFailed as exc:
+        if exc.failure.error_code == ModelBuildError.code:
+            raise ModelBuildError(exc.failure.message) from None
+        if exc.failure.error_code == SpecError.code:
+            raise SpecError(exc.failure.message) from None
+        raise EstimateError(exc.failure.message) from None
+
+
+def _trace_in_child(spec: WorkloadSpec, batch_size: int, gradient_checkpointing: bool) -> EstimateReport:
+    from probes.estimate.session import current_session
+
+    return current_session().trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+
+
+def _search_in_child(
+    spec: WorkloadSpec,
+    device_total_bytes: int,
+    gradient_checkpointing: bool,
+    memory_margin: float,
+    strategy: Strategy,
+    max_batch_size: int,
+) -> SearchResult:
+    from probes.estimate.session import search_max_batch
+
+    return search_max_batch(
+        spec,
+        device_total_bytes,
+        gradient_checkpointing=gradient_checkpointing,
+        memory_margin=memory_margin,
+        strategy=strategy,
+        max_batch_size=max_batch_size,
+    )

@@ -1,0 +1,178 @@
+"""One estimate: the canonical train step traced on fake CPU tensors, its peak live bytes.
+
+`trace_peak` runs in the current process and needs the CUDA emulation installed (an
+`EstimateSession` does both); `estimate_peak` (from `probes.estimate.remote`) runs it in a fresh
+child process, since the emulation's patches are process-global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
+
+from probes.estimate import emulation
+from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel
+from probes.estimate.remote import estimate_peak
+from probes.estimate.report import EstimateReport
+from probes.estimate.tracker import MemoryTracker
+from tuner.errors import EstimateError, TunerError
+from tuner.spec import WorkloadSpec
+
+__all__ = ["estimate_peak", "trace_peak"]
+
+_DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
+
+
+def trace_peak(
+    spec: WorkloadSpec,
+    batch_size: int,
+    *,
+    gradient_checkpointing: bool = False,
+    iterations: int = 2,
+    record_ops: bool = False,
+    device_model: DeviceModel = DEFAULT_DEVICE_MODEL,
+    real_tensors: bool = False,
+) -> EstimateReport:
+    """Trace `iterations` train steps of `spec` at `batch_size` in this process.
+
+    `record_ops` lists the ATen ops the trace ran in the report. `real_tensors` runs the same
+    emulated step on real CPU tensors instead of fake ones (it allocates every byte: for checking
+    the fake trace on small models only).
+
+    Raises `EstimateError` where the workload cannot be traced without a GPU, and the
+    `ModelBuildError` of a model that cannot be built at all.
+    """
+    if not emulation.installed():
+        raise EstimateError(
+            "The CUDA emulation is not installed in this process; use estimate_peak or an EstimateSession."
+        )
+    if batch_size < 1:
+        raise EstimateError(f"The batch size must be at least 1, got {batch_size}.")
+    started = time.perf_counter()
+    tracker = MemoryTracker(record_ops=record_ops)
+    try:
+        _run(spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors)
+    except TunerError:
+        raise
+    except torch.OutOfMemoryError:
+        raise EstimateError(
+            "The trace ran out of host memory; the estimate's fake tensors should use none, so a "
+            "factory or op allocated real memory."
+        ) from None
+    except Exception as exc:
+        raise EstimateError(_explain(spec, exc)) from None
+    seconds = time.perf_counter() - started
+    allocated = device_model.allocated_bytes(tracker.peak_bytes)
+    return EstimateReport(
+        batch_size=batch_size,
+        peak_allocated_bytes=allocated,
+        peak_reserved_bytes=device_model.reserved_bytes(
+            allocated, gradient_checkpointing=gradient_checkpointing
+        ),
+        peak_phase=tracker.peak_phase,
+        categories=dict(tracker.peak_categories),
+        seconds=seconds,
+        gradient_checkpointing=gradient_checkpointing,
+        traced_peak_bytes=tracker.peak_bytes,
+        peak_iteration=tracker.peak_iteration,
+        peak_by_phase=dict(tracker.peak_by_phase),
+        ops=tuple(sorted(tracker.ops)) if tracker.ops is not None else (),
+    )
+
+
+def _run(
+    spec: WorkloadSpec,
+    batch_size: int,
+    gradient_checkpointing: bool,
+    iterations: int,
+    tracker: MemoryTracker,
+    real_tensors: bool,
+) -> None:
+    from probes.step import run_train_steps
+    from probes.workloads import build_workload
+
+    # Fake CPU tensors, never fake CUDA ones: on a CPU-only build autograd aborts the process on
+    # fake CUDA tensors that require grad (DESIGN.md §5).
+    tensors = contextlib.nullcontext() if real_tensors else FakeTensorMode(allow_non_fake_inputs=False)
+    with tensors, _quiet_fake_tensor_log():
+        workload = build_workload(spec, device="cpu", gradient_checkpointing=gradient_checkpointing, seed=0)
+        emulation.patch_transformers()  # building imported transformers where the model needs it
+        optimizer = workload.make_optimizer()
+        model = workload.model
+        tracker.classify(model.parameters(), "parameters")
+        tracker.classify(model.buffers(), "parameters")
+        handles = _attribute_gradients_and_state(model, optimizer, tracker)
+        try:
+            with tracker:
+                run_train_steps(
+                    workload,
+                    batch_size,
+                    iterations=iterations,
+                    optimizer=optimizer,
+                    on_phase=tracker.set_phase,
+                    data_dependent=False,
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """FakeTensorMode logs a traceback for every op whose meta kernel refuses its inputs; the
+    failure reaches the caller as an `EstimateError` anyway."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _attribute_gradients_and_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tracker: MemoryTracker
+) -> list[Any]:
+    """Hooks that move gradients and optimizer state into their categories as they appear."""
+    handles: list[Any] = []
+
+    def on_gradient(parameter: torch.Tensor) -> None:
+        tracker.classify([parameter.grad], "gradients")
+
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            handles.append(parameter.register_post_accumulate_grad_hook(on_gradient))
+
+    def on_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        tensors = [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        tracker.classify(tensors, "optimizer_state")
+
+    handles.append(optimizer.register_step_post_hook(on_step))
+    return handles
+
+
+def _explain(spec: WorkloadSpec, exc: Exception) -> str:
+    name = spec.describe()
+    if isinstance(exc, _DATA_DEPENDENT) or "_local_scalar_dense" in str(exc):
+        return (
+            f"The {name} workload cannot be estimated without a GPU: its training step reads tensor "
+            "values (e.g. .item(), .tolist(), nonzero or boolean indexing), which a fake-tensor trace "
+            "cannot do; use the cuda backend."
+        )
+    if isinstance(exc, UnsupportedOperatorException):
+        return (
+            f"The {name} workload cannot be estimated without a GPU: it uses the op {exc.func}, which "
+            "fake tensors do not support; use the cuda backend."
+        )
+    return f"The {name} workload cannot be estimated without a GPU: {type(exc).__name__}: {exc}"

@@ -1,0 +1,115 @@
+"""Live storage bytes, as a CUDA caching allocator would count them, seen from a dispatch mode.
+
+Every tensor an op returns is looked at; a storage not seen before is counted with its size
+rounded up to the allocator's 512-byte granularity, and a weakref finalizer uncounts it when it
+dies. Views share a storage and count once. The same code runs on fake and real tensors, which
+is what lets the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+ALLOCATION_GRANULARITY = 512
+"""CUDA's caching allocator rounds every block up to a multiple of 512 bytes."""
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
+"""Where live bytes are attributed; anything not a parameter, gradient or optimizer state
+(activations saved for backward, temporaries, the batch) counts as activations."""
+
+
+def rounded(nbytes: int) -> int:
+    """Bytes the allocator hands out for a request of `nbytes`."""
+    return -(-nbytes // ALLOCATION_GRANULARITY) * ALLOCATION_GRANULARITY
+
+
+class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
+    """Tracks live and peak storage bytes of every op run while the mode is active.
+
+    `phase` is set by the caller (forward, backward, optimizer); the peak remembers the phase
+    and iteration it happened in and the bytes per category at that moment.
+    """
+
+    def __init__(self, *, record_ops: bool = False) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[int, str]] = {}
+        self._by_category: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.phase = "setup"
+        self.iteration = 0
+        self.peak_phase = "setup"
+        self.peak_iteration = 0
+        self.peak_categories: dict[str, int] = dict(self._by_category)
+        self.peak_by_phase: dict[str, int] = {}
+        self.ops: Counter[str] | None = Counter() if record_ops else None
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        output = func(*args, **(kwargs or {}))
+        if self.ops is not None:
+            self.ops[str(func.overloadpacket.__name__)] += 1
+        for value in tree_leaves(output):
+            if isinstance(value, torch.Tensor):
+                self._count(value, "activations")
+        return output
+
+    def set_phase(self, phase: str, iteration: int) -> None:
+        """Attribute what happens from now on to `phase` of `iteration`."""
+        self.phase = phase
+        self.iteration = iteration
+
+    def classify(self, tensors: Iterable[torch.Tensor | None], category: str) -> None:
+        """Count `tensors` under `category`: new ones are added (tensors made before the mode
+        started, such as parameters), known ones move from their old category."""
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            storage = tensor.untyped_storage()
+            key = id(storage)
+            known = self._live.get(key)
+            if known is None:
+                self._count(tensor, category)
+            elif known[1] != category:
+                nbytes, old = known
+                self._by_category[old] -= nbytes
+                self._by_category[category] += nbytes
+                self._live[key] = (nbytes, category)
+
+    def _count(self, tensor: torch.Tensor, category: str) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._live:
+            return
+        nbytes = rounded(storage.nbytes())
+        if nbytes == 0:
+            return
+        self._live[key] = (nbytes, category)
+        weakref.finalize(storage, self._release, key)
+        self._by_category[category] += nbytes
+        self.live_bytes += nbytes
+        if self.live_bytes > self.peak_by_phase.get(self.phase, 0):
+            self.peak_by_phase[self.phase] = self.live_bytes
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+            self.peak_phase = self.phase
+            self.peak_iteration = self.iteration
+            self.peak_categories = dict(self._by_category)
+
+    def _release(self, key: int) -> None:
+        entry = self._live.pop(key, None)
+        if entry is not None:
+            self.live_bytes -= entry[0]
+            self._by_category[entry[1]] -= entry[0]

@@ -1,0 +1,347 @@
+"""`run_probe`: the one orchestrator every caller uses (CLI, worker, benchmarks).
+
+The whole search runs in one spawned child, so that the estimator's process-global patches, a
+CUDA crash, an abort or a hang never reach the caller: each becomes a `ProbeError` with a clear
+message. Each trial flows back to the caller as it finishes (`progress`).
+
+- `estimate`: trials are fake-tensor traces against `device.total_memory_bytes` (required);
+  guided search pins its own line with two cheap traces.
+- `cuda`: trials run on the local GPU (a request for another device is refused). The estimator's
+  line, when it can be had in its own child within its time limit, is the guided search's prior;
+  otherwise the search goes without (noted in `extra["prior"]`). With `verify_steps`, the answer
+  is run for that many steps in a fresh process, stepping down until one survives.
+
+Tests and benchmarks can swap the trial function: `trial_factory="package.module:function"`
+names a function `(spec, *, gradient_checkpointing, device) -> TrialBackend` that runs in the
+child instead of the real backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from probes.child import ChildFailed, run_in_child, send_progress
+from tuner import __version__ as tuner_version
+from tuner.errors import DeviceRequiredError, ProbeError, SpecError
+from tuner.results import ProbeResult, WorkloadFacts
+from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
+from tuner.settings import get_settings
+from tuner.spec import Backend, DeviceSpec, WorkloadSpec
+
+PRIOR_BATCH_SIZES = (4, 16)
+"""Where the estimator's prior line is traced: past the small sizes where a checkpointing floor
+flattens memory, and as cheap as any (fake tensors hold no data)."""
+VERIFY_ATTEMPTS = 4
+"""Fresh-process verifications before the probe gives up on an answer."""
+STEP_DOWN_FRACTION = 0.02
+"""A failed verification steps down by 2 % of the batch size (at least one)."""
+
+
+@dataclass
+class TrialBackend:
+    """What a search needs from a backend, inside the child."""
+
+    fits: Callable[[int], Trial]
+    device: DeviceSpec
+    capacity_bytes: int | None
+    facts: WorkloadFacts | None = None
+    verify: Callable[[int, int], Trial] | None = None
+    """`verify(batch_size, steps)`: the answer held for `steps` iterations."""
+    close: Callable[[], None] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    allocator_conf: str | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    spec: WorkloadSpec
+    backend: Backend
+    device: DeviceSpec | None
+    gradient_checkpointing: bool
+    strategy: Strategy
+    min_batch_size: int
+    max_batch_size: int
+    max_trials: int
+    prior: MemoryLine | None
+    trial_factory: str | None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    search: SearchResult
+    device: DeviceSpec
+    capacity_bytes: int | None
+    facts: WorkloadFacts | None
+    versions: dict[str, str]
+    allocator_conf: str | None
+    seconds: float
+
+
+def run_probe(
+    spec: WorkloadSpec,
+    *,
+    backend: Literal["cuda", "estimate"],
+    device: DeviceSpec | None = None,
+    gradient_checkpointing: bool,
+    strategy: Strategy = "guided",
+    min_batch_size: int = 1,
+    max_batch_size: int = 65536,
+    max_trials: int = 32,
+    verify_steps: int = 0,
+    timeout: float | None = None,
+    progress: Callable[[Trial], None] | None = None,
+    trial_factory: str | None = None,
+) -> ProbeResult:
+    """The largest micro-batch of `spec` on a device, with every trial that led there."""
+    if backend not in ("cuda", "estimate"):
+        raise SpecError(f"Unknown probe backend {backend!r}: use 'cuda' or 'estimate'.")
+    if backend == "estimate" and device is None:
+        raise DeviceRequiredError(
+            "The estimate backend needs a device with total_memory_bytes (e.g. --device-memory 80GiB)."
+        )
+    if verify_steps < 0:
+        raise SpecError(f"verify_steps must not be negative, got {verify_steps}.")
+    settings = get_settings()
+    timeout = settings.probe_timeout_seconds if timeout is None else timeout
+    started = time.monotonic()
+    notes: dict[str, Any] = {}
+    prior = None
+    if backend == "cuda" and strategy == "guided" and trial_factory is None:
+        prior = _prior_line(
+            spec, gradient_checkpointing, min(timeout, settings.estimate_timeout_seconds), notes
+        )
+    job = _Job(
+        spec=spec,
+        backend=backend,
+        device=device,
+        gradient_checkpointing=gradient_checkpointing,
+        strategy=strategy,
+        min_batch_size=min_batch_size,
+        max_batch_size=max_batch_size,
+        max_trials=max_trials,
+        prior=prior,
+        trial_factory=trial_factory,
+    )
+    remaining = timeout if prior is None else max(1.0, round(timeout - (time.monotonic() - started)))
+    outcome: _Outcome = _in_child(
+        _search_in_child, job, timeout=remaining, what=f"{backend} probe", on_message=progress
+    )
+    answer = outcome.search.max_batch_size
+    verified: int | None = None
+    if verify_steps and answer > 0:
+        if backend == "estimate":
+            notes["verification"] = "skipped: an estimate is deterministic, there is nothing to run again"
+        else:
+            answer, verified, notes["verification"] = _verify(job, answer, verify_steps, timeout)
+    return ProbeResult(
+        fingerprint=spec.fingerprint(),
+        workload=spec,
+        device=outcome.device,
+        backend=backend,
+        gradient_checkpointing=gradient_checkpointing,
+        max_batch_size=answer,
+        strategy=strategy,
+        stop_reason=outcome.search.stop_reason,
+        trials=outcome.search.trials,
+        memory_line=outcome.search.memory_line,
+        capacity_bytes=outcome.capacity_bytes,
+        seconds=time.monotonic() - started,
+        versions=outcome.versions,
+        allocator_conf=outcome.allocator_conf,
+        facts=outcome.facts,
+        verified_steps=verified,
+        extra={"search_seconds": outcome.seconds, **notes},
+    )
+
+
+def _in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str, **kwargs: Any) -> Any:
+    """`run_in_child`, with a failure of the child told as a probe error naming what failed."""
+    try:
+        return run_in_child(fn, *args, timeout=timeout, what=what, **kwargs)
+    except ChildFailed as exc:
+        if exc.failure.error_code is not None:
+            raise  # a TunerError from the child (a model that cannot be built...) keeps its code
+        if exc.failure.kind == "exception":
+            raise ProbeError(f"The {what} failed: {exc.message}") from None
+        raise ProbeError(exc.message) from None  # a crash or a timeout: the message names `what`
+
+
+# ---------------------------------------------------------------------------- inside the child
+
+
+def _search_in_child(job: _Job) -> _Outcome:
+    started = time.monotonic()
+    backend = _make_backend(job)
+    # A card whose usable memory is nothing: no prediction to make, every trial will fail.
+    capacity = backend.capacity_bytes if backend.capacity_bytes and backend.capacity_bytes > 0 else None
+    try:
+        search = find_max_batch(
+            backend.fits,
+            strategy=job.strategy,
+            capacity_bytes=capacity,
+            prior=job.prior,
+            min_batch_size=job.min_batch_size,
+            max_batch_size=job.max_batch_size,
+            max_trials=job.max_trials,
+            on_trial=send_progress,
+        )
+        # The cuda backend learns the facts when it first builds the model.
+        facts = backend.facts if backend.facts is not None else getattr(backend.fits, "facts", None)
+    finally:
+        if backend.close is not None:
+            backend.close()
+    return _Outcome(
+        search=search,
+        device=backend.device,
+        capacity_bytes=backend.capacity_bytes,
+        facts=facts,
+        versions=backend.versions,
+        allocator_conf=backend.allocator_conf,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _verify_in_child(job: _Job, batch_size: int, steps: int) -> Trial:
+    backend = _make_backend(job)
+    if backend.verify is None:
+        raise ProbeError(f"The {job.backend} backend cannot verify an answer.")
+    try:
+        return backend.verify(batch_size, steps)
+    finally:
+        if backend.close is not None:
+            backend.close()
+
+
+def _make_backend(job: _Job) -> TrialBackend:
+    if job.trial_factory is not None:
+        factory = _import_factory(job.trial_factory)
+        made = factory(job.spec, gradient_checkpointing=job.gradient_checkpointing, device=job.device)
+        if not isinstance(made, TrialBackend):
+            raise ProbeError(f"The trial factory {job.trial_factory!r} did not return a TrialBackend.")
+        return made
+    if job.backend == "estimate":
+        return _estimate_backend(job)
+    return _cuda_backend(job)
+
+
+def _import_factory(path: str) -> Callable[..., Any]:
+    module_name, _, name = path.partition(":")
+    function = getattr(importlib.import_module(module_name), name, None)
+    if not callable(function):
+        raise ProbeError(f"The trial factory {path!r} is not a function.")
+    return function  # type: ignore[no-any-return]
+
+
+def _versions(**extra: str | None) -> dict[str, str]:
+    found = {"tuner": tuner_version}
+    for package in ("torch", "transformers"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    found.update({k: v for k, v in extra.items() if v})
+    return found
+
+
+def _estimate_backend(job: _Job) -> TrialBackend:
+    from probes.estimate.session import current_session, estimate_fits
+
+    assert job.device is not None  # run_probe refuses an estimate without a device
+    total = job.device.total_memory_bytes
+    fits = estimate_fits(job.spec, total, gradient_checkpointing=job.gradient_checkpointing)
+    return TrialBackend(
+        fits=fits,
+        device=job.device,
+        capacity_bytes=current_session().capacity_bytes(total),
+        facts=_facts_on_meta(job.spec),
+        versions=_versions(),
+    )
+
+
+def _facts_on_meta(spec: WorkloadSpec) -> WorkloadFacts | None:
+    """Parameter counts from a model built on the meta device (no memory, no data)."""
+    from probes.workloads import build_workload
+
+    try:
+        return build_workload(spec, device="meta").facts
+    except Exception:  # facts are a courtesy; the estimate itself reports build errors
+        return None
+
+
+def _cuda_backend(job: _Job) -> TrialBackend:
+    import torch
+
+    from probes import cuda
+
+    local = cuda.local_device()
+    cuda.check_requested_device(job.device, local)
+    trials = cuda.CudaTrials(job.spec, gradient_checkpointing=job.gradient_checkpointing)
+    capacity = cuda.usable_capacity_bytes()
+
+    return TrialBackend(
+        fits=trials,
+        device=local,
+        capacity_bytes=capacity,
+        verify=trials.verify,
+        close=trials.close,
+        versions=_versions(cuda=torch.version.cuda),
+        allocator_conf=cuda.allocator_conf(),
+    )
+
+
+# ------------------------------------------------------------------------------ in the parent
+
+
+def _prior_line(
+    spec: WorkloadSpec, gradient_checkpointing: bool, timeout: float, notes: dict[str, Any]
+) -> MemoryLine | None:
+    """The estimator's line for the guided search, or None with a note saying why not."""
+    try:
+        line: MemoryLine = _in_child(
+            _estimate_line_in_child, spec, gradient_checkpointing, timeout=timeout, what="prior estimate"
+        )
+    except ProbeError as exc:  # the search can go without a prior: note it, do not fail
+        notes["prior"] = f"none: {exc.message}"
+        return None
+    notes["prior"] = {"fixed_bytes": line.fixed_bytes, "per_sample_bytes": line.per_sample_bytes}
+    return line
+
+
+def _estimate_line_in_child(spec: WorkloadSpec, gradient_checkpointing: bool) -> MemoryLine:
+    from probes.estimate.session import estimate_line
+
+    line: MemoryLine = estimate_line(
+        spec, gradient_checkpointing=gradient_checkpointing, batch_sizes=PRIOR_BATCH_SIZES
+    )
+    return line
+
+
+def _verify(
+    job: _Job, answer: int, steps: int, timeout: float
+) -> tuple[int, int | None, list[dict[str, Any]]]:
+    """Run the answer for `steps` iterations in a fresh process; step down until one survives.
+
+    Returns the surviving size, the steps it survived and the log of attempts. Raises a
+    `ProbeError` when no attempt survives."""
+    size = answer
+    log: list[dict[str, Any]] = []
+    for _ in range(VERIFY_ATTEMPTS):
+        trial: Trial = _in_child(
+            _verify_in_child, job, size, steps, timeout=timeout, what=f"verification at batch size {size}"
+        )
+        log.append({"batch_size": size, "ok": trial.ok, "peak_reserved_bytes": trial.peak_reserved_bytes})
+        if trial.ok:
+            return size, steps, log
+        smaller = size - max(1, round(size * STEP_DOWN_FRACTION))
+        if smaller < job.min_batch_size:
+            break
+        size = smaller
+    raise ProbeError(
+        f"The answer {answer} did not survive {steps} steps in a fresh process, nor did "
+        f"{len(log) - 1} smaller sizes down to {size}; the boundary is too noisy to trust."
+    )

@@ -1,0 +1,497 @@
+"""The worker loop: claim a probe job, probe, store, derive the waiting plans, complete.
+
+One worker serves one backend on one device. A cuda worker claims only jobs for its own GPU (same
+name and memory) or jobs that name no device; an estimate worker claims every estimate job,
+whatever device it names. Many workers on many machines share one database: claims are leases
+(`storage.jobs`), renewed by a heartbeat thread while the probe runs in a child process.
+
+Failures: an error the client's spec causes (a model that does not build, an estimate that
+cannot trace it) fails the job at once; a crash or hang of the probe child is retried with
+backoff until the job's attempts are spent. The worker itself lives on. On SIGTERM/SIGINT it
+stops claiming, lets the current job finish within a grace period, else releases it to the queue.
+A worker whose lease was lost (a heartbeat refused) abandons its result: another worker owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from types import FrameType
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from probes.child import ChildFailed
+from storage import repository
+from storage.db import session_factory
+from storage.records import Accepts, JobRecord
+from tuner.errors import TunerError
+from tuner.results import ProbeResult
+from tuner.spec import Backend, DeviceSpec, WorkloadSpec, parse_plan_request, parse_workload
+
+log = logging.getLogger("tuner.worker")
+
+CLIENT_FAULT_CODES = frozenset(
+    {"invalid_spec", "model_build_failed", "estimate_failed", "nothing_fits", "device_required"}
+)
+"""Error codes another attempt cannot fix: the spec itself is at fault. The job fails at once and
+its error is stored as `<code>: <sentence>`, which the API turns back into a 4xx for waiters."""
+
+
+class ProbeRunner(Protocol):
+    """`probes.probe.run_probe`'s signature: what the worker calls for one checkpointing choice."""
+
+    def __call__(
+        self,
+        spec: WorkloadSpec,
+        *,
+        backend: Backend,
+        device: DeviceSpec,
+        gradient_checkpointing: bool,
+        timeout: float | None = None,
+        progress: Callable[[Any], None] | None = None,
+    ) -> ProbeResult: ...
+
+
+def _default_probe_runner() -> ProbeRunner:
+    # Imported when first needed: the orchestrator pulls in the probe machinery.
+    from probes.probe import run_probe
+
+    runner: ProbeRunner = run_probe
+    return runner
+
+
+class _LeaseGone(Exception):
+    """The job is no longer this worker's (lease lost, or released on shutdown)."""
+
+
+@dataclass
+class _ActiveJob:
+    """A claimed job and what the threads working on it share."""
+
+    job: JobRecord
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Held for every write about the job, so that abandoning it and finishing it never interleave."""
+    abandoned: bool = False
+    """True once the job is not ours: no more writes about it."""
+    finished: threading.Event = field(default_factory=threading.Event)
+    progress: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> int:
+        return self.job.id
+
+
+def is_client_fault(error: BaseException) -> bool:
+    """True for an error that retrying cannot fix (the spec is at fault); False for a crash, a
+    hang, or anything unexpected, which deserves another attempt."""
+    if isinstance(error, ChildFailed) and error.failure.kind in ("timeout", "crash"):
+        return False
+    return isinstance(error, TunerError) and error.code in CLIENT_FAULT_CODES
+
+
+def installed_torch_minor() -> str:
+    """The torch minor this worker probes with (`2.13`), read without importing torch."""
+    try:
+        return repository.torch_minor(metadata.version("torch"))
+    except metadata.PackageNotFoundError:
+        return repository.UNKNOWN_TORCH
+
+
+class Worker:
+    """Claims and runs probe jobs for one backend and device until stopped."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        backend: Backend,
+        device: DeviceSpec | None,
+        worker_id: str,
+        lease_seconds: float = 60.0,
+        heartbeat_seconds: float = 10.0,
+        poll_seconds: float = 1.0,
+        retry_backoff_seconds: float = 10.0,
+        grace_seconds: float = 30.0,
+        probe_timeout_seconds: float | None = None,
+        probe_runner: ProbeRunner | None = None,
+    ) -> None:
+        if backend == "cuda" and device is None:
+            raise ValueError("a cuda worker needs its GPU as `device`")
+        if heartbeat_seconds >= lease_seconds:
+            raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
+        self.backend: Backend = backend
+        self.device = device
+        """cuda: the local GPU. estimate: informational only (the job names the device)."""
+        self.worker_id = worker_id
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_seconds = poll_seconds
+        self.retry_backoff_seconds = retry_backoff_seconds
+        self.grace_seconds = grace_seconds
+        self.probe_timeout_seconds = probe_timeout_seconds
+        self.torch_minor = installed_torch_minor()
+        self._sessions = session_factory(engine)
+        self._probe_runner = probe_runner
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------------------------ the loop
+
+    @property
+    def accepts(self) -> Accepts:
+        """The claim filter: a cuda worker its own GPU (or no device); estimate any device."""
+        if self.backend == "cuda" and self.device is not None:
+            return Accepts(
+                backend="cuda",
+                device_name=self.device.name,
+                device_memory_bytes=self.device.total_memory_bytes,
+            )
+        return Accepts(backend=self.backend)
+
+    def stop(self) -> None:
+        """Stop claiming; the current job gets the grace period (what SIGTERM does)."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def run_forever(self) -> None:
+        """Claim and run jobs until SIGTERM/SIGINT (or `stop()`); then return normally."""
+        self._install_signal_handlers()
+        device = f" for {self.device.name}" if self.device else ""
+        log.info("Worker %s serving %s jobs%s.", self.worker_id, self.backend, device)
+        while not self._stopping.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:
+                # The database may be restarting or unreachable: keep the worker alive and retry.
+                log.exception("Worker %s could not reach the job queue; retrying.", self.worker_id)
+                worked = False
+            if not worked:
+                self._stopping.wait(self.poll_seconds)
+        log.info("Worker %s stopped.", self.worker_id)
+
+    def run_once(self) -> bool:
+        """Claim one job and run it to the end (or give it up); False when none was due."""
+        if self._stopping.is_set():
+            return False
+        with self._session() as session:
+            job = repository.claim_job(
+                session,
+                worker_id=self.worker_id,
+                lease_seconds=self.lease_seconds,
+                accepts=self.accepts,
+            )
+        if job is None:
+            return False
+        log.info(
+            "Claimed job %d (attempt %d of %d): %s",
+            job.id,
+            job.attempts,
+            job.max_attempts,
+            _describe(job.payload),
+        )
+        self._run_claimed(_ActiveJob(job))
+        return True
+
+    def _run_claimed(self, active: _ActiveJob) -> None:
+        runner = threading.Thread(target=self._process, args=(active,), name=f"job-{active.id}", daemon=True)
+        beater = threading.Thread(
+            target=self._heartbeat_loop, args=(active,), name=f"heartbeat-{active.id}", daemon=True
+        )
+        runner.start()
+        beater.start()
+        deadline: float | None = None
+        try:
+            while runner.is_alive():
+                runner.join(0.2)
+                if not runner.is_alive():
+                    break
+                if self._stopping.is_set() and deadline is None:
+                    deadline = time.monotonic() + self.grace_seconds
+                    log.info("Stopping: job %d may finish within %g s.", active.id, self.grace_seconds)
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._give_up(active, release=True)
+                    runner.join(15)
+                    break
+        finally:
+            active.finished.set()
+            beater.join(5)
+
+    # ------------------------------------------------------------------------------ one job
+
+    def _process(self, active: _ActiveJob) -> None:
+        """Probe every checkpointing choice not yet cached, derive the waiting plans, complete."""
+        started = time.monotonic()
+        try:
+            probe_ids = self._probe_all(active)
+            if not probe_ids:
+                raise _BadJob("The job names no gradient-checkpointing choice to probe.")
+            plan_ids = self._derive_waiting_plans(active)
+            with self._writing(active) as session:
+                repository.complete_job(
+                    session, job_id=active.id, worker_id=self.worker_id, probe_id=probe_ids[-1]
+                )
+            log.info(
+                "Finished job %d in %.1f s: probes %s, plans %s.",
+                active.id,
+                time.monotonic() - started,
+                probe_ids,
+                plan_ids,
+            )
+        except _LeaseGone:
+            log.warning("Job %d is no longer this worker's; its result was dropped.", active.id)
+        except Exception as exc:
+            if active.abandoned:
+                log.info("Job %d was given up: %s", active.id, _message(exc))
+                return
+            self._fail(active, exc, seconds=time.monotonic() - started)
+
+    def _probe_all(self, active: _ActiveJob) -> list[int]:
+        payload = active.job.payload
+        workload = parse_workload(payload["workload"])
+        device = self._job_device(payload)
+        torch_minor = str(payload.get("torch_minor") or self.torch_minor)
+        if torch_minor != self.torch_minor:
+            log.warning(
+                "Job %d was asked for torch %s but this worker has torch %s: the API will not find "
+                "this probe in its cache. Run the same torch minor on API and workers.",
+                active.id,
+                torch_minor,
+                self.torch_minor,
+            )
+        probe_ids: list[int] = []
+        for checkpointing in payload["gradient_checkpointing"]:
+            with self._session() as session:
+                cached = repository.find_cached_probe(
+                    session,
+                    fingerprint=workload.fingerprint(),
+                    device_name=device.name,
+                    device_memory_bytes=device.total_memory_bytes,
+                    backend=self.backend,
+                    torch_minor=self.torch_minor,
+                    gradient_checkpointing=bool(checkpointing),
+                )
+            if cached is not None and cached.id is not None:
+                # A worker that lost this job earlier may have stored some choices already.
+                probe_ids.append(cached.id)
+                continue
+            result = self._run_probe(active, workload, device, bool(checkpointing))
+            with self._writing(active) as session:
+                # Renew the lease first: a worker that lost it must not store a duplicate.
+                if not repository.heartbeat(
+                    session, job_id=active.id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
+                ):
+                    active.abandoned = True
+                    raise _LeaseGone
+                probe_ids.append(repository.save_probe(session, result=result))
+        return probe_ids
+
+    def _run_probe(
+        self, active: _ActiveJob, workload: WorkloadSpec, device: DeviceSpec, checkpointing: bool
+    ) -> ProbeResult:
+        active.progress = {"gradient_checkpointing": checkpointing, "trials": 0}
+
+        def on_trial(trial: Any) -> None:
+            # Read by the heartbeat thread, which stores it on the job for `GET /v1/jobs/{id}`.
+            active.progress = {
+                "gradient_checkpointing": checkpointing,
+                "trials": int(active.progress.get("trials", 0)) + 1,
+                "last_batch_size": getattr(trial, "batch_size", None),
+                "ok": getattr(trial, "ok", None),
+            }
+
+        if self._probe_runner is None:
+            self._probe_runner = _default_probe_runner()
+        return self._probe_runner(
+            workload,
+            backend=self.backend,
+            device=device,
+            gradient_checkpointing=checkpointing,
+            timeout=self.probe_timeout_seconds,
+            progress=on_trial,
+        )
+
+    def _job_device(self, payload: dict[str, Any]) -> DeviceSpec:
+        if payload.get("device"):
+            return DeviceSpec.model_validate(payload["device"])
+        if self.device is None:
+            # Only a cuda job may name no device (the API refuses estimate requests without one).
+            raise _NoDevice("The job names no device and this estimate worker has none to offer.")
+        return self.device
+
+    def _derive_waiting_plans(self, active: _ActiveJob) -> list[int]:
+        """Plan every request waiting on the job from the probes now cached."""
+        from api.plan_service import derive_plan  # torch-free; imported when first needed
+
+        plan_ids: list[int] = []
+        with self._session() as session:
+            waiters = repository.list_waiters(session, job_id=active.id, pending_only=True)
+        for waiter in waiters:
+            if active.abandoned:
+                raise _LeaseGone
+            try:
+                request = parse_plan_request(waiter.request)
+                if request.device is None:
+                    request = request.model_copy(update={"device": self._job_device(active.job.payload)})
+                with self._session() as session:
+                    plan = derive_plan(
+                        session,
+                        request=request,
+                        torch_minor=self.torch_minor,
+                        cache_hit=False,
+                        waiter_id=waiter.id,
+                    )
+            except TunerError as exc:
+                # The probe is stored and serves the cache; this one request cannot be planned.
+                log.info("Job %d: waiter %d cannot be planned: %s", active.id, waiter.id, exc.message)
+                with self._session() as session:
+                    repository.fail_waiter(session, waiter_id=waiter.id, error=f"{exc.code}: {exc.message}")
+                continue
+            if plan is not None and plan.id is not None:
+                plan_ids.append(plan.id)
+        return plan_ids
+
+    def _fail(self, active: _ActiveJob, error: Exception, *, seconds: float) -> None:
+        client_fault = is_client_fault(error)
+        if client_fault:
+            assert isinstance(error, TunerError)
+            text = f"{error.code}: {error.message}"
+        else:
+            text = _message(error)
+            if not isinstance(error, TunerError):
+                log.exception("Job %d hit an unexpected error.", active.id, exc_info=error)
+        with self._writing(active) as session:
+            updated = repository.fail_job(
+                session,
+                job_id=active.id,
+                worker_id=self.worker_id,
+                error=text,
+                retry_backoff_seconds=self.retry_backoff_seconds,
+                retry=not client_fault,
+            )
+        if updated is None:
+            log.warning("Job %d failed after its lease was lost: %s", active.id, text)
+        elif updated.status == "failed":
+            log.info(
+                "Job %d failed after %.1f s (attempt %d): %s", active.id, seconds, updated.attempts, text
+            )
+        else:
+            log.info(
+                "Job %d attempt %d failed after %.1f s; retrying after backoff: %s",
+                active.id,
+                updated.attempts,
+                seconds,
+                text,
+            )
+
+    # ------------------------------------------------------------------------- lease keeping
+
+    def _heartbeat_loop(self, active: _ActiveJob) -> None:
+        while not active.finished.wait(self.heartbeat_seconds):
+            try:
+                with active.lock:
+                    if active.abandoned:
+                        return
+                    with self._session() as session:
+                        held = repository.heartbeat(
+                            session,
+                            job_id=active.id,
+                            worker_id=self.worker_id,
+                            lease_seconds=self.lease_seconds,
+                            progress=dict(active.progress),
+                        )
+            except Exception as exc:
+                # A database hiccup: keep trying; the lease outlives a few missed beats.
+                log.warning("Heartbeat for job %d failed: %s", active.id, _message(exc))
+                continue
+            if not held:
+                log.warning("Lost the lease on job %d; abandoning it.", active.id)
+                self._give_up(active, release=False)
+                return
+
+    def _give_up(self, active: _ActiveJob, *, release: bool) -> None:
+        """Stop working on the job: release it to the queue (shutdown) or just drop it (lease
+        lost), and stop the probe child so that the GPU is free."""
+        with active.lock:
+            if active.abandoned:
+                return
+            active.abandoned = True
+            if release:
+                try:
+                    with self._session() as session:
+                        released = repository.release_job(session, job_id=active.id, worker_id=self.worker_id)
+                    log.info(
+                        "Released job %d back to the queue%s.",
+                        active.id,
+                        "" if released else " (lease already lost)",
+                    )
+                except Exception as exc:
+                    log.warning(
+                        "Could not release job %d (its lease will expire): %s", active.id, _message(exc)
+                    )
+        # The probe children are this worker's own spawned processes; their results are unwanted.
+        for child in multiprocessing.active_children():
+            child.kill()
+
+    # ------------------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._sessions() as session:
+            yield session
+
+    @contextmanager
+    def _writing(self, active: _ActiveJob) -> Iterator[Session]:
+        """A session for a write about the job, or `_LeaseGone` once the job was given up."""
+        with active.lock:
+            if active.abandoned:
+                raise _LeaseGone
+            with self._session() as session:
+                yield session
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            if not self._stopping.is_set():
+                log.info(
+                    "Received %s: finishing the current job, claiming no more.", signal.Signals(signum).name
+                )
+            self._stopping.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+
+
+class _NoDevice(TunerError):
+    code = "device_required"
+
+
+class _BadJob(TunerError):
+    code = "invalid_spec"
+
+
+def _message(error: BaseException) -> str:
+    return error.message if isinstance(error, TunerError) else f"{type(error).__name__}: {error}"
+
+
+def _describe(payload: dict[str, Any]) -> str:
+    """`builtin mlp on Test GPU 1GiB, estimate, checkpointing [off]` for the claim log line."""
+    try:
+        model = parse_workload(payload["workload"]).describe()
+    except Exception:
+        model = "unreadable workload"
+    device = (payload.get("device") or {}).get("name", "this worker's GPU")
+    choices = ",".join("on" if gc else "off" for gc in payload.get("gradient_checkpointing", []))
+    return f"{model} on {device}, {payload.get('backend')}, checkpointing [{choices}]"

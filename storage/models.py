@@ -1,0 +1,281 @@
+"""SQLAlchemy 2.0 models: probe results with their trials, plans, probe jobs and the plan requests
+waiting on them.
+
+The same models serve SQLite (the embedded default) and PostgreSQL (a fleet): portable column
+types only (`JSON`, `BigInteger`, timezone-aware UTC datetimes), and a partial unique index that
+both databases support. The Alembic migrations in `storage/migrations/versions/` must match these
+models exactly; a test runs autogenerate against both databases and expects no difference.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+JOB_QUEUED = "queued"
+JOB_RUNNING = "running"
+JOB_SUCCEEDED = "succeeded"
+JOB_FAILED = "failed"
+JOB_STATUSES = (JOB_QUEUED, JOB_RUNNING, JOB_SUCCEEDED, JOB_FAILED)
+ACTIVE_JOB_STATUSES = (JOB_QUEUED, JOB_RUNNING)
+
+WAITER_PENDING = "pending"
+WAITER_RESOLVED = "resolved"
+WAITER_FAILED = "failed"
+WAITER_STATUSES = (WAITER_PENDING, WAITER_RESOLVED, WAITER_FAILED)
+
+PROBE_COMPLETE = "complete"
+
+# Stable constraint names on both databases, so that later migrations can name what they alter.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on both databases.
+
+    PostgreSQL stores `timestamptz`; SQLite has no time zones, so values are stored as naive UTC
+    text (which sorts and compares correctly) and come back timezone-aware.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given where a timezone-aware one is required")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ProbeRow(Base):
+    """One probe result: the largest micro-batch of a workload on a device, per checkpointing choice."""
+
+    __tablename__ = "probe_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default=PROBE_COMPLETE)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    workload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    device_name: Mapped[str] = mapped_column(String(200))
+    device_memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    backend: Mapped[str] = mapped_column(String(16))
+    torch_version: Mapped[str] = mapped_column(String(64))
+    torch_minor: Mapped[str] = mapped_column(String(16))
+    """`2.13` for torch 2.13.1+cu126: part of the cache key (a patch release keeps memory behaviour)."""
+    versions: Mapped[dict[str, str]] = mapped_column(JSON)
+    gradient_checkpointing: Mapped[bool] = mapped_column(Boolean)
+    max_batch_size: Mapped[int] = mapped_column(Integer)
+    stop_reason: Mapped[str] = mapped_column(String(32))
+    strategy: Mapped[str] = mapped_column(String(32))
+    memory_line: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
+    capacity_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    extra: Mapped[dict[str, Any]] = mapped_column(JSON)
+    allocator_conf: Mapped[str | None] = mapped_column(Text, nullable=True)
+    verified_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    seconds: Mapped[float] = mapped_column(Float)
+
+    trials: Mapped[list[TrialRow]] = relationship(
+        back_populates="probe",
+        order_by="TrialRow.index",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+    __table_args__ = (
+        # The cache lookup: every column of the cache key, newest first among equals.
+        Index(
+            "ix_probe_results_cache_key",
+            "fingerprint",
+            "device_name",
+            "device_memory_bytes",
+            "backend",
+            "torch_minor",
+            "gradient_checkpointing",
+        ),
+    )
+
+
+class TrialRow(Base):
+    """One trial of a probe: the train step at one batch size."""
+
+    __tablename__ = "trials"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    probe_id: Mapped[int] = mapped_column(ForeignKey("probe_results.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    """Position in the order the search ran the trials."""
+    batch_size: Mapped[int] = mapped_column(Integer)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    peak_allocated_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    peak_reserved_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    num_alloc_retries: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    seconds: Mapped[float] = mapped_column(Float)
+    samples_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    peak_phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    probe: Mapped[ProbeRow] = relationship(back_populates="trials")
+
+    __table_args__ = (UniqueConstraint("probe_id", "index"),)
+
+
+class PlanRow(Base):
+    """A plan as served: the request, every `tuner.results.Plan` field, and columns to filter on."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    cache_hit: Mapped[bool] = mapped_column(Boolean)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))
+    """The workload's short name (`WorkloadSpec.describe()`): gpt2, resnet50, builtin decoder."""
+    family: Mapped[str] = mapped_column(String(32))
+    workload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    device_name: Mapped[str] = mapped_column(String(200))
+    device_memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    backend: Mapped[str] = mapped_column(String(16))
+    effective_batch_size: Mapped[int] = mapped_column(Integer)
+    world_size: Mapped[int] = mapped_column(Integer)
+    micro_batch_size: Mapped[int] = mapped_column(Integer)
+    accumulation_steps: Mapped[int] = mapped_column(Integer)
+    micro_batch_sizes: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    gradient_checkpointing: Mapped[bool] = mapped_column(Boolean)
+    max_micro_batch_size: Mapped[dict[str, int]] = mapped_column(JSON)
+    memory_budget_bytes: Mapped[int] = mapped_column(BigInteger)
+    predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    predicted_samples_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    probe_id: Mapped[int | None] = mapped_column(
+        ForeignKey("probe_results.id", ondelete="SET NULL"), nullable=True
+    )
+    probe_ids: Mapped[dict[str, int]] = mapped_column(JSON)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(Text)
+    warnings: Mapped[list[str]] = mapped_column(JSON)
+    hints: Mapped[list[str]] = mapped_column(JSON)
+    accumulation_schedule: Mapped[list[dict[str, int]] | None] = mapped_column(JSON, nullable=True)
+    versions: Mapped[dict[str, str]] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index("ix_plans_created_at", "created_at"),
+        Index("ix_plans_fingerprint", "fingerprint"),
+        Index("ix_plans_device_name", "device_name"),
+        Index("ix_plans_model", "model"),
+    )
+
+
+class JobRow(Base):
+    """A probe to run: queued until a worker whose device matches claims it with a lease."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(512))
+    """The cache key of the probe this job produces (`storage.repository.probe_cache_key`)."""
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """What to probe, as the worker reads it."""
+    backend: Mapped[str] = mapped_column(String(16))
+    device_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """None: any device of the backend will do."""
+    device_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default=JOB_QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """Claims so far (a released job gives its attempt back)."""
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    """Not claimed before this time (retry backoff)."""
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    probe_id: Mapped[int | None] = mapped_column(
+        ForeignKey("probe_results.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'succeeded', 'failed')",
+            name="status",
+        ),
+        # One active job per key: concurrent enqueue-or-join calls for one probe meet here.
+        Index(
+            "uq_jobs_active_key",
+            "key",
+            unique=True,
+            postgresql_where=text("status IN ('queued', 'running')"),
+            sqlite_where=text("status IN ('queued', 'running')"),
+        ),
+        # What a claim scans (queued, due) and what the requeue of stalled jobs scans.
+        Index("ix_jobs_status_run_after", "status", "run_after"),
+        Index("ix_jobs_status_lease_until", "status", "lease_until"),
+    )
+
+
+class JobWaiterRow(Base):
+    """A plan request waiting on a job: the plan to derive once the job's probe is stored."""
+
+    __tablename__ = "job_waiters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=WAITER_PENDING)
+    plan_id: Mapped[int | None] = mapped_column(ForeignKey("plans.id", ondelete="SET NULL"), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'resolved', 'failed')", name="status"),
+        Index("ix_job_waiters_job_id_status", "job_id", "status"),
+    )

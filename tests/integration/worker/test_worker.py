@@ -1,0 +1,171 @@
+"""The worker against the real storage on SQLite, with real estimate probes in child processes."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import Engine, func, select, update
+
+from probes.child import ChildFailed, ChildFailure
+from probes.worker import Worker, is_client_fault
+from storage import repository
+from storage.models import JobRow, ProbeRow, TrialRow, utcnow
+from tests.integration.worker.conftest import TEST_DEVICE, Queue, mlp_request, worker_id
+from tuner.errors import EstimateError, ModelBuildError, ProbeError
+
+FACTORIES = "tests.integration.e2e.factories"
+
+
+def make_worker(engine: Engine, tag: str, **overrides: float) -> Worker:
+    options: dict[str, float] = {
+        "lease_seconds": 30.0,
+        "heartbeat_seconds": 0.2,
+        "poll_seconds": 0.1,
+        "retry_backoff_seconds": 0.0,
+        "grace_seconds": 5.0,
+    }
+    options.update(overrides)
+    return Worker(engine, backend="estimate", device=None, worker_id=worker_id(tag), **options)  # type: ignore[arg-type]
+
+
+def probe_count(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(select(func.count()).select_from(ProbeRow)).scalar_one())
+
+
+def test_errors_the_spec_causes_are_not_retried() -> None:
+    assert is_client_fault(ModelBuildError("model.factory raised"))
+    assert is_client_fault(EstimateError("the trace hit a data-dependent op"))
+    assert not is_client_fault(ProbeError("The estimate probe failed: the child aborted."))
+    assert not is_client_fault(
+        ChildFailed(ChildFailure("timeout", "did not finish", error_code="estimate_failed"))
+    )
+    assert not is_client_fault(RuntimeError("database went away"))
+
+
+def test_an_idle_worker_claims_nothing(queue: Queue) -> None:
+    assert make_worker(queue.engine, "idle").run_once() is False
+
+
+def test_a_cuda_worker_needs_its_gpu(queue: Queue) -> None:
+    with pytest.raises(ValueError, match="needs its GPU"):
+        Worker(queue.engine, backend="cuda", device=None, worker_id="w")
+
+
+@pytest.mark.slow
+def test_a_job_is_probed_stored_planned_and_completed(queue: Queue) -> None:
+    job = queue.enqueue(mlp_request(effective_batch_size=512, checkpointing="off"))
+    worker = make_worker(queue.engine, "one")
+
+    assert worker.run_once() is True
+
+    done = queue.job(job.id)
+    assert done.status == "succeeded", done.error
+    assert done.attempts == 1 and done.error is None and done.probe_id is not None
+    # The heartbeat stored the search's progress while it ran.
+    assert done.progress is not None and done.progress["trials"] >= 1
+    probe = repository.get_probe(queue.engine, probe_id=done.probe_id)
+    assert probe.backend == "estimate" and probe.device.name == TEST_DEVICE["name"]
+    assert probe.gradient_checkpointing is False and probe.max_batch_size > 0 and probe.trials
+    # The waiting request got its plan, derived from the stored probe.
+    (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
+    assert waiter.status == "resolved" and waiter.plan_id is not None
+    plan = repository.get_plan(queue.engine, plan_id=waiter.plan_id)
+    assert plan.micro_batch_size * plan.accumulation_steps == 512
+    assert plan.cache_hit is False and plan.probe_id == done.probe_id
+
+    # `auto` needs both choices; the `off` probe is cached, so only `on` is probed.
+    second = queue.enqueue(mlp_request(effective_batch_size=512, checkpointing="auto"))
+    assert worker.run_once() is True
+    assert queue.job(second.id).status == "succeeded"
+    with queue.engine.connect() as connection:
+        choices = (
+            connection.execute(select(ProbeRow.gradient_checkpointing).order_by(ProbeRow.id)).scalars().all()
+        )
+        trials = connection.execute(select(func.count()).select_from(TrialRow)).scalar_one()
+    assert choices == [False, True]
+    assert trials == len(probe.trials) + len(repository.get_probe(queue.engine, probe_id=2).trials)
+
+
+@pytest.mark.slow
+def test_a_model_that_does_not_build_fails_at_once(queue: Queue, allow_test_factories: None) -> None:
+    job = queue.enqueue(mlp_request(factory=f"{FACTORIES}:raises"), max_attempts=3)
+    worker = make_worker(queue.engine, "spec")
+
+    assert worker.run_once() is True
+
+    failed = queue.job(job.id)
+    assert failed.status == "failed" and failed.attempts == 1
+    assert failed.error is not None and failed.error.startswith("model_build_failed: ")
+    assert "this model definition is broken" in failed.error
+    (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
+    assert waiter.status == "failed"
+    assert probe_count(queue.engine) == 0
+
+
+@pytest.mark.slow
+def test_an_aborting_probe_is_retried_then_fails_and_the_worker_lives_on(
+    queue: Queue, allow_test_factories: None
+) -> None:
+    job = queue.enqueue(mlp_request(factory=f"{FACTORIES}:aborts"), max_attempts=2)
+    worker = make_worker(queue.engine, "abort")
+
+    assert worker.run_once() is True
+    retrying = queue.job(job.id)
+    assert retrying.status == "queued" and retrying.attempts == 1
+    assert retrying.error is not None and "aborted (SIGABRT)" in retrying.error
+
+    assert worker.run_once() is True
+    failed = queue.job(job.id)
+    assert failed.status == "failed" and failed.attempts == 2
+    assert "aborted (SIGABRT)" in (failed.error or "")
+    # The same worker goes on serving: the next job is probed normally.
+    healthy = queue.enqueue(mlp_request())
+    assert worker.run_once() is True
+    assert queue.job(healthy.id).status == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_hanging_probe_is_stopped_by_its_timeout(queue: Queue, allow_test_factories: None) -> None:
+    job = queue.enqueue(mlp_request(factory=f"{FACTORIES}:hangs"), max_attempts=1)
+    worker = make_worker(queue.engine, "hang", probe_timeout_seconds=3.0)
+
+    started = time.monotonic()
+    assert worker.run_once() is True
+
+    failed = queue.job(job.id)
+    assert failed.status == "failed"
+    assert re.search(r"did not finish within [0-9.]+ s", failed.error or ""), failed.error
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_a_worker_that_lost_its_lease_drops_its_result(queue: Queue) -> None:
+    job = queue.enqueue(mlp_request())
+    worker = make_worker(queue.engine, "loser")
+    thread = threading.Thread(target=worker.run_once)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while queue.job(job.id).status != "running":
+        assert time.monotonic() < deadline, "the job was never claimed"
+        time.sleep(0.05)
+
+    # As if the worker had stalled past its lease: the job goes back to the queue.
+    assert repository.requeue_expired(queue.engine, now=utcnow() + timedelta(hours=1)) == 1
+    thread.join(60)
+
+    assert not thread.is_alive()
+    requeued = queue.job(job.id)
+    assert requeued.status == "queued" and requeued.worker_id is None
+    assert probe_count(queue.engine) == 0  # nothing stored by the worker that lost the job
+
+    # The requeue stamped the job due at the faked "now"; let that hour pass.
+    with queue.engine.begin() as connection:
+        connection.execute(update(JobRow).where(JobRow.id == job.id).values(run_after=utcnow()))
+    assert make_worker(queue.engine, "winner").run_once() is True
+    assert queue.job(job.id).status == "succeeded"
+    assert probe_count(queue.engine) == 1

@@ -1,0 +1,172 @@
+"""autotune: the search with the caller's own step, OOM caught by type, the result uploaded."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from tests.training.contract_server import ContractState
+from tuner.autotune import autotune
+from tuner.client import TunerClient
+from tuner.errors import SpecError
+from tuner.spec import DeviceSpec, PlanRequest, parse_workload
+
+pytest.importorskip("tuner.search")
+
+DEVICE = DeviceSpec(name="cpu (test)", total_memory_bytes=1 << 30)
+WORKLOAD = parse_workload(
+    {
+        "model": {"family": "builtin", "name": "mlp", "kwargs": {"hidden_dim": 16, "num_layers": 1}},
+        "inputs": {"kind": "features", "dim": 8},
+        "precision": "fp32",
+    }
+)
+
+
+def memory_limited_step(limit: int, calls: list[int]) -> Callable[[int], None]:
+    """A real training step of a small MLP that runs out of memory above `limit` samples, the
+    way the CUDA allocator reports it: by raising `torch.OutOfMemoryError` mid-step."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(batch_size: int) -> None:
+        calls.append(batch_size)
+        features = torch.randn(batch_size, 8)
+        loss = nn.functional.cross_entropy(model(features), torch.randint(0, 3, (batch_size,)))
+        if batch_size > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch_size} MiB")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+@pytest.mark.parametrize(("strategy", "limit"), [("guided", 1), ("guided", 300), ("doubling", 37)])
+def test_finds_the_largest_batch_exactly(strategy: str, limit: int) -> None:
+    calls: list[int] = []
+    result = autotune(
+        memory_limited_step(limit, calls),
+        fingerprint=WORKLOAD.fingerprint(),
+        workload=WORKLOAD,
+        device=DEVICE,
+        strategy=strategy,
+        max_batch_size=4096,
+        upload=False,
+    )
+    assert result.max_batch_size == limit
+    assert result.stop_reason == "exact"
+    assert {t.batch_size for t in result.trials if t.ok} <= set(range(1, limit + 1))
+    assert all(t.error == "out_of_memory" for t in result.trials if not t.ok)
+    assert any(not t.ok and t.batch_size == limit + 1 for t in result.trials)
+    # Two steps per passing trial (the optimizer's state appears at the first step).
+    assert len(calls) == sum(2 if t.ok else 1 for t in result.trials)
+    assert result.backend == "cuda" and result.extra["source"] == "autotune"
+    assert result.fingerprint == WORKLOAD.fingerprint() and result.device == DEVICE
+
+
+def test_nothing_fits_gives_zero() -> None:
+    result = autotune(
+        memory_limited_step(0, []),
+        fingerprint=WORKLOAD.fingerprint(),
+        workload=WORKLOAD,
+        device=DEVICE,
+        upload=False,
+    )
+    assert result.max_batch_size == 0 and result.stop_reason == "nothing_fits"
+
+
+def test_an_error_that_is_not_out_of_memory_propagates() -> None:
+    def broken_step(batch_size: int) -> None:
+        raise RuntimeError("CUDA out of memory")  # the message alone must not count as an OOM
+
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        autotune(
+            broken_step, fingerprint=WORKLOAD.fingerprint(), workload=WORKLOAD, device=DEVICE, upload=False
+        )
+
+
+@pytest.fixture
+def gc_disabled() -> Iterator[None]:
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+class _Cycle:
+    def __init__(self, payload: torch.Tensor) -> None:
+        self.payload = payload
+        self.me = self
+
+
+def test_memory_of_a_failed_trial_is_released_before_the_next(gc_disabled: None) -> None:
+    """A failed step leaves a reference cycle holding its activations; the next trial must not
+    start with them still alive."""
+    left_behind: list[weakref.ref[_Cycle]] = []
+    alive_at_start: list[bool] = []
+
+    def step(batch_size: int) -> None:
+        alive_at_start.append(any(ref() is not None for ref in left_behind))
+        cycle = _Cycle(torch.empty(batch_size, 1024))
+        left_behind.append(weakref.ref(cycle))
+        if batch_size > 5:
+            raise torch.OutOfMemoryError("out of memory")
+
+    result = autotune(
+        step,
+        fingerprint=WORKLOAD.fingerprint(),
+        workload=WORKLOAD,
+        device=DEVICE,
+        strategy="doubling",
+        upload=False,
+    )
+    assert result.max_batch_size == 5
+    assert len(alive_at_start) > 3 and not any(alive_at_start[::2])  # first step of every trial
+
+
+def test_a_fingerprint_that_is_not_the_workloads_is_refused() -> None:
+    with pytest.raises(SpecError, match="wrong key"):
+        autotune(
+            memory_limited_step(3, []), fingerprint="0" * 64, workload=WORKLOAD, device=DEVICE, upload=False
+        )
+
+
+def test_without_cuda_a_device_is_required() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SpecError, match="device="):
+        autotune(
+            memory_limited_step(3, []), fingerprint=WORKLOAD.fingerprint(), workload=WORKLOAD, upload=False
+        )
+
+
+def test_result_is_uploaded_and_the_workload_found_by_fingerprint(
+    contract_server: str, contract_state: ContractState
+) -> None:
+    with TunerClient(contract_server, backoff=0.01, poll_interval=0.02) as client:
+        client.create_plan(
+            PlanRequest(workload=WORKLOAD, effective_batch_size=64, device=DEVICE, backend="estimate"),
+            progress=False,
+        )
+        uploaded = autotune(
+            memory_limited_step(21, []),
+            fingerprint=WORKLOAD.fingerprint(),
+            device=DEVICE,
+            server=contract_server,
+        )
+        assert uploaded.id is not None and uploaded.workload == WORKLOAD
+        stored = client.get_probe(uploaded.id)
+    assert stored.max_batch_size == 21 and stored.trials == uploaded.trials
+    assert ("POST", "/v1/probes", None) in contract_state.requests
+
+
+def test_without_workload_or_server_it_says_what_is_missing() -> None:
+    with pytest.raises(SpecError, match="workload="):
+        autotune(memory_limited_step(3, []), fingerprint=WORKLOAD.fingerprint(), device=DEVICE)

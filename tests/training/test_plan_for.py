@@ -1,0 +1,177 @@
+"""plan_for: the workload from what a script has, the machine, and the plan from a server or locally."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from tests.training.contract_server import ContractState
+from tuner import plan_for
+from tuner.errors import DeviceRequiredError, SpecError
+from tuner.integration import detect_world_size, workload_for
+from tuner.spec import DeviceSpec, parse_workload
+
+A100 = DeviceSpec(name="NVIDIA A100-SXM4-40GB", total_memory_bytes=42_949_672_960)
+MLP = parse_workload(
+    {
+        "model": {"family": "builtin", "name": "mlp", "kwargs": {"hidden_dim": 64, "num_layers": 2}},
+        "inputs": {"kind": "features", "dim": 32},
+        "precision": "fp32",
+    }
+)
+TINY_GPT2 = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=256)
+
+
+def test_a_transformers_model_becomes_a_spec_from_its_config() -> None:
+    spec = workload_for(GPT2LMHeadModel(TINY_GPT2))
+    assert spec.model.family == "transformers" and spec.model.task == "causal-lm"
+    assert spec.model.config is not None and spec.model.config["n_embd"] == 32
+    assert "transformers_version" not in spec.model.config
+    assert spec.inputs.kind == "tokens" and spec.inputs.seq_len == 128  # the config's max positions
+    # The same config gives the same fingerprint however the model was made.
+    assert (
+        spec.fingerprint() == workload_for(GPT2LMHeadModel(GPT2Config(**TINY_GPT2.to_dict()))).fingerprint()
+    )
+
+    classifier = workload_for(
+        GPT2ForSequenceClassification(TINY_GPT2), inputs=64, optimizer="sgd", precision="fp32"
+    )
+    assert classifier.model.task == "seq-classification"
+    assert (classifier.inputs.seq_len, classifier.optimizer.name, classifier.precision) == (64, "sgd", "fp32")
+
+
+def test_bf16_weights_mean_bf16_precision() -> None:
+    config = LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
+    spec = workload_for(LlamaForCausalLM(config).to(torch.bfloat16))
+    assert spec.precision == "bf16" and spec.inputs.seq_len == 256  # type: ignore[union-attr]
+
+
+def test_a_seq_len_beyond_the_models_positions_is_refused() -> None:
+    with pytest.raises(SpecError, match="maximum positions"):
+        workload_for(GPT2LMHeadModel(TINY_GPT2), inputs=4096)
+
+
+def test_any_model_with_a_factory_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Linear(4, 4)
+    with pytest.raises(SpecError, match="factory="):
+        workload_for(model)
+    with pytest.raises(SpecError, match="inputs="):
+        workload_for(model, factory="tests.training.tiny_lm:make_model")
+    with pytest.raises(SpecError, match="TUNER_ALLOWED_FACTORY_PACKAGES"):
+        workload_for(
+            model, factory="tests.training.tiny_lm:make_model", inputs={"kind": "tokens", "seq_len": 12}
+        )
+    monkeypatch.setenv("TUNER_ALLOWED_FACTORY_PACKAGES", "tests")
+    from tuner.settings import get_settings
+
+    get_settings.cache_clear()
+    spec = workload_for(
+        model,
+        factory="tests.training.tiny_lm:make_model",
+        factory_kwargs={"seed": 3},
+        inputs={"kind": "tokens", "seq_len": 12},
+    )
+    assert (spec.model.family, spec.model.factory, spec.model.kwargs) == (
+        "python",
+        "tests.training.tiny_lm:make_model",
+        {"seed": 3},
+    )
+
+
+def test_world_size_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert detect_world_size() == 1
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert detect_world_size() == 8
+    monkeypatch.setenv("WORLD_SIZE", "eight")
+    with pytest.raises(SpecError, match="WORLD_SIZE"):
+        detect_world_size()
+
+
+def test_world_size_from_an_initialised_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "8")  # the process group wins
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        assert detect_world_size() == 1
+    finally:
+        dist.destroy_process_group()
+
+
+def test_without_a_gpu_or_a_device_it_asks_for_a_device() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(DeviceRequiredError, match="device=DeviceSpec"):
+        plan_for(MLP, effective_batch_size=64)
+
+
+def test_asks_the_server_named_by_tuner_server(
+    contract_server: str, contract_state: ContractState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNER_SERVER", contract_server)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TUNER_API_TOKEN", "t0ken")
+    contract_state.token = "t0ken"
+    plan = plan_for(MLP, effective_batch_size=64, device=A100, wait=0)
+    assert plan.world_size == 2 and plan.device == A100 and plan.backend == "estimate"
+    assert plan.micro_batch_size * plan.accumulation_steps * 2 == 64
+    assert plan.fingerprint == MLP.fingerprint()
+    assert any(method == "POST" and auth == "Bearer t0ken" for method, _, auth in contract_state.requests)
+
+
+def test_the_token_argument_wins_and_a_server_argument_beats_the_setting(
+    contract_server: str, contract_state: ContractState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNER_SERVER", "http://127.0.0.1:9")  # nothing there
+    contract_state.token = "mine"
+    plan = plan_for(
+        GPT2LMHeadModel(TINY_GPT2),
+        effective_batch_size=16,
+        world_size=1,
+        device=A100,
+        server=contract_server,
+        token="mine",
+        policy={"max_micro_batch_size": 4},
+    )
+    assert plan.workload.model.family == "transformers" and plan.effective_batch_size == 16
+
+
+@pytest.mark.slow
+def test_without_a_server_it_probes_and_plans_locally(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("probes.probe")
+    monkeypatch.delenv("TUNER_SERVER", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plan = plan_for(
+        MLP,
+        effective_batch_size=96,
+        device=A100,
+        policy={"gradient_checkpointing": "off", "max_micro_batch_size": 32},
+    )
+    assert plan.backend == "estimate" and plan.id is None
+    assert (plan.micro_batch_size, plan.accumulation_steps, plan.world_size) == (32, 3, 1)
+    assert plan.max_micro_batch_size["off"] > 32  # the estimate found more room than the cap
+    assert plan.predicted_peak_bytes is not None and 0 < plan.predicted_peak_bytes < A100.total_memory_bytes
+    assert os.environ.get("TUNER_SERVER") is None

@@ -1,0 +1,61 @@
+"""Apply a plan to `transformers.TrainingArguments`.
+
+The plan gives the per-device micro-batch, the accumulation steps and whether to checkpoint
+activations; `apply_plan` returns a new `TrainingArguments` with those three set (the original is
+left as it was). The Trainer normalises a causal-LM loss by the number of label tokens of the
+whole accumulation window (`num_items_in_batch`), so its accumulation is exact in the sense of
+DESIGN.md §8 for models that accept that argument, which the transformers LMs do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tuner.errors import PlanError
+from tuner.results import Plan
+
+__all__ = ["apply_plan", "training_arguments_update"]
+
+_CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
+def training_arguments_update(plan: Plan, args: Any) -> dict[str, Any]:
+    """The fields of `args` (a `TrainingArguments`) that `plan` sets, by their names in this
+    transformers version (`activation_checkpointing` since v5, `gradient_checkpointing` before)."""
+    if plan.micro_batch_sizes:
+        raise PlanError(
+            f"The plan uses uneven micro-batches {plan.micro_batch_sizes}, which the Trainer cannot "
+            "express: ask for a plan with allow_uneven_micro_batches off, or use GradientAccumulator."
+        )
+    names = {field.name for field in dataclasses.fields(args)}
+    switch, kwargs_name = (
+        ("activation_checkpointing", "activation_checkpointing_kwargs")
+        if "activation_checkpointing" in names
+        else ("gradient_checkpointing", "gradient_checkpointing_kwargs")
+    )
+    update: dict[str, Any] = {
+        "per_device_train_batch_size": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation_steps,
+        switch: plan.gradient_checkpointing,
+    }
+    if switch == "activation_checkpointing":
+        update["gradient_checkpointing"] = None  # the deprecated alias must not override the new name
+    if plan.gradient_checkpointing and not getattr(args, kwargs_name, None):
+        update[kwargs_name] = dict(_CHECKPOINTING_KWARGS)
+    return update
+
+
+def apply_plan(args: Any, plan: Plan) -> Any:
+    """A copy of `args` (a `transformers.TrainingArguments`) with the plan's per-device batch,
+    accumulation steps and activation checkpointing. Warns nothing and changes nothing else; the
+    learning rate stays the caller's (see the plan's `hints` for a scaling rule)."""
+    if not dataclasses.is_dataclass(args) or isinstance(args, type):
+        raise PlanError(f"apply_plan needs a TrainingArguments instance, got {type(args).__name__}.")
+    world_size = getattr(args, "world_size", 1)
+    if isinstance(world_size, int) and world_size != plan.world_size:
+        raise PlanError(
+            f"The plan is for {plan.world_size} process(es) but this run has {world_size}: ask for a plan "
+            f"with world_size={world_size} to keep the effective batch at {plan.effective_batch_size}."
+        )
+    return dataclasses.replace(args, **training_arguments_update(plan, args))

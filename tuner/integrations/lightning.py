@@ -1,0 +1,85 @@
+"""Apply a plan to a PyTorch Lightning `Trainer` (`lightning` or `pytorch_lightning`).
+
+Lightning takes the accumulation as `Trainer(accumulate_grad_batches=...)` and the micro-batch
+as the DataLoader's batch size, which lives on the LightningModule or LightningDataModule (as a
+`batch_size` attribute or hyperparameter, the convention its batch-size finder uses too).
+
+Lightning's automatic optimisation divides each micro-batch's loss by `accumulate_grad_batches`:
+the textbook loop, biased when micro-batches hold different numbers of loss tokens (DESIGN.md
+§8). For token losses with padding, use manual optimisation with
+`tuner.training.GradientAccumulator`, or return losses already normalised by the window's
+token count.
+
+Nothing here imports Lightning until a function needs it; `plan_callback` is the only one that
+does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from tuner.errors import PlanError
+from tuner.results import Plan
+
+__all__ = ["apply_batch_size", "lightning_module", "plan_callback", "trainer_kwargs"]
+
+
+def trainer_kwargs(plan: Plan) -> dict[str, Any]:
+    """Keyword arguments for `Trainer(...)` that apply the plan: `accumulate_grad_batches`."""
+    _refuse_uneven(plan)
+    return {"accumulate_grad_batches": plan.accumulation_steps}
+
+
+def apply_batch_size(target: Any, plan: Plan, *, attribute: str = "batch_size") -> None:
+    """Set the micro-batch on a LightningModule or LightningDataModule: its `batch_size` attribute
+    where it has one, else its `hparams` entry (how Lightning's batch-size finder finds it)."""
+    _refuse_uneven(plan)
+    hparams = getattr(target, "hparams", None)
+    if hasattr(target, attribute):
+        setattr(target, attribute, plan.micro_batch_size)
+    elif hparams is not None and attribute in hparams:
+        hparams[attribute] = plan.micro_batch_size
+    else:
+        raise PlanError(
+            f"{type(target).__name__} has no {attribute!r} attribute or hyperparameter to put the "
+            f"micro-batch ({plan.micro_batch_size}) in."
+        )
+
+
+def lightning_module() -> Any:
+    """`lightning.pytorch`, else `pytorch_lightning`; a clear error when neither is installed."""
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+    raise PlanError("Neither lightning nor pytorch_lightning is installed: pip install lightning.")
+
+
+def plan_callback(plan: Plan) -> Any:
+    """A Lightning `Callback` that applies the plan when fitting starts: the Trainer's
+    `accumulate_grad_batches`, and the micro-batch on the datamodule (or the module)."""
+    pl = lightning_module()
+    _refuse_uneven(plan)
+
+    class ApplyPlan(pl.Callback):  # type: ignore[misc,name-defined]
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            if stage != "fit":
+                return
+            trainer.accumulate_grad_batches = plan.accumulation_steps
+            datamodule = getattr(trainer, "datamodule", None)
+            has_batch = datamodule is not None and (
+                hasattr(datamodule, "batch_size") or "batch_size" in getattr(datamodule, "hparams", {})
+            )
+            apply_batch_size(datamodule if has_batch else pl_module, plan)
+
+    return ApplyPlan()
+
+
+def _refuse_uneven(plan: Plan) -> None:
+    if plan.micro_batch_sizes:
+        raise PlanError(
+            f"The plan uses uneven micro-batches {plan.micro_batch_sizes}, which Lightning cannot "
+            "express: ask for a plan with allow_uneven_micro_batches off."
+        )

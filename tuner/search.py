@@ -1,0 +1,360 @@
+"""The search for the largest micro-batch that fits: a pure function over `fits(b) -> Trial`.
+
+No torch here: a backend hands in `fits`, which runs one trial (real GPU steps, or an estimate)
+and reports whether it ran out of memory and how many bytes it used.
+
+Strategies:
+
+- `guided` (DESIGN.md §6): a memory line `peak_reserved ≈ fixed + per_sample × b` (the
+  estimator's prior, or two cheap trials at small b) predicts the largest b whose *reserved* peak
+  fits `capacity_bytes`; a trial confirms it, one more trial above or below brackets it, and
+  bisection runs only inside the bracket. The line is refitted after every passing trial from
+  the two largest passing sizes (the regime next to the boundary, which matters when memory is
+  not linear, e.g. a checkpointing floor at small b). Without a capacity it brackets by doubling.
+- `doubling`: PyTorch Lightning's batch-size finder: min, 2·min, 4·min, … until a failure, then
+  bisection between the last pass and the first failure.
+- `backoff`: Accelerate's `find_executable_batch_size`: start at `max_batch_size`, multiply by
+  0.9 (rounded down) after each failure, stop at the first pass.
+
+The answer rule, for every strategy (it keeps the search correct when the boundary is noisy):
+each size counts with the outcome of its *latest* trial, and the answer is the largest size
+whose latest trial passed while no size at or below it has a latest trial that failed. So a
+size that passed and then failed on a repeat is never reported, and neither is any size above a
+failure.
+
+Guided repeats a trial once when its outcome contradicts the line fitted to the *other*
+passing trials, and only where it decides the answer: a failure at the bracket's top that the
+line says fits (an allocator hiccup), or a pass at the answer that the line says cannot fit (a
+lucky allocator state). The repeat's outcome counts. Sizes the line explains are never repeated,
+so a clean device costs no extra trials; what a single process cannot see (a size that passes
+here and fails in a fresh process) is the job of the probe's verification run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tuner.errors import ProbeError, SpecError
+from tuner.search_types import MemoryLine, SearchResult, StopReason, Trial
+
+__all__ = [
+    "STRATEGIES",
+    "FitsFn",
+    "MemoryLine",
+    "SearchResult",
+    "StopReason",
+    "Strategy",
+    "Trial",
+    "find_max_batch",
+    "fit_line",
+]
+
+Strategy = Literal["guided", "doubling", "backoff"]
+STRATEGIES: tuple[Strategy, ...] = ("guided", "doubling", "backoff")
+FitsFn = Callable[[int], Trial]
+
+SEGMENT_BYTES = 2 << 20
+"""The caching allocator reserves whole 2 MiB segments: reserved peaks are only known to within
+this, so a line cannot tell apart sizes whose peaks differ by less."""
+BACKOFF_FACTOR = 0.9
+"""Accelerate's factor: the next size after a failure is int(b × 0.9)."""
+GROWTH_CAP = 16
+"""Guided never jumps past 16 × the largest pass while no failure bounds it and no prior vouches for
+the line: a line from two small trials can be flat (a checkpointing floor) and predict nonsense."""
+FIRST_AIM = 0.85
+"""After the first prediction failed with nothing passed yet, aim at 85 % of the capacity: a prior
+within 10 % then lands on a pass, which calibrates the line."""
+
+
+def find_max_batch(
+    fits: FitsFn,
+    *,
+    strategy: Strategy = "guided",
+    capacity_bytes: int | None = None,
+    prior: MemoryLine | None = None,
+    min_batch_size: int = 1,
+    max_batch_size: int = 65536,
+    max_trials: int = 32,
+    tolerance: int = 0,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> SearchResult:
+    """The largest micro-batch in `[min_batch_size, max_batch_size]` for which `fits` passes.
+
+    `fits(b)` runs one trial and returns a `Trial` for `b` (`ok=False` after an out-of-memory
+    error). `capacity_bytes` is what the reserved peak may reach (guided predicts with it);
+    `prior` is the estimator's line. The search stops when the largest pass and the smallest
+    failure are adjacent (`exact`), when at most `tolerance` untried sizes lie between them
+    (`tolerance`), when `max_batch_size` passes, when `min_batch_size` fails (answer 0,
+    `nothing_fits`), or after `max_trials` trials. `on_trial` sees each trial as it finishes.
+    """
+    _check_arguments(strategy, capacity_bytes, min_batch_size, max_batch_size, max_trials, tolerance)
+    log = _TrialLog(fits, on_trial, max_trials)
+    if strategy == "doubling":
+        stop = _doubling(log, min_batch_size, max_batch_size, tolerance)
+    elif strategy == "backoff":
+        stop = _backoff(log, min_batch_size, max_batch_size)
+    else:
+        usable_prior = prior if prior is not None and prior.per_sample_bytes > 0 else None
+        stop = _Guided(log, capacity_bytes, usable_prior, min_batch_size, max_batch_size, tolerance).run()
+    lo, _ = log.bracket()
+    return SearchResult(
+        max_batch_size=lo,
+        trials=list(log.trials),
+        stop_reason=stop,
+        memory_line=fit_line(log.passing_peaks()),
+    )
+
+
+def fit_line(peaks: dict[int, int]) -> MemoryLine | None:
+    """The line through two sizes of `{batch_size: peak_bytes}` near the top (None with fewer
+    than two): the largest, and the smallest at or above half of it (else the next largest).
+
+    Sizes near the top sit in the regime next to the boundary, where the line must be right (a
+    checkpointing floor bends memory at small sizes); a wide baseline keeps the allocator's 2 MiB
+    rounding from swamping the slope when a sample is small."""
+    if len(peaks) < 2:
+        return None
+    sizes = sorted(peaks)
+    top = sizes[-1]
+    upper_half = [b for b in sizes[:-1] if 2 * b >= top]
+    below = upper_half[0] if upper_half else sizes[-2]
+    per_sample = (peaks[top] - peaks[below]) / (top - below)
+    return MemoryLine(fixed_bytes=peaks[top] - per_sample * top, per_sample_bytes=per_sample)
+
+
+def _check_arguments(
+    strategy: str,
+    capacity_bytes: int | None,
+    min_batch_size: int,
+    max_batch_size: int,
+    max_trials: int,
+    tolerance: int,
+) -> None:
+    if strategy not in STRATEGIES:
+        raise SpecError(f"Unknown search strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
+    if min_batch_size < 1:
+        raise SpecError(f"min_batch_size must be at least 1, got {min_batch_size}.")
+    if max_batch_size < min_batch_size:
+        raise SpecError(f"max_batch_size ({max_batch_size}) is below min_batch_size ({min_batch_size}).")
+    if max_trials < 1:
+        raise SpecError(f"max_trials must be at least 1, got {max_trials}.")
+    if tolerance < 0:
+        raise SpecError(f"tolerance must not be negative, got {tolerance}.")
+    if capacity_bytes is not None and capacity_bytes <= 0:
+        raise SpecError(f"capacity_bytes must be positive, got {capacity_bytes}.")
+
+
+@dataclass
+class _TrialLog:
+    """Every trial run so far, and what they say under the answer rule."""
+
+    fits: FitsFn
+    on_trial: Callable[[Trial], None] | None
+    max_trials: int
+    trials: list[Trial] = field(default_factory=list)
+    latest: dict[int, Trial] = field(default_factory=dict)
+    runs: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self.trials) >= self.max_trials
+
+    def run(self, batch_size: int) -> Trial:
+        trial = self.fits(batch_size)
+        if trial.batch_size != batch_size:
+            raise ProbeError(
+                f"The trial function was asked for batch size {batch_size} "
+                f"but reported batch size {trial.batch_size}."
+            )
+        self.trials.append(trial)
+        self.latest[batch_size] = trial
+        self.runs[batch_size] = self.runs.get(batch_size, 0) + 1
+        if self.on_trial is not None:
+            self.on_trial(trial)
+        return trial
+
+    def bracket(self) -> tuple[int, int | None]:
+        """(largest accepted pass or 0, smallest size whose latest trial failed or None)."""
+        failures = [b for b, t in self.latest.items() if not t.ok]
+        hi = min(failures) if failures else None
+        passes = [b for b, t in self.latest.items() if t.ok and (hi is None or b < hi)]
+        return (max(passes) if passes else 0), hi
+
+    def passing_peaks(self, *, excluding: int | None = None) -> dict[int, int]:
+        """Reserved peak (allocated where reserved is unknown) of each size whose latest trial
+        passed below the smallest failure."""
+        _, hi = self.bracket()
+        peaks = {}
+        for b, t in self.latest.items():
+            peak = t.peak_reserved_bytes if t.peak_reserved_bytes is not None else t.peak_allocated_bytes
+            if t.ok and peak is not None and b != excluding and (hi is None or b < hi):
+                peaks[b] = peak
+        return peaks
+
+
+def _closed(lo: int, hi: int | None, tolerance: int) -> StopReason | None:
+    if hi is None or hi - lo - 1 > tolerance:
+        return None
+    return "exact" if hi - lo <= 1 else "tolerance"
+
+
+def _doubling(log: _TrialLog, low: int, high: int, tolerance: int) -> StopReason:
+    """Lightning's finder: double from `low` until a failure, then bisect."""
+    size = low
+    while not log.exhausted:
+        log.run(size)
+        lo, hi = log.bracket()
+        if hi is not None and hi <= low:
+            return "nothing_fits"
+        if lo >= high:
+            return "max_batch_size"
+        reason = _closed(lo, hi, tolerance)
+        if reason is not None:
+            return reason
+        size = min(2 * lo, high) if hi is None else (max(lo, low - 1) + hi) // 2
+    return "max_trials"
+
+
+def _backoff(log: _TrialLog, low: int, high: int) -> StopReason:
+    """Accelerate's back-off: from `high`, ×0.9 (rounded down) after each failure, stop at a pass."""
+    size = high
+    while not log.exhausted:
+        trial = log.run(size)
+        if trial.ok:
+            if size == high:
+                return "max_batch_size"
+            return "exact" if log.bracket()[1] == size + 1 else "tolerance"
+        size = int(size * BACKOFF_FACTOR)
+        if size < low:
+            return "nothing_fits"
+    return "max_trials"
+
+
+class _Guided:
+    """Predict from the memory line, confirm, bracket, bisect inside the bracket."""
+
+    def __init__(
+        self,
+        log: _TrialLog,
+        capacity: int | None,
+        prior: MemoryLine | None,
+        low: int,
+        high: int,
+        tolerance: int,
+    ) -> None:
+        self.log = log
+        self.capacity = capacity
+        self.prior = prior
+        self.low = low
+        self.high = high
+        self.tolerance = tolerance
+        self.widths: list[int] = []  # bracket width after each trial, for the bisection safeguard
+        self.above_step = 1  # grows while the line keeps under-predicting with no failure above
+        self.last_move = ""  # how the previous size was chosen: predict, above, below, bisect, grow
+
+    def run(self) -> StopReason:
+        while True:
+            lo, hi = self.log.bracket()
+            reason = self._stop_reason(lo, hi)
+            if reason is not None:
+                repeat = self._repeat_before_stopping(lo, hi)
+                if repeat is None or self.log.exhausted:
+                    return reason
+                self.log.run(repeat)
+                continue
+            if self.log.exhausted:
+                return "max_trials"
+            size, self.last_move = self._propose(lo, hi)
+            self.log.run(size)
+            new_lo, new_hi = self.log.bracket()
+            self.above_step = self.above_step * 2 if (new_lo == size and size == lo + self.above_step) else 1
+            self.widths.append((new_hi if new_hi is not None else self.high + 1) - new_lo)
+
+    def _stop_reason(self, lo: int, hi: int | None) -> StopReason | None:
+        if hi is not None and hi <= self.low:
+            return "nothing_fits"
+        if lo >= self.high:
+            return "max_batch_size"
+        return _closed(lo, hi, self.tolerance)
+
+    def _repeat_before_stopping(self, lo: int, hi: int | None) -> int | None:
+        """A size whose single trial decides the answer against what the line says, or None."""
+        if self.capacity is None:
+            return None
+        if hi is not None and self.log.runs[hi] == 1:
+            line = self._line()
+            if line is not None and line.at(hi) <= self.capacity - SEGMENT_BYTES:
+                return hi  # a failure the line says fits: repeat before trusting it
+        if lo > 0 and self.log.runs[lo] == 1:
+            line = self._line(excluding=lo)
+            if line is not None and line.at(lo) > self.capacity + SEGMENT_BYTES:
+                return lo  # a pass the line says cannot fit: repeat before reporting it
+        return None
+
+    def _line(self, *, excluding: int | None = None) -> MemoryLine | None:
+        """The line to trust: two passes near the boundary; else the prior through the largest pass."""
+        peaks = self.log.passing_peaks(excluding=excluding)
+        fitted = fit_line(peaks)
+        if fitted is not None and fitted.per_sample_bytes > 0:
+            return fitted
+        if self.prior is not None and peaks:
+            top = max(peaks)
+            slope = self.prior.per_sample_bytes
+            return MemoryLine(fixed_bytes=peaks[top] - slope * top, per_sample_bytes=slope)
+        return None
+
+    def _propose(self, lo: int, hi: int | None) -> tuple[int, str]:
+        """The next size to try, and how it was chosen."""
+        upper = hi if hi is not None else self.high + 1
+        base = max(lo, self.low - 1)  # the size below the bracket: `low - 1` while nothing passed
+        bisect = ((base + upper) // 2, "bisect")
+        if self.capacity is None:
+            return self._bracketing_step(lo, hi, factor=2)
+        if self._bisect_now(hi) or (self.last_move == "above" and not self.log.trials[-1].ok):
+            return bisect  # the line misleads, or it cannot resolve single sizes here
+        line = self._line()
+        if line is None and lo == 0 and self.prior is not None:
+            line = self.prior
+        if line is None:
+            if lo == 0 and hi is None:
+                return self.low, "first"  # the first cheap trial
+            if len(self.log.passing_peaks()) == 1 and hi is None:
+                return min(self.high, 4 * lo), "second"  # the second cheap trial pins the line
+            return self._bracketing_step(lo, hi, factor=GROWTH_CAP // 2)
+        aim = self.capacity * (FIRST_AIM if lo == 0 and hi is not None else 1.0)
+        predicted = line.largest_batch_under(aim)
+        if hi is None and lo > 0 and self.prior is None:
+            predicted = min(predicted, GROWTH_CAP * lo)
+        predicted = min(predicted, self.high)
+        if base < predicted < upper:
+            return predicted, "predict"
+        if predicted <= base:
+            # Confirm the pass is the top: one size above, or one segment's worth of samples
+            # where a sample is smaller than the allocator's rounding.
+            step = max(self.above_step, math.ceil(SEGMENT_BYTES / line.per_sample_bytes))
+            if step > 1 and base + step >= upper - 1:
+                return bisect  # the whole bracket is within the line's resolution
+            return min(base + step, upper - 1), "above"
+        if self.last_move == "predict":
+            return upper - 1, "below"  # the prediction just failed: the line is likely off by one
+        if hi is not None and self.log.runs[hi] == 1 and self._near_boundary_line(hi):
+            return hi, "repeat"  # two passes near it say the failure should fit: an allocator hiccup?
+        return bisect  # the line keeps overshooting a known failure: do not trust it
+
+    def _near_boundary_line(self, hi: int) -> bool:
+        """Whether two passes in the upper half below `hi` pin a line (a floor cannot bend it)."""
+        peaks = {b: p for b, p in self.log.passing_peaks().items() if 2 * b >= hi}
+        line = fit_line(peaks)
+        return line is not None and line.per_sample_bytes > 0
+
+    def _bisect_now(self, hi: int | None) -> bool:
+        """Bisect when two trials in a row failed to halve a bounded bracket (the line misleads)."""
+        return hi is not None and len(self.widths) >= 3 and 2 * self.widths[-1] > self.widths[-3]
+
+    def _bracketing_step(self, lo: int, hi: int | None, *, factor: int) -> tuple[int, str]:
+        if hi is None:
+            return (self.low, "first") if lo == 0 else (min(self.high, factor * lo), "grow")
+        return (max(lo, self.low - 1) + hi) // 2, "bisect"
