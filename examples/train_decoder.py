@@ -79,7 +79,10 @@ def summed_next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[
     targets = F.pad(tokens[:, 1:], (0, 1), value=PAD)
     targets = targets.masked_fill(targets == PAD, IGNORE)
     loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     return loss, (targets != IGNORE).sum()
 
@@ -146,7 +149,10 @@ def train(args: argparse.Namespace) -> float:
         grad_norm = accumulator.step()
         assert accumulator.last_loss is not None
         last_loss = float(accumulator.last_loss)
-        print(f"step {step} loss {last_loss:.4f} grad_norm {float(grad_norm):.4f} tokens {tokens_seen}", flush=True)
+        print(
+            f"step {step} loss {last_loss:.4f} grad_norm {float(grad_norm):.4f} tokens {tokens_seen}",
+            flush=True,
+        )
     return last_loss
 
 

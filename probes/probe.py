@@ -115,6 +115,7 @@ def run_probe(
         prior = _prior_line(
             spec, gradient_checkpointing, min(timeout, settings.estimate_timeout_seconds), notes
         )
+        notes["prior_seconds"] = time.monotonic() - started
     job = _Job(
         spec=spec,
         backend=backend,

@@ -14,6 +14,9 @@ from probes.estimate import emulation
 from tests.probes.tiny_specs import SEQ, VOCAB, tiny_spec
 from tuner.spec import WorkloadSpec, parse_workload
 
+# Module-scoped fixtures start before the per-test allowlist fixture of conftest.py.
+FACTORY_ENV = {"TUNER_ALLOWED_FACTORY_PACKAGES": "tests"}
+
 # (family label, precision, gradient checkpointing): every family of tests/probes/tiny_specs.py,
 # every precision, checkpointing on where the family has blocks to recompute.
 EQUALITY_CASES: list[tuple[str, str, bool]] = [
@@ -71,7 +74,7 @@ def _fake_and_real_peaks(cases: list[tuple[str, str, bool]]) -> dict[tuple[str, 
 def fake_and_real_peaks() -> dict[tuple[str, str, bool], tuple[int, int]]:
     # One child for every case: the imports dominate a tiny model's trace.
     peaks: dict[tuple[str, str, bool], tuple[int, int]] = run_in_child(
-        _fake_and_real_peaks, EQUALITY_CASES, timeout=600, what="fake/real comparison"
+        _fake_and_real_peaks, EQUALITY_CASES, timeout=600, what="fake/real comparison", env=FACTORY_ENV
     )
     return peaks
 
@@ -88,8 +91,8 @@ def test_fake_trace_peak_equals_real_cpu_peak(
 
 def _traced_ops_and_dtypes() -> dict[str, Any]:
     from probes.estimate.trace import trace_peak
-    from probes.workloads import build_workload
     from probes.estimate.tracker import rounded
+    from probes.workloads import build_workload
 
     emulation.install_cuda_emulation()
     bf16 = trace_peak(gpt2_with_dropout("bf16-mixed"), 2, record_ops=True)

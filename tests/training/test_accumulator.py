@@ -212,7 +212,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         micro_batches = uneven_micro_batches()
-        mine = micro_batches[rank::world_size]  # rank 0: 3 + 5 tokens; rank 1: 40 + 17 tokens
+        mine = micro_batches[rank::world_size]  # rank 0: 3 + 4 target tokens; rank 1: 41 + 20
         calls = {"n": 0}
 
         # Unannotated on purpose: DDP compares the annotation with the class, and this module

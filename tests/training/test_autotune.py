@@ -170,3 +170,18 @@ def test_result_is_uploaded_and_the_workload_found_by_fingerprint(
 def test_without_workload_or_server_it_says_what_is_missing() -> None:
     with pytest.raises(SpecError, match="workload="):
         autotune(memory_limited_step(3, []), fingerprint=WORKLOAD.fingerprint(), device=DEVICE)
+
+
+def test_tuner_autotune_is_callable_after_the_module_was_imported() -> None:
+    import tuner
+    import tuner.autotune  # makes the package attribute the module
+
+    result = tuner.autotune(
+        memory_limited_step(4, []),
+        fingerprint=WORKLOAD.fingerprint(),
+        workload=WORKLOAD,
+        device=DEVICE,
+        strategy="doubling",
+        upload=False,
+    )
+    assert result.max_batch_size == 4

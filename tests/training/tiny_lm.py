@@ -38,7 +38,7 @@ def padded_batch(lengths: list[int], seq_len: int, generator: torch.Generator) -
 
 
 def uneven_micro_batches(seed: int = 0) -> list[torch.Tensor]:
-    """Four micro-batches with very different numbers of real tokens (3 to 40)."""
+    """Four micro-batches with very different numbers of target tokens: 3, 41, 4 and 20."""
     generator = torch.Generator().manual_seed(seed)
     shapes = [([2, 3], 12), ([12, 11, 10, 12], 12), ([5], 12), ([9, 2, 12], 12)]
     return [padded_batch(lengths, seq_len, generator) for lengths, seq_len in shapes]

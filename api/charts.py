@@ -1,0 +1,554 @@
+"""Charts of a plan's probes as inline SVG, built on the server: no script, no network.
+
+`memory_chart` draws peak allocated and peak reserved bytes against the micro-batch for each
+checkpointing choice, the fitted memory line (dashed), the device's capacity, the plan's memory
+budget (capacity less the margin) and the chosen micro-batch. `throughput_chart` draws measured
+samples/s against the micro-batch. Pure functions of plain data (trials, memory lines, numbers)
+that return SVG text; every piece of text they write is escaped, so the result may be embedded
+in a page as is. Elements carry classes (`capacity-line`, `budget-line`, `chosen-line`,
+`fitted-line`, `trial-point`) so that pages can be styled and checked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from html import escape
+
+from tuner.search_types import MemoryLine, Trial
+from tuner.units import format_bytes
+
+WIDTH = 600
+PLOT_HEIGHT = 320
+MARGIN_LEFT = 76
+MARGIN_RIGHT = 20
+MARGIN_TOP = 26
+MARGIN_BOTTOM = 46
+LEGEND_ROW = 22
+FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"
+
+PALETTE = ("#1f6feb", "#8250df", "#0f766e", "#bf3989")
+"""Series colours, in order (checkpointing off, on, then any further series)."""
+CAPACITY_COLOUR = "#b91c1c"
+BUDGET_COLOUR = "#b45309"
+CHOSEN_COLOUR = "#15803d"
+AXIS_COLOUR = "#57606a"
+GRID_COLOUR = "#d0d7de"
+
+_BINARY_UNITS = (("B", 1), ("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB", 1 << 40))
+
+
+@dataclass(frozen=True)
+class ChartSeries:
+    """The trials of one probe (one checkpointing choice) and what was fitted to them."""
+
+    label: str
+    """Shown in the legend and tooltips, e.g. `checkpointing off`."""
+    trials: Sequence[Trial]
+    memory_line: MemoryLine | None = None
+    """Peak reserved bytes ≈ fixed + per_sample × b; drawn dashed."""
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The plot area and the scales that map data onto it."""
+
+    x_max: float
+    y_max: float
+    left: float = MARGIN_LEFT
+    top: float = MARGIN_TOP
+    width: float = WIDTH - MARGIN_LEFT - MARGIN_RIGHT
+    height: float = PLOT_HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
+
+    def x(self, value: float) -> float:
+        return self.left + self.width * value / self.x_max
+
+    def y(self, value: float) -> float:
+        return self.top + self.height * (1.0 - value / self.y_max)
+
+    @property
+    def bottom(self) -> float:
+        return self.top + self.height
+
+    @property
+    def right(self) -> float:
+        return self.left + self.width
+
+
+# ------------------------------------------------------------------------------------------ ticks
+
+
+def nice_step(span: float, count: int = 5) -> float:
+    """A round step (1, 2, 2.5 or 5 × 10ⁿ) that cuts `span` into about `count` intervals."""
+    if span <= 0 or not math.isfinite(span):
+        return 1.0
+    raw = span / max(1, count)
+    power = 10.0 ** math.floor(math.log10(raw))
+    for factor in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if factor * power >= raw:
+            return factor * power
+    return 10.0 * power
+
+
+def nice_ticks(high: float, count: int = 5, *, integer: bool = False) -> list[float]:
+    """Ticks from 0 to the first round value at or above `high`."""
+    step = nice_step(high, count)
+    if integer:
+        step = max(1.0, math.ceil(step))
+    ticks = [0.0]
+    while ticks[-1] < high - 1e-9 * step:
+        ticks.append(ticks[-1] + step)
+    return ticks
+
+
+def byte_ticks(high: float, count: int = 5) -> tuple[list[float], str, int]:
+    """Ticks in round numbers of one binary unit: (ticks in bytes, unit name, unit size)."""
+    name, size = _BINARY_UNITS[0]
+    for unit_name, unit_size in _BINARY_UNITS:
+        if high >= unit_size:
+            name, size = unit_name, unit_size
+    ticks = nice_ticks(high / size, count)
+    return [tick * size for tick in ticks], name, size
+
+
+def _tick_label(value: float, unit: str = "") -> str:
+    text = f"{value:.0f}" if value == round(value) else f"{value:.3g}"
+    return f"{text} {unit}".strip()
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _num(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _text(x: float, y: float, content: str, *, anchor: str = "start", size: int = 13, **attrs: str) -> str:
+    extra = "".join(f' {name.rstrip("_").replace("_", "-")}="{escape(value)}"' for name, value in attrs.items())
+    return (
+        f'<text x="{_num(x)}" y="{_num(y)}" text-anchor="{anchor}" font-size="{size}"{extra}>'
+        f"{escape(content)}</text>"
+    )
+
+
+def _title(content: str) -> str:
+    return f"<title>{escape(content)}</title>"
+
+
+def _polyline(points: Sequence[tuple[float, float]], *, tooltip: str | None = None, **attrs: str) -> str:
+    coords = " ".join(f"{_num(x)},{_num(y)}" for x, y in points)
+    extra = "".join(f' {name.rstrip("_").replace("_", "-")}="{escape(value)}"' for name, value in attrs.items())
+    if tooltip is None:
+        return f'<polyline points="{coords}" fill="none"{extra}/>'
+    return f'<polyline points="{coords}" fill="none"{extra}>{_title(tooltip)}</polyline>'
+
+
+def _colour(index: int) -> str:
+    return PALETTE[index % len(PALETTE)]
+
+
+def _open_svg(chart_id: str, title: str, description: str, height: float, css_class: str) -> list[str]:
+    safe_id = escape(chart_id)
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart {escape(css_class)}" id="{safe_id}" '
+        f'viewBox="0 0 {WIDTH} {_num(height)}" role="img" '
+        f'aria-labelledby="{safe_id}-title {safe_id}-desc" font-family="{escape(FONT)}">',
+        f'<title id="{safe_id}-title">{escape(title)}</title>',
+        f'<desc id="{safe_id}-desc">{escape(description)}</desc>',
+        f'<clipPath id="{safe_id}-plot"><rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" '
+        f'width="{WIDTH - MARGIN_LEFT - MARGIN_RIGHT}" height="{PLOT_HEIGHT - MARGIN_TOP - MARGIN_BOTTOM}"/>'
+        "</clipPath>",
+        f'<rect x="0" y="0" width="{WIDTH}" height="{_num(height)}" fill="#ffffff"/>',
+    ]
+
+
+def _axes(
+    frame: _Frame,
+    x_ticks: Sequence[float],
+    y_ticks: Sequence[float],
+    y_label: str,
+    y_tick_text: Sequence[str],
+) -> list[str]:
+    parts = ['<g class="grid" stroke="' + GRID_COLOUR + '" stroke-width="1">']
+    parts += [
+        f'<line x1="{_num(frame.left)}" y1="{_num(frame.y(t))}" x2="{_num(frame.right)}" y2="{_num(frame.y(t))}"/>'
+        for t in y_ticks[1:]
+    ]
+    parts.append("</g>")
+    parts.append(f'<g class="axes" stroke="{AXIS_COLOUR}" stroke-width="1">')
+    parts.append(
+        f'<line x1="{_num(frame.left)}" y1="{_num(frame.bottom)}" x2="{_num(frame.right)}" y2="{_num(frame.bottom)}"/>'
+    )
+    parts.append(
+        f'<line x1="{_num(frame.left)}" y1="{_num(frame.top)}" x2="{_num(frame.left)}" y2="{_num(frame.bottom)}"/>'
+    )
+    parts += [
+        f'<line x1="{_num(frame.x(t))}" y1="{_num(frame.bottom)}" x2="{_num(frame.x(t))}" '
+        f'y2="{_num(frame.bottom + 5)}"/>'
+        for t in x_ticks
+    ]
+    parts += [
+        f'<line x1="{_num(frame.left - 5)}" y1="{_num(frame.y(t))}" x2="{_num(frame.left)}" y2="{_num(frame.y(t))}"/>'
+        for t in y_ticks
+    ]
+    parts.append("</g>")
+    parts.append(f'<g class="tick-labels" fill="{AXIS_COLOUR}">')
+    parts += [_text(frame.x(t), frame.bottom + 18, _tick_label(t), anchor="middle", size=12) for t in x_ticks]
+    parts += [
+        _text(frame.left - 8, frame.y(t) + 4, label, anchor="end", size=12)
+        for t, label in zip(y_ticks, y_tick_text, strict=True)
+    ]
+    parts.append(_text(frame.left + frame.width / 2, frame.bottom + 38, "micro-batch size", anchor="middle"))
+    parts.append(_text(frame.left, frame.top - 10, y_label, anchor="start"))
+    parts.append("</g>")
+    return parts
+
+
+_HALO = {"stroke": "#ffffff", "stroke_width": "3", "paint_order": "stroke"}
+"""Labels drawn over lines get a white outline, so that they stay readable."""
+
+
+def _chosen_marker(frame: _Frame, batch_size: int, label: str) -> list[str]:
+    # The label sits at the foot of the line: the top edge holds the failed trials' crosses.
+    x = frame.x(batch_size)
+    return [
+        f'<g class="chosen">'
+        f'<line class="chosen-line" data-batch-size="{batch_size}" x1="{_num(x)}" y1="{_num(frame.top)}" '
+        f'x2="{_num(x)}" y2="{_num(frame.bottom)}" stroke="{CHOSEN_COLOUR}" stroke-width="2" '
+        f'stroke-dasharray="2 3">{_title(label)}</line>',
+        _text(
+            x - 4 if x + 4 > frame.right - 160 else x + 4,
+            frame.bottom - 8,
+            label,
+            anchor="end" if x + 4 > frame.right - 160 else "start",
+            size=12,
+            fill=CHOSEN_COLOUR,
+            class_="chosen-label",
+            **_HALO,
+        ),
+        "</g>",
+    ]
+
+
+def _legend(rows: Sequence[Sequence[tuple[str, str]]], top: float) -> list[str]:
+    """Rows of (swatch SVG, label) pairs under the plot."""
+    parts = ['<g class="legend">']
+    for row_index, row in enumerate(rows):
+        y = top + row_index * LEGEND_ROW
+        x = float(MARGIN_LEFT)
+        for swatch, label in row:
+            parts.append(f'<g transform="translate({_num(x)},{_num(y)})">{swatch}</g>')
+            parts.append(_text(x + 22, y + 4, label, size=12, fill="#24292f"))
+            x += 32 + 6.9 * len(label)
+    parts.append("</g>")
+    return parts
+
+
+def _point(x: float, y: float, colour: str, shape: str, tooltip: str, css_class: str) -> str:
+    if shape == "square":
+        body = (
+            f'<rect x="{_num(x - 4)}" y="{_num(y - 4)}" width="8" height="8" fill="{colour}" '
+            f'stroke="#ffffff" stroke-width="1">'
+        )
+        return f'<g class="{css_class}">{body}{_title(tooltip)}</rect></g>'
+    if shape == "cross":
+        return (
+            f'<g class="{css_class}" stroke="{colour}" stroke-width="2.5">{_title(tooltip)}'
+            f'<line x1="{_num(x - 5)}" y1="{_num(y - 5)}" x2="{_num(x + 5)}" y2="{_num(y + 5)}"/>'
+            f'<line x1="{_num(x - 5)}" y1="{_num(y + 5)}" x2="{_num(x + 5)}" y2="{_num(y - 5)}"/></g>'
+        )
+    return (
+        f'<g class="{css_class}"><circle cx="{_num(x)}" cy="{_num(y)}" r="4" fill="#ffffff" '
+        f'stroke="{colour}" stroke-width="2">{_title(tooltip)}</circle></g>'
+    )
+
+
+def _swatch(kind: str, colour: str) -> str:
+    if kind == "line":
+        return f'<line x1="0" y1="0" x2="18" y2="0" stroke="{colour}" stroke-width="2"/>'
+    if kind == "dashed":
+        return f'<line x1="0" y1="0" x2="18" y2="0" stroke="{colour}" stroke-width="2" stroke-dasharray="5 3"/>'
+    if kind == "dotted":
+        return f'<line x1="0" y1="0" x2="18" y2="0" stroke="{colour}" stroke-width="2" stroke-dasharray="2 3"/>'
+    if kind == "square":
+        return f'<rect x="5" y="-4" width="8" height="8" fill="{colour}"/>'
+    if kind == "cross":
+        return (
+            f'<g stroke="{colour}" stroke-width="2.5"><line x1="4" y1="-5" x2="14" y2="5"/>'
+            f'<line x1="4" y1="5" x2="14" y2="-5"/></g>'
+        )
+    return f'<circle cx="9" cy="0" r="4" fill="#ffffff" stroke="{colour}" stroke-width="2"/>'
+
+
+# ------------------------------------------------------------------------------------ memory chart
+
+
+def memory_chart(
+    series: Sequence[ChartSeries],
+    *,
+    capacity_bytes: int,
+    budget_bytes: int | None = None,
+    chosen_batch_size: int | None = None,
+    chosen_peak_bytes: int | None = None,
+    title: str = "Peak memory against micro-batch size",
+    chart_id: str = "memory-chart",
+) -> str:
+    """Peak allocated (circles) and reserved (squares) bytes of every passing trial against the
+    micro-batch, per series; failed trials as crosses at the capacity line; the fitted memory
+    line dashed; the capacity, the budget and the chosen micro-batch marked."""
+    passing = [t for s in series for t in s.trials if t.ok]
+    peaks = [
+        float(p) for t in passing for p in (t.peak_allocated_bytes, t.peak_reserved_bytes) if p is not None
+    ]
+    sizes = [t.batch_size for s in series for t in s.trials]
+    if chosen_batch_size is not None:
+        sizes.append(chosen_batch_size)
+    x_ticks = nice_ticks(max(sizes, default=1) * 1.05, integer=True)
+    y_ticks, unit, unit_size = byte_ticks(max([float(capacity_bytes), *peaks]) * 1.06)
+    frame = _Frame(x_max=x_ticks[-1], y_max=y_ticks[-1])
+    legend_rows = _memory_legend(series)
+    height = PLOT_HEIGHT + LEGEND_ROW * len(legend_rows) + 6
+    description = _memory_description(series, capacity_bytes, budget_bytes, chosen_batch_size)
+    parts = _open_svg(chart_id, title, description, height, "memory-chart")
+    parts += _axes(frame, x_ticks, y_ticks, "peak memory", [_tick_label(t / unit_size, unit) for t in y_ticks])
+
+    parts.append(f'<g clip-path="url(#{escape(chart_id)}-plot)">')
+    for index, one in enumerate(series):
+        parts += _memory_series(frame, one, _colour(index))
+    parts.append("</g>")
+
+    parts += _horizontal(
+        frame, capacity_bytes, "capacity-line", CAPACITY_COLOUR, f"device capacity {format_bytes(capacity_bytes)}"
+    )
+    if budget_bytes is not None:
+        parts += _horizontal(
+            frame,
+            budget_bytes,
+            "budget-line",
+            BUDGET_COLOUR,
+            f"budget {format_bytes(budget_bytes)}",
+            dashed=True,
+            label_below=True,
+        )
+    if chosen_batch_size is not None:
+        label = f"chosen micro-batch {chosen_batch_size}"
+        parts += _chosen_marker(frame, chosen_batch_size, label)
+        if chosen_peak_bytes is not None:
+            parts.append(
+                _point(
+                    frame.x(chosen_batch_size),
+                    frame.y(min(chosen_peak_bytes, frame.y_max)),
+                    CHOSEN_COLOUR,
+                    "circle",
+                    f"predicted peak at {chosen_batch_size}: {format_bytes(chosen_peak_bytes)}",
+                    "chosen-point",
+                )
+            )
+    parts += _legend(legend_rows, PLOT_HEIGHT + 4)
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _memory_series(frame: _Frame, one: ChartSeries, colour: str) -> list[str]:
+    parts = [f'<g class="series" data-label="{escape(one.label)}">']
+    if one.memory_line is not None:
+        line = one.memory_line
+        parts.append(
+            _polyline(
+                [(frame.x(0), frame.y(line.at(0))), (frame.x(frame.x_max), frame.y(line.at(int(frame.x_max))))],
+                stroke=colour,
+                stroke_width="1.5",
+                stroke_dasharray="6 4",
+                opacity="0.8",
+                class_="fitted-line",
+                tooltip=_fitted_tooltip(one),
+            )
+        )
+    ordered = sorted((t for t in one.trials if t.ok), key=lambda t: t.batch_size)
+    allocated = [(t.batch_size, t.peak_allocated_bytes) for t in ordered if t.peak_allocated_bytes is not None]
+    reserved = [(t.batch_size, t.peak_reserved_bytes) for t in ordered if t.peak_reserved_bytes is not None]
+    if len(allocated) > 1:
+        parts.append(
+            _polyline(
+                [(frame.x(b), frame.y(p)) for b, p in allocated],
+                stroke=colour,
+                stroke_width="1.5",
+                stroke_dasharray="2 3",
+                class_="allocated-line",
+            )
+        )
+    if len(reserved) > 1:
+        parts.append(
+            _polyline(
+                [(frame.x(b), frame.y(p)) for b, p in reserved],
+                stroke=colour,
+                stroke_width="2",
+                class_="reserved-line",
+            )
+        )
+    for b, p in allocated:
+        tip = f"{one.label}: micro-batch {b}, peak allocated {format_bytes(p)}"
+        parts.append(_point(frame.x(b), frame.y(p), colour, "circle", tip, "trial-point allocated"))
+    for b, p in reserved:
+        tip = f"{one.label}: micro-batch {b}, peak reserved {format_bytes(p)}"
+        parts.append(_point(frame.x(b), frame.y(p), colour, "square", tip, "trial-point reserved"))
+    for trial in one.trials:
+        if not trial.ok:
+            why = "out of memory" if trial.error in (None, "out_of_memory") else f"failed: {trial.error}"
+            tip = f"{one.label}: micro-batch {trial.batch_size}, {why}"
+            y = frame.top + 8
+            parts.append(_point(frame.x(trial.batch_size), y, colour, "cross", tip, "trial-point failed"))
+    parts.append("</g>")
+    return parts
+
+
+def _fitted_tooltip(one: ChartSeries) -> str:
+    assert one.memory_line is not None
+    line = one.memory_line
+    return (
+        f"{one.label}: fitted line {format_bytes(line.fixed_bytes)} + "
+        f"{format_bytes(line.per_sample_bytes)} per sample"
+    )
+
+
+def _horizontal(
+    frame: _Frame,
+    value: float,
+    css_class: str,
+    colour: str,
+    label: str,
+    *,
+    dashed: bool = False,
+    label_below: bool = False,
+) -> list[str]:
+    y = frame.y(value)
+    dash = ' stroke-dasharray="8 4"' if dashed else ""
+    return [
+        f'<line class="{css_class}" data-bytes="{int(value)}" x1="{_num(frame.left)}" y1="{_num(y)}" '
+        f'x2="{_num(frame.right)}" y2="{_num(y)}" stroke="{colour}" stroke-width="2"{dash}>{_title(label)}</line>',
+        _text(frame.right - 4, y + (15 if label_below else -6), label, anchor="end", size=12, fill=colour, **_HALO),
+    ]
+
+
+def _memory_legend(series: Sequence[ChartSeries]) -> list[list[tuple[str, str]]]:
+    rows: list[list[tuple[str, str]]] = []
+    for index, one in enumerate(series):
+        colour = _colour(index)
+        row = [
+            (_swatch("square", colour), f"reserved ({one.label})"),
+            (_swatch("circle", colour), "allocated"),
+        ]
+        if one.memory_line is not None:
+            row.append((_swatch("dashed", colour), "fitted line"))
+        if any(not t.ok for t in one.trials):
+            row.append((_swatch("cross", colour), "failed"))
+        rows.append(row)
+    rows.append(
+        [
+            (_swatch("line", CAPACITY_COLOUR), "capacity"),
+            (_swatch("dashed", BUDGET_COLOUR), "budget (capacity less margin)"),
+            (_swatch("dotted", CHOSEN_COLOUR), "chosen"),
+        ]
+    )
+    return rows
+
+
+def _memory_description(
+    series: Sequence[ChartSeries], capacity_bytes: int, budget_bytes: int | None, chosen: int | None
+) -> str:
+    parts = [f"Device capacity {format_bytes(capacity_bytes)}."]
+    if budget_bytes is not None:
+        parts.append(f"Memory budget {format_bytes(budget_bytes)}.")
+    for one in series:
+        passed = [t for t in one.trials if t.ok]
+        failed = [t for t in one.trials if not t.ok]
+        largest = max((t.batch_size for t in passed), default=None)
+        parts.append(
+            f"{one.label}: {len(one.trials)} trials, {len(passed)} passed"
+            + (f" (largest {largest})" if largest is not None else "")
+            + (f", {len(failed)} failed" if failed else "")
+            + "."
+        )
+    if chosen is not None:
+        parts.append(f"Chosen micro-batch {chosen}.")
+    return " ".join(parts)
+
+
+# -------------------------------------------------------------------------------- throughput chart
+
+
+def throughput_chart(
+    series: Sequence[ChartSeries],
+    *,
+    chosen_batch_size: int | None = None,
+    chosen_samples_per_second: float | None = None,
+    title: str = "Samples per second against micro-batch size",
+    chart_id: str = "throughput-chart",
+) -> str | None:
+    """Measured samples/s of the passing trials against the micro-batch, per series; None when
+    no trial measured it (the estimate backend does not)."""
+    measured = [
+        [(t.batch_size, t.samples_per_second) for t in one.trials if t.ok and t.samples_per_second is not None]
+        for one in series
+    ]
+    values = [float(v) for points in measured for _, v in points]
+    if not values:
+        return None
+    sizes = [b for points in measured for b, _ in points]
+    if chosen_batch_size is not None:
+        sizes.append(chosen_batch_size)
+    if chosen_samples_per_second is not None:
+        values.append(chosen_samples_per_second)
+    x_ticks = nice_ticks(max(sizes) * 1.05, integer=True)
+    y_ticks = nice_ticks(max(values) * 1.08)
+    frame = _Frame(x_max=x_ticks[-1], y_max=y_ticks[-1])
+    rows = [
+        [(_swatch("circle", _colour(i)), f"samples/s ({one.label})") for i, one in enumerate(series) if measured[i]]
+    ]
+    if chosen_batch_size is not None:
+        rows[0].append((_swatch("dotted", CHOSEN_COLOUR), "chosen"))
+    height = PLOT_HEIGHT + LEGEND_ROW * len(rows) + 6
+    description = " ".join(
+        f"{one.label}: {len(points)} measured trials, best {max(v for _, v in points):.1f} samples/s."
+        for one, points in zip(series, measured, strict=True)
+        if points
+    )
+    parts = _open_svg(chart_id, title, description, height, "throughput-chart")
+    parts += _axes(frame, x_ticks, y_ticks, "samples/s", [_tick_label(t) for t in y_ticks])
+    for index, (one, points) in enumerate(zip(series, measured, strict=True)):
+        if not points:
+            continue
+        colour = _colour(index)
+        ordered = sorted(points)
+        parts.append(f'<g class="series" data-label="{escape(one.label)}">')
+        if len(ordered) > 1:
+            parts.append(
+                _polyline(
+                    [(frame.x(b), frame.y(v)) for b, v in ordered],
+                    stroke=colour,
+                    stroke_width="2",
+                    class_="throughput-line",
+                )
+            )
+        for b, v in ordered:
+            tip = f"{one.label}: micro-batch {b}, {v:.1f} samples/s"
+            parts.append(_point(frame.x(b), frame.y(v), colour, "circle", tip, "trial-point throughput"))
+        parts.append("</g>")
+    if chosen_batch_size is not None:
+        parts += _chosen_marker(frame, chosen_batch_size, f"chosen micro-batch {chosen_batch_size}")
+        if chosen_samples_per_second is not None:
+            tip = f"predicted {chosen_samples_per_second:.1f} samples/s at {chosen_batch_size}"
+            parts.append(
+                _point(
+                    frame.x(chosen_batch_size),
+                    frame.y(chosen_samples_per_second),
+                    CHOSEN_COLOUR,
+                    "circle",
+                    tip,
+                    "chosen-point",
+                )
+            )
+    parts += _legend(rows, PLOT_HEIGHT + 4)
+    parts.append("</svg>")
+    return "\n".join(parts)

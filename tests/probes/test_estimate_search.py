@@ -1,0 +1,55 @@
+"""The largest micro-batch from estimates: `tuner.search.find_max_batch` over estimate trials,
+guided by the estimate's own line, in a child process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from probes.child import run_in_child
+from probes.estimate.device_model import DEFAULT_DEVICE_MODEL
+from tuner.spec import WorkloadSpec, parse_workload
+
+# Fake tensors cost no memory, so a wide CNN at 128×128 is as quick to trace as a tiny one and
+# its per-sample bytes (tens of MiB) dwarf the allocator's 2 MiB segments.
+CNN = parse_workload(
+    {
+        "model": {"family": "builtin", "name": "cnn", "kwargs": {"base_channels": 64, "num_stages": 2}},
+        "inputs": {"kind": "image", "height": 128, "width": 128, "num_classes": 10},
+    }
+)
+TARGET_BATCH = 37
+
+
+def _search(spec: WorkloadSpec, checkpointing: bool) -> dict[str, Any]:
+    from probes.estimate.session import current_session, estimate_line, search_max_batch
+
+    line = estimate_line(spec, gradient_checkpointing=checkpointing)
+    # A card on which about TARGET_BATCH samples fit by the line.
+    total = DEFAULT_DEVICE_MODEL.context_overhead_bytes + int(
+        line.at(TARGET_BATCH) + line.per_sample_bytes / 2
+    )
+    result = search_max_batch(spec, total, gradient_checkpointing=checkpointing)
+    session = current_session()
+    best = result.max_batch_size
+    return {
+        "line": line,
+        "result": result,
+        "ok_at_best": session.trial(spec, best, total, gradient_checkpointing=checkpointing).ok,
+        "ok_above": session.trial(spec, best + 1, total, gradient_checkpointing=checkpointing).ok,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
+def test_guided_search_finds_the_exact_boundary(checkpointing: bool) -> None:
+    found: dict[str, Any] = run_in_child(_search, CNN, checkpointing, timeout=600, what="estimate search")
+    result = found["result"]
+    assert found["line"].per_sample_bytes > 2 * (1 << 20)
+    assert found["ok_at_best"] and not found["ok_above"]
+    # The line through b = 2 and 4 is close but not exact at b ≈ 40; the search corrects it.
+    assert abs(result.max_batch_size - TARGET_BATCH) <= 0.15 * TARGET_BATCH
+    assert result.stop_reason == "exact"
+    assert len(result.trials) <= 5, [t.batch_size for t in result.trials]
+    assert all(t.peak_reserved_bytes and t.peak_phase for t in result.trials)
