@@ -19,6 +19,7 @@ from api.body_limit import BodyLimitMiddleware
 from api.cache import ResponseCache
 from api.deps import ApiContext
 from api.errors import install_error_handlers
+from api.fast_path import CachedPlanMiddleware
 from api.metrics import ApiMetrics, DatabaseFigures, MetricsMiddleware
 from api.plan_service import PlanService, installed_torch_minor
 from api.routers import health, jobs, metrics, plans, probes, ui
@@ -71,7 +72,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     install_error_handlers(app)
     for router in (plans.router, jobs.router, probes.router, health.router, metrics.router, ui.router):
         app.include_router(router)
-    # Outermost first: metrics time everything, including refusals of oversized bodies.
+    # Added innermost first: metrics time everything, including refusals of oversized bodies
+    # and the cached plans answered before routing.
+    app.add_middleware(CachedPlanMiddleware, context=app.state.context)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=api_metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

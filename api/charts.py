@@ -125,11 +125,17 @@ def _num(value: float) -> str:
 
 
 def _text(x: float, y: float, content: str, *, anchor: str = "start", size: int = 13, **attrs: str) -> str:
-    extra = "".join(f' {name.rstrip("_").replace("_", "-")}="{escape(value)}"' for name, value in attrs.items())
+    extra = "".join(
+        f' {name.rstrip("_").replace("_", "-")}="{escape(value)}"' for name, value in attrs.items()
+    )
     return (
         f'<text x="{_num(x)}" y="{_num(y)}" text-anchor="{anchor}" font-size="{size}"{extra}>'
         f"{escape(content)}</text>"
     )
+
+
+def _line(x1: float, y1: float, x2: float, y2: float) -> str:
+    return f'<line x1="{_num(x1)}" y1="{_num(y1)}" x2="{_num(x2)}" y2="{_num(y2)}"/>'
 
 
 def _title(content: str) -> str:
@@ -138,7 +144,9 @@ def _title(content: str) -> str:
 
 def _polyline(points: Sequence[tuple[float, float]], *, tooltip: str | None = None, **attrs: str) -> str:
     coords = " ".join(f"{_num(x)},{_num(y)}" for x, y in points)
-    extra = "".join(f' {name.rstrip("_").replace("_", "-")}="{escape(value)}"' for name, value in attrs.items())
+    extra = "".join(
+        f' {name.rstrip("_").replace("_", "-")}="{escape(value)}"' for name, value in attrs.items()
+    )
     if tooltip is None:
         return f'<polyline points="{coords}" fill="none"{extra}/>'
     return f'<polyline points="{coords}" fill="none"{extra}>{_title(tooltip)}</polyline>'
@@ -171,27 +179,17 @@ def _axes(
     y_tick_text: Sequence[str],
 ) -> list[str]:
     parts = ['<g class="grid" stroke="' + GRID_COLOUR + '" stroke-width="1">']
-    parts += [
-        f'<line x1="{_num(frame.left)}" y1="{_num(frame.y(t))}" x2="{_num(frame.right)}" y2="{_num(frame.y(t))}"/>'
-        for t in y_ticks[1:]
-    ]
+    parts += [_line(frame.left, frame.y(t), frame.right, frame.y(t)) for t in y_ticks[1:]]
     parts.append("</g>")
     parts.append(f'<g class="axes" stroke="{AXIS_COLOUR}" stroke-width="1">')
-    parts.append(
-        f'<line x1="{_num(frame.left)}" y1="{_num(frame.bottom)}" x2="{_num(frame.right)}" y2="{_num(frame.bottom)}"/>'
-    )
-    parts.append(
-        f'<line x1="{_num(frame.left)}" y1="{_num(frame.top)}" x2="{_num(frame.left)}" y2="{_num(frame.bottom)}"/>'
-    )
+    parts.append(_line(frame.left, frame.bottom, frame.right, frame.bottom))
+    parts.append(_line(frame.left, frame.top, frame.left, frame.bottom))
     parts += [
         f'<line x1="{_num(frame.x(t))}" y1="{_num(frame.bottom)}" x2="{_num(frame.x(t))}" '
         f'y2="{_num(frame.bottom + 5)}"/>'
         for t in x_ticks
     ]
-    parts += [
-        f'<line x1="{_num(frame.left - 5)}" y1="{_num(frame.y(t))}" x2="{_num(frame.left)}" y2="{_num(frame.y(t))}"/>'
-        for t in y_ticks
-    ]
+    parts += [_line(frame.left - 5, frame.y(t), frame.left, frame.y(t)) for t in y_ticks]
     parts.append("</g>")
     parts.append(f'<g class="tick-labels" fill="{AXIS_COLOUR}">')
     parts += [_text(frame.x(t), frame.bottom + 18, _tick_label(t), anchor="middle", size=12) for t in x_ticks]
@@ -268,9 +266,13 @@ def _swatch(kind: str, colour: str) -> str:
     if kind == "line":
         return f'<line x1="0" y1="0" x2="18" y2="0" stroke="{colour}" stroke-width="2"/>'
     if kind == "dashed":
-        return f'<line x1="0" y1="0" x2="18" y2="0" stroke="{colour}" stroke-width="2" stroke-dasharray="5 3"/>'
+        return (
+            f'<line x1="0" y1="0" x2="18" y2="0" stroke="{colour}" stroke-width="2" stroke-dasharray="5 3"/>'
+        )
     if kind == "dotted":
-        return f'<line x1="0" y1="0" x2="18" y2="0" stroke="{colour}" stroke-width="2" stroke-dasharray="2 3"/>'
+        return (
+            f'<line x1="0" y1="0" x2="18" y2="0" stroke="{colour}" stroke-width="2" stroke-dasharray="2 3"/>'
+        )
     if kind == "square":
         return f'<rect x="5" y="-4" width="8" height="8" fill="{colour}"/>'
     if kind == "cross":
@@ -311,7 +313,9 @@ def memory_chart(
     height = PLOT_HEIGHT + LEGEND_ROW * len(legend_rows) + 6
     description = _memory_description(series, capacity_bytes, budget_bytes, chosen_batch_size)
     parts = _open_svg(chart_id, title, description, height, "memory-chart")
-    parts += _axes(frame, x_ticks, y_ticks, "peak memory", [_tick_label(t / unit_size, unit) for t in y_ticks])
+    parts += _axes(
+        frame, x_ticks, y_ticks, "peak memory", [_tick_label(t / unit_size, unit) for t in y_ticks]
+    )
 
     parts.append(f'<g clip-path="url(#{escape(chart_id)}-plot)">')
     for index, one in enumerate(series):
@@ -319,7 +323,11 @@ def memory_chart(
     parts.append("</g>")
 
     parts += _horizontal(
-        frame, capacity_bytes, "capacity-line", CAPACITY_COLOUR, f"device capacity {format_bytes(capacity_bytes)}"
+        frame,
+        capacity_bytes,
+        "capacity-line",
+        CAPACITY_COLOUR,
+        f"device capacity {format_bytes(capacity_bytes)}",
     )
     if budget_bytes is not None:
         parts += _horizontal(
@@ -356,7 +364,10 @@ def _memory_series(frame: _Frame, one: ChartSeries, colour: str) -> list[str]:
         line = one.memory_line
         parts.append(
             _polyline(
-                [(frame.x(0), frame.y(line.at(0))), (frame.x(frame.x_max), frame.y(line.at(int(frame.x_max))))],
+                [
+                    (frame.x(0), frame.y(line.at(0))),
+                    (frame.x(frame.x_max), frame.y(line.at(int(frame.x_max)))),
+                ],
                 stroke=colour,
                 stroke_width="1.5",
                 stroke_dasharray="6 4",
@@ -366,7 +377,9 @@ def _memory_series(frame: _Frame, one: ChartSeries, colour: str) -> list[str]:
             )
         )
     ordered = sorted((t for t in one.trials if t.ok), key=lambda t: t.batch_size)
-    allocated = [(t.batch_size, t.peak_allocated_bytes) for t in ordered if t.peak_allocated_bytes is not None]
+    allocated = [
+        (t.batch_size, t.peak_allocated_bytes) for t in ordered if t.peak_allocated_bytes is not None
+    ]
     reserved = [(t.batch_size, t.peak_reserved_bytes) for t in ordered if t.peak_reserved_bytes is not None]
     if len(allocated) > 1:
         parts.append(
@@ -426,8 +439,17 @@ def _horizontal(
     dash = ' stroke-dasharray="8 4"' if dashed else ""
     return [
         f'<line class="{css_class}" data-bytes="{int(value)}" x1="{_num(frame.left)}" y1="{_num(y)}" '
-        f'x2="{_num(frame.right)}" y2="{_num(y)}" stroke="{colour}" stroke-width="2"{dash}>{_title(label)}</line>',
-        _text(frame.right - 4, y + (15 if label_below else -6), label, anchor="end", size=12, fill=colour, **_HALO),
+        f'x2="{_num(frame.right)}" y2="{_num(y)}" stroke="{colour}" stroke-width="2"{dash}>'
+        f"{_title(label)}</line>",
+        _text(
+            frame.right - 4,
+            y + (15 if label_below else -6),
+            label,
+            anchor="end",
+            size=12,
+            fill=colour,
+            **_HALO,
+        ),
     ]
 
 
@@ -489,7 +511,11 @@ def throughput_chart(
     """Measured samples/s of the passing trials against the micro-batch, per series; None when
     no trial measured it (the estimate backend does not)."""
     measured = [
-        [(t.batch_size, t.samples_per_second) for t in one.trials if t.ok and t.samples_per_second is not None]
+        [
+            (t.batch_size, t.samples_per_second)
+            for t in one.trials
+            if t.ok and t.samples_per_second is not None
+        ]
         for one in series
     ]
     values = [float(v) for points in measured for _, v in points]
@@ -504,7 +530,11 @@ def throughput_chart(
     y_ticks = nice_ticks(max(values) * 1.08)
     frame = _Frame(x_max=x_ticks[-1], y_max=y_ticks[-1])
     rows = [
-        [(_swatch("circle", _colour(i)), f"samples/s ({one.label})") for i, one in enumerate(series) if measured[i]]
+        [
+            (_swatch("circle", _colour(i)), f"samples/s ({one.label})")
+            for i, one in enumerate(series)
+            if measured[i]
+        ]
     ]
     if chosen_batch_size is not None:
         rows[0].append((_swatch("dotted", CHOSEN_COLOUR), "chosen"))

@@ -130,5 +130,5 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_note_status)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = getattr(route, "path", None) or scope.get("tuner.route") or "unmatched"
             self.metrics.observe(scope["method"], path, status, time.perf_counter() - start)

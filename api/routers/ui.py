@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
@@ -103,7 +103,9 @@ def _environment() -> Environment:
 templates = Jinja2Templates(env=_environment())
 
 
-def _page(request: Request, template: str, context: Mapping[str, Any], status_code: int = 200) -> HTMLResponse:
+def _page(
+    request: Request, template: str, context: Mapping[str, Any], status_code: int = 200
+) -> HTMLResponse:
     response = templates.TemplateResponse(
         request, template, {"stylesheet": f"/ui/static/{STYLESHEET}", **context}, status_code=status_code
     )
@@ -147,7 +149,9 @@ def plan_view(plan: Plan, facts_probe: ProbeResult | None) -> PlanView:
         family=plan.workload.model.family,
         parameter_count=facts.parameter_count if facts is not None else None,
         split=describe_split(plan),
-        peak_fraction=None if peak is None or plan.memory_budget_bytes <= 0 else peak / plan.memory_budget_bytes,
+        peak_fraction=None
+        if peak is None or plan.memory_budget_bytes <= 0
+        else peak / plan.memory_budget_bytes,
     )
 
 
@@ -404,7 +408,8 @@ def loop_snippet(plan: Plan) -> str:
     sizes = plan.micro_batch_sizes or [plan.micro_batch_size] * plan.accumulation_steps
     lines = [
         f"# Plan {plan.id}: {_comment_safe(plan.workload.describe())} on {_comment_safe(plan.device.name)}",
-        f"# effective batch {plan.effective_batch_size} = {describe_split(plan)} (micro × accumulation × world)",
+        f"# effective batch {plan.effective_batch_size} = {describe_split(plan)}"
+        " (micro × accumulation × world)",
         "import torch",
         "from tuner.training import GradientAccumulator",
         "",
@@ -420,9 +425,13 @@ def loop_snippet(plan: Plan) -> str:
     lines.append("")
     if plan.gradient_checkpointing:
         if plan.workload.model.family == "transformers":
-            lines.append('model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})')
+            lines.append(
+                'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})'
+            )
         else:
-            lines.append("# checkpoint each block: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)")
+            lines.append(
+                "# checkpoint each block: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)"
+            )
     if plan.world_size > 1:
         lines.append(
             f"# {plan.world_size} ranks: wrap the model in DistributedDataParallel and give the loader a "
@@ -431,8 +440,9 @@ def loop_snippet(plan: Plan) -> str:
     scaler = precision == "fp16-mixed"
     if scaler:
         lines.append('scaler = torch.amp.GradScaler("cuda")')
+    scaler_argument = ", scaler=scaler" if scaler else ""
     lines += [
-        f"accumulator = GradientAccumulator(model, optimizer{', scaler=scaler' if scaler else ''}, max_grad_norm=1.0)",
+        f"accumulator = GradientAccumulator(model, optimizer{scaler_argument}, max_grad_norm=1.0)",
         "loader = torch.utils.data.DataLoader(dataset, batch_size=sum(MICRO_BATCH_SIZES), shuffle=True)",
         "",
         "",
@@ -493,7 +503,7 @@ def trainer_snippet(plan: Plan) -> str:
         f"    per_device_train_batch_size={micro},",
         f"    gradient_accumulation_steps={steps},",
         # The name every transformers release knows; 5.x also calls it activation_checkpointing.
-        f"    gradient_checkpointing={plan.gradient_checkpointing},  # transformers 5: activation_checkpointing",
+        f"    gradient_checkpointing={plan.gradient_checkpointing},  # 5.x: activation_checkpointing",
     ]
     if plan.gradient_checkpointing:
         lines.append('    gradient_checkpointing_kwargs={"use_reentrant": False},')
@@ -504,7 +514,9 @@ def trainer_snippet(plan: Plan) -> str:
         lines.append("    fp16=True,")
     optimizer = plan.workload.optimizer
     if optimizer.name == "adamw":
-        lines.append(f'    optim="{"adamw_torch_fused" if optimizer.implementation == "fused" else "adamw_torch"}",')
+        lines.append(
+            f'    optim="{"adamw_torch_fused" if optimizer.implementation == "fused" else "adamw_torch"}",'
+        )
     elif optimizer.name == "adafactor":
         lines.append('    optim="adafactor",')
     lines.append(")")

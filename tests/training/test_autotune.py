@@ -47,7 +47,10 @@ def memory_limited_step(limit: int, calls: list[int]) -> Callable[[int], None]:
     return step
 
 
-@pytest.mark.parametrize(("strategy", "limit"), [("guided", 1), ("guided", 300), ("doubling", 37)])
+@pytest.mark.parametrize(
+    ("strategy", "limit"),
+    [("guided", 1), ("doubling", 37), pytest.param("guided", 300, marks=pytest.mark.slow)],
+)
 def test_finds_the_largest_batch_exactly(strategy: str, limit: int) -> None:
     calls: list[int] = []
     result = autotune(

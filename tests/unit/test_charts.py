@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -105,7 +106,9 @@ def test_every_trial_is_drawn_and_the_fitted_line_is_dashed() -> None:
     assert len(fitted) == 2 and all(line.get("stroke-dasharray") for line in fitted)
     # A point higher in bytes is drawn higher: reserved above allocated at the same size.
     reserved_y = [float(r.get("y", "0")) for g in _by_class(root, "reserved") for r in g.iter(f"{SVG}rect")]
-    allocated_y = [float(c.get("cy", "0")) for g in _by_class(root, "allocated") for c in g.iter(f"{SVG}circle")]
+    allocated_y = [
+        float(c.get("cy", "0")) for g in _by_class(root, "allocated") for c in g.iter(f"{SVG}circle")
+    ]
     assert all(r + 4 < a for r, a in zip(reserved_y, allocated_y, strict=True))
 
 
@@ -151,9 +154,9 @@ def test_a_probe_without_trials_still_draws_the_frame() -> None:
     [(85_017_493_504 * 1.06, "GiB", 100 * GIB), (3.5 * GIB, "GiB", 4 * GIB), (700 << 20, "MiB", 800 << 20)],
 )
 def test_byte_ticks_are_round_numbers_of_one_unit(high: float, unit: str, top: int) -> None:
-    ticks, name, size = byte_ticks(high)
+    ticks, name, _ = byte_ticks(high)
     assert name == unit and ticks[0] == 0 and ticks[-1] == top and ticks[-1] >= high
-    steps = {round(b - a) for a, b in zip(ticks, ticks[1:], strict=False)}
+    steps = {round(b - a) for a, b in itertools.pairwise(ticks)}
     assert len(steps) == 1 and 3 <= len(ticks) - 1 <= 10
 
 

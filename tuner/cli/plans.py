@@ -24,7 +24,9 @@ def plans(
     ] = None,
     db: Annotated[
         str | None,
-        typer.Option("--db", help="Without a server: the database URL (default: TUNER_DATABASE_URL, else ./tuner.db)."),
+        typer.Option(
+            "--db", help="Without a server: the database URL (default: TUNER_DATABASE_URL, else ./tuner.db)."
+        ),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=MAX_LIMIT, help="Plans to show.")] = 20,
     offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many of the newest plans.")] = 0,
@@ -97,7 +99,9 @@ def _missing_sqlite_file(url: str) -> bool:
     parsed = make_url(url)
     database = parsed.database or ""
     in_memory = database in ("", ":memory:") or database.startswith("file:")
-    return parsed.get_backend_name() == "sqlite" and not in_memory and not Path(database).expanduser().exists()
+    return (
+        parsed.get_backend_name() == "sqlite" and not in_memory and not Path(database).expanduser().exists()
+    )
 
 
 def _redacted(url: str) -> str:
@@ -120,7 +124,9 @@ def _print_table(page: PlanPage, *, offset: int, source: str, filtered: bool) ->
             out.print(f"No plans {'match in' if filtered else 'in'} {source}.", markup=False)
         return
     first, last = offset + 1, offset + len(page.items)
-    out.print(f"Plans {first}–{last} of {page.total}{' matching' if filtered else ''} in {source}", markup=False)
+    out.print(
+        f"Plans {first}–{last} of {page.total}{' matching' if filtered else ''} in {source}", markup=False
+    )
     table = Table()
     table.add_column("id", justify="right")
     table.add_column("created")
@@ -144,7 +150,9 @@ def _cells(plan: Plan) -> list[str]:
     if plan.micro_batch_sizes:
         split = f"{'+'.join(str(s) for s in plan.micro_batch_sizes)} × {plan.world_size}"
         if len(split) > 30:
-            split = f"uneven {len(plan.micro_batch_sizes)} × ≤{max(plan.micro_batch_sizes)} × {plan.world_size}"
+            split = (
+                f"uneven {len(plan.micro_batch_sizes)} × ≤{max(plan.micro_batch_sizes)} × {plan.world_size}"
+            )
     else:
         split = f"{plan.micro_batch_size} × {plan.accumulation_steps} × {plan.world_size}"
     created = plan.created_at.strftime("%Y-%m-%d %H:%M") if plan.created_at else "—"

@@ -58,6 +58,10 @@ def test_cached_probes_give_a_plan_at_once_and_the_same_plan_again(server: Serve
         again = client.post("/v1/plans", json=body)
         assert again.status_code == 200 and again.json()["id"] == plan["id"]
         assert again.json()["cache_hit"] is True
+        # The cached answer (served before routing) still checks the query like any request.
+        assert client.post("/v1/plans", params={"wait": 5}, json=body).json()["id"] == plan["id"]
+        bad_wait = client.post("/v1/plans", params={"wait": "soon"}, json=body)
+        assert bad_wait.status_code == 422 and "wait" in error_of(bad_wait)["detail"]
         # Other bytes, same request (reordered keys, explicit defaults): the database finds it.
         reordered = json.dumps({"world_size": 1, **dict(reversed(list(body.items())))}, indent=1)
         same = client.post("/v1/plans", content=reordered, headers={"content-type": "application/json"})

@@ -115,7 +115,14 @@ def test_crashing_and_hanging_probes_fail_clearly_and_the_worker_lives_on(worker
         assert hung["status"] == "failed" and hung["attempts"] == 2
         assert "did not finish within" in hung["error"]
 
-        assert worker.poll() is None  # still serving
-        healthy = client.post("/v1/plans", params={"wait": 120}, json=mlp_request(24))
-        assert healthy.status_code == 200, healthy.text
+        # The same worker is still serving: a spec that does not build fails at once (no retry),
+        # and the waiting client gets a 422 naming the problem.
+        assert worker.poll() is None
+        broken = client.post(
+            "/v1/plans", params={"wait": 60}, json=mlp_request(0, factory=f"{FACTORIES}:raises")
+        )
+        assert broken.status_code == 422, broken.text
+        assert broken.json()["code"] == "model_build_failed"
+        assert "this model definition is broken" in broken.json()["detail"]
+    assert worker.poll() is None
     assert "Claimed job" in workers.log("worker-faults")

@@ -69,7 +69,9 @@ def test_the_filter_form_narrows_the_rows(browser: Any, ui_server: UiServer) -> 
     browser.find_element(By.NAME, "model").send_keys("gpt2")
     Select(browser.find_element(By.NAME, "backend")).select_by_value("cuda")
     browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
-    expected = sorted((p.id for p in ui_server.plans if p.model == "gpt2" and p.backend == "cuda"), reverse=True)
+    expected = sorted(
+        (p.id for p in ui_server.plans if p.model == "gpt2" and p.backend == "cuda"), reverse=True
+    )
     assert 1 < len(expected) < len(ui_server.plans)
     assert _row_ids(browser) == expected
     assert "model=gpt2" in browser.current_url and "backend=cuda" in browser.current_url

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from html import unescape
 
 import httpx
@@ -65,7 +65,10 @@ def test_the_list_shows_every_seeded_plan_newest_first(http: httpx.Client, ui_se
         ({"device": L4.name}, lambda p: p.device == L4),
         ({"backend": "estimate"}, lambda p: p.backend == "estimate"),
         ({"model": "gpt2", "backend": "cuda"}, lambda p: p.model == "gpt2" and p.backend == "cuda"),
-        ({"model": "llama", "device": L4.name, "backend": "estimate"}, lambda p: p.model == "llama" and p.device == L4),
+        (
+            {"model": "llama", "device": L4.name, "backend": "estimate"},
+            lambda p: p.model == "llama" and p.device == L4,
+        ),
         ({"model": SCRIPT_NAME}, lambda p: p.model == SCRIPT_NAME),
         ({"device": ODD_DEVICE.name}, lambda p: p.device == ODD_DEVICE),
     ],
@@ -95,7 +98,9 @@ def test_a_filter_that_matches_nothing_says_so(http: httpx.Client) -> None:
     assert _listed_ids(page.text) == [] and "No plans match these filters." in page.text
 
 
-def test_pages_of_five_walk_through_every_plan_keeping_the_filters(http: httpx.Client, ui_server: UiServer) -> None:
+def test_pages_of_five_walk_through_every_plan_keeping_the_filters(
+    http: httpx.Client, ui_server: UiServer
+) -> None:
     seen: list[int] = []
     url: str | None = "/ui/plans?limit=5"
     pages = 0
@@ -121,7 +126,9 @@ def test_pages_of_five_walk_through_every_plan_keeping_the_filters(http: httpx.C
     assert _listed_ids(http.get(previous).text) == gpt2[:2]
 
 
-def test_the_plan_page_has_the_memory_chart_with_the_capacity_line(http: httpx.Client, ui_server: UiServer) -> None:
+def test_the_plan_page_has_the_memory_chart_with_the_capacity_line(
+    http: httpx.Client, ui_server: UiServer
+) -> None:
     seeded = next(p for p in ui_server.plans if p.model == "gpt2" and p.backend == "cuda")
     page = http.get(f"/ui/plans/{seeded.id}")
     assert page.status_code == 200
@@ -196,7 +203,9 @@ def test_the_jobs_page_shows_queued_and_running_probes(http: httpx.Client, ui_se
     assert "llama" in text and "gpt2" in text
 
 
-@pytest.mark.parametrize("path", ["/ui/plans/999999", "/ui/plans/abc", "/ui/plans/99999999999999999999", "/ui/nowhere"])
+@pytest.mark.parametrize(
+    "path", ["/ui/plans/999999", "/ui/plans/abc", "/ui/plans/99999999999999999999", "/ui/nowhere"]
+)
 def test_unknown_pages_are_a_404_page(http: httpx.Client, path: str) -> None:
     response = http.get(path)
     assert response.status_code == 404
