@@ -6,7 +6,7 @@ TORCH_PIN ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint typecheck pytest setup browser postgres bench clean
+.PHONY: run test lint typecheck pytest setup system-packages postgres bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,13 +19,16 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/tuner serve --host $(HOST) --port $(PORT)
 
-# Browser tests drive Debian's Chromium; install it when we may (root) and it is missing.
-browser:
-	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+# Debian packages some tests use: Chromium for the browser tests, docker-compose to validate
+# docker-compose.yml. Installed when we may (root) and missing; otherwise those tests skip.
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/chromedriver /usr/bin/docker-compose
+system-packages:
+	@missing=0; for f in $(SYSTEM_TOOLS); do [ -x $$f ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
-	      || echo "chromium could not be installed: browser tests will be skipped"; \
-	  else echo "chromium missing and not root: browser tests will be skipped"; fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver docker-compose >/dev/null) \
+	      || echo "system packages could not be installed: browser and compose tests will be skipped"; \
+	  else echo "chromium/docker-compose missing and not root: their tests will be skipped"; fi; \
 	fi
 
 # Tests that need PostgreSQL use the local server; start it when it is installed but stopped.
@@ -40,7 +43,7 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-pytest: setup browser postgres
+pytest: setup system-packages postgres
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test: lint typecheck pytest
