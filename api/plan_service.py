@@ -5,9 +5,11 @@
 3. Look up the cached probe of each choice by (fingerprint, device name, device memory, backend,
    torch minor, checkpointing). The torch minor is the installed torch's version, read from the
    package metadata without importing torch (`TUNER_TORCH_MINOR` overrides it).
-4. Every probe cached → `derive_plan`: the stored plan of an identical earlier request (same
-   canonical request JSON, same probe ids), or a new plan from `tuner.planner.make_plan`, saved.
-   A new effective batch or world size on a probed workload is therefore planned without probing.
+4. Every probe cached → `derive_plan`: the stored plan of the same identity (the unique
+   `plans.request_hash` of the canonical request JSON and the probe ids, `storage.identity`), or a
+   new plan from `tuner.planner.make_plan`, stored atomically (replicas racing on one request
+   store one row and all answer with it). A new effective batch or world size on a probed
+   workload is therefore planned without probing.
 5. Otherwise enqueue ONE job per (cache key, set of checkpointing choices), joined by every
    request that needs the same probes, add the request as a waiter, and wait up to `wait` seconds
    for the job (polling the database every 100 ms): succeeded → derive the plan; failed → the
@@ -33,7 +35,6 @@ from typing import Any, TypeVar
 import anyio.to_thread
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import storage_adapter
 from api.cache import ResponseCache, body_key
 from api.errors import CLIENT_FAULT_CODES, STATUS_BY_CODE, JobFailedError, MalformedJSONError
 from api.metrics import ApiMetrics
@@ -74,7 +75,9 @@ def canonical_request(request: PlanRequest) -> dict[str, Any]:
 
 
 def request_hash(request: PlanRequest) -> str:
-    """SHA-256 of the canonical request JSON (sorted keys, no whitespace)."""
+    """SHA-256 of the canonical request JSON (sorted keys, no whitespace): the key that plans
+    identical requests in flight in one process once. The stored plan's identity
+    (`storage.identity.plan_request_hash`) adds the probe ids."""
     text = json.dumps(canonical_request(request), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -113,12 +116,14 @@ def derive_plan(
 ) -> Plan | None:
     """The plan for `request` from cached probes, or None when a probe it needs is not cached.
 
-    An identical earlier request planned from the same probes returns that stored plan (with
-    `cache_hit` true); otherwise `make_plan` derives a new one, which is saved (and committed) with
-    `cache_hit` as given: true when no probe ran for this request, false when a worker derives
-    the plan of a request that waited on its probe. With `waiter_id`, that waiter is resolved to
-    the plan (a new one or the identical earlier one), so that every waiter of a job with the
-    same request gets the same plan. Torch-free: the worker calls it too. The request must name
+    The plan stored for the same request and probes (`repository.find_plan_by_request`) is
+    returned with `cache_hit` true; otherwise `make_plan` derives a new one, which is saved (and
+    committed) with `cache_hit` as given: true when no probe ran for this request, false when a
+    worker derives the plan of a request that waited on its probe. Saving is insert-or-return-
+    existing: when another process stored the same plan meanwhile, that one is returned (with
+    `cache_hit` true) and no second row is made. With `waiter_id`, that waiter is resolved to the
+    plan (the new one or the stored one), so that every waiter of a job with the same request
+    gets the same plan. Torch-free: the worker calls it too. The request must name
     its device (a worker fills in its own for a device-less cuda request).
     Raises the planner's `PlanError`/`NothingFitsError` when the probes allow no plan.
     """
@@ -127,16 +132,19 @@ def derive_plan(
         return None
     canonical = canonical_request(request)
     probe_ids = {("on" if gc else "off"): probe.id for gc, probe in probes.items() if probe.id is not None}
-    earlier = storage_adapter.find_identical_plan(
-        session, fingerprint=request.workload.fingerprint(), request=canonical, probe_ids=probe_ids
+    earlier = repository.find_plan_by_request(
+        session, request_hash=repository.plan_request_hash(canonical, probe_ids)
     )
     if earlier is not None and earlier.id is not None:
         if waiter_id is not None:
-            storage_adapter.resolve_waiter(session, waiter_id=waiter_id, plan_id=earlier.id)
+            repository.resolve_waiter(session, waiter_id=waiter_id, plan_id=earlier.id)
         return earlier.model_copy(update={"cache_hit": True})
     plan = make_plan(request, probes).model_copy(update={"cache_hit": cache_hit})
-    plan_id = repository.save_plan(session, plan=plan, request=canonical, waiter_id=waiter_id)
-    return repository.get_plan(session, plan_id=plan_id)
+    plan_id, created = repository.save_plan_or_existing(
+        session, plan=plan, request=canonical, waiter_id=waiter_id
+    )
+    stored = repository.get_plan(session, plan_id=plan_id)
+    return stored if created else stored.model_copy(update={"cache_hit": True})
 
 
 def job_key(request: PlanRequest, torch_minor: str) -> str:

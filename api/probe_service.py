@@ -4,6 +4,11 @@ The cache key of a probe is (fingerprint, device name and memory, backend, torch
 checkpointing). A result whose key already has a stored result is the same result when its largest
 batch and its trials (batch size and outcome, in order) agree: the upload is then idempotent. Any
 other difference is a conflict (409): plans were derived from the stored one.
+
+The rule holds under a race: the database keeps one complete result per cache key (a unique
+index), and `repository.save_probe_or_existing` inserts atomically. Of several uploads racing for
+one key, exactly one creates the row (201); each other one is compared with the row that won, as
+if it had arrived after it (200 or 409).
 """
 
 from __future__ import annotations
@@ -59,18 +64,22 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
         torch_minor=minor,
         gradient_checkpointing=result.gradient_checkpointing,
     )
-    if existing is not None:
-        if same_result(existing, result):
-            return existing, False
-        raise ConflictError(
-            f"Probe result {existing.id} is already stored for this workload, device, backend, torch "
-            f"{minor} and checkpointing {'on' if result.gradient_checkpointing else 'off'}, with "
-            f"max_batch_size {existing.max_batch_size} (this one: {result.max_batch_size})."
+    if existing is None:
+        # Nothing stored a moment ago; another upload may still store first, and then the
+        # insert finds its row instead of making a second one.
+        probe_id, created = repository.save_probe_or_existing(
+            session, result=result.model_copy(update={"id": None, "created_at": None})
         )
-    probe_id = repository.save_probe(
-        session, result=result.model_copy(update={"id": None, "created_at": None})
+        existing = repository.get_probe(session, probe_id=probe_id)
+        if created:
+            return existing, True
+    if same_result(existing, result):
+        return existing, False
+    raise ConflictError(
+        f"Probe result {existing.id} is already stored for this workload, device, backend, torch "
+        f"{minor} and checkpointing {'on' if result.gradient_checkpointing else 'off'}, with "
+        f"max_batch_size {existing.max_batch_size} (this one: {result.max_batch_size})."
     )
-    return repository.get_probe(session, probe_id=probe_id), True
 
 
 def _key(probe: ProbeResult) -> tuple[object, ...]:

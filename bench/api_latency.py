@@ -23,13 +23,9 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -40,16 +36,22 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sqlalchemy import create_engine, text  # noqa: E402
-
 from storage import repository  # noqa: E402
 from storage.db import ensure_schema, make_engine  # noqa: E402
+from tests.servers import (  # noqa: E402
+    API_APP,
+    ServerProcess,
+    free_port,
+    fresh_postgres_database,
+    postgres_reachable,
+    start_server,
+    uvicorn_command,
+)
 from tuner.results import ProbeResult  # noqa: E402
 from tuner.search_types import MemoryLine, Trial  # noqa: E402
 from tuner.spec import DeviceSpec, parse_workload  # noqa: E402
 
 TOKEN = "bench-token"
-POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEVICE = DeviceSpec(name="NVIDIA H100 80GB HBM3", total_memory_bytes=85_017_493_504)
 WORKLOAD = parse_workload(
     {
@@ -79,42 +81,21 @@ class Cell:
     non_2xx: int
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
-def uvicorn_server(target: list[str], env: dict[str, str]) -> Iterator[str]:
-    """`python -m uvicorn <target>` on a free port, one process; yields its base URL."""
+def uvicorn_server(target: list[str], env: dict[str, str], log_dir: Path, health_path: str) -> Iterator[str]:
+    """`python -m uvicorn <target>` on a free port, one process, no access log; yields its base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", *target, "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--log-level", "warning", "--no-access-log"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    server: ServerProcess = start_server(
+        [*uvicorn_command(target, port), "--no-access-log"],
+        port=port,
+        env=env,
+        log_path=log_dir / f"uvicorn-{port}.log",
+        health_path=health_path,
+    )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"uvicorn {target} exited: {process.stderr.read().decode() if process.stderr else ''}"
-                )
-            try:
-                httpx.get(base + "/", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"uvicorn {target} did not start within 60 s") from None
-                time.sleep(0.1)
-        yield base
+        yield server.base_url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        server.stop()
 
 
 def seed(database_url: str) -> None:
@@ -148,22 +129,11 @@ def seed(database_url: str) -> None:
 @contextmanager
 def postgres_database() -> Iterator[str | None]:
     """A fresh PostgreSQL database for the run (dropped after), or None when none is reachable."""
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            pass
-    except OSError:
+    if not postgres_reachable():
         yield None
         return
-    name = f"tuner_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres_database("tuner_bench") as url:
+        yield url
 
 
 def wrk(url: str, *, clients: int, duration: float, script: Path | None) -> tuple[float, float, float, int]:
@@ -204,8 +174,8 @@ def run_database(
     script = post_script(workdir)
     cells: list[Cell] = []
     with (
-        uvicorn_server(["bench.bare_app:app"], env) as bare,
-        uvicorn_server(["--factory", "api.app:create_app"], env) as api,
+        uvicorn_server(["bench.bare_app:app"], env, workdir, "/") as bare,
+        uvicorn_server(API_APP, env, workdir, "/healthz") as api,
     ):
         first = httpx.post(f"{api}/v1/plans", json=PLAN_REQUEST, headers={"Authorization": f"Bearer {TOKEN}"})
         if first.status_code != 200 or not first.json()["cache_hit"]:

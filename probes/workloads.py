@@ -193,6 +193,10 @@ def _misplaced(model: nn.Module, device: torch.device, dtype: torch.dtype | None
 def _build_transformers(spec: WorkloadSpec, dtype: torch.dtype) -> nn.Module:
     import transformers
 
+    # Building from a bare config makes transformers log advice meant for checkpoint users
+    # (e.g. "loss_type=None ... unrecognized"); on a probe's stderr it only confuses.
+    transformers.logging.set_verbosity_error()
+
     config_dict = dict(spec.model.config or {})
     model_type = str(config_dict.pop("model_type"))
     try:

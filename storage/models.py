@@ -45,6 +45,12 @@ WAITER_FAILED = "failed"
 WAITER_STATUSES = (WAITER_PENDING, WAITER_RESOLVED, WAITER_FAILED)
 
 PROBE_COMPLETE = "complete"
+PROBE_SUPERSEDED = "superseded"
+"""A probe result that an older one of the same cache key replaced when migration 0002 made the
+cache key unique. It stays readable by id (plans name it), but no cache lookup returns it."""
+
+# The condition of the unique cache-key index: only results a lookup may return are unique.
+PROBE_CURRENT = text("status = 'complete'")
 
 # Stable constraint names on both databases, so that later migrations can name what they alter.
 NAMING_CONVENTION = {
@@ -126,15 +132,19 @@ class ProbeRow(Base):
     )
 
     __table_args__ = (
-        # The cache lookup: every column of the cache key, newest first among equals.
+        # The cache key identifies one complete result: two racing uploads or workers meet here
+        # (`save_probe` inserts with ON CONFLICT DO NOTHING), and the cache lookup uses it.
         Index(
-            "ix_probe_results_cache_key",
+            "uq_probe_results_cache_key",
             "fingerprint",
             "device_name",
             "device_memory_bytes",
             "backend",
             "torch_minor",
             "gradient_checkpointing",
+            unique=True,
+            postgresql_where=PROBE_CURRENT,
+            sqlite_where=PROBE_CURRENT,
         ),
     )
 
@@ -171,6 +181,10 @@ class PlanRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The plan's identity: `storage.identity.plan_request_hash(request, probe_ids)`. Unique, so
+    that replicas deriving the same plan at once store it once. NULL only on a plan that migration
+    0002 found to repeat an older plan's identity (the older one keeps it)."""
     cache_hit: Mapped[bool] = mapped_column(Boolean)
     fingerprint: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(200))
@@ -206,6 +220,7 @@ class PlanRow(Base):
         Index("ix_plans_fingerprint", "fingerprint"),
         Index("ix_plans_device_name", "device_name"),
         Index("ix_plans_model", "model"),
+        Index("uq_plans_request_hash", "request_hash", unique=True),
     )
 
 

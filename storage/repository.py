@@ -13,10 +13,12 @@ import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Select, func, select, update
-from sqlalchemy.orm import selectinload
+from sqlalchemy import Select, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, selectinload
 
 from storage.db import Bind, bound_session, write_transaction
+from storage.identity import plan_request_hash
 from storage.jobs import (
     LEASE_EXPIRED_ERROR,
     add_waiter,
@@ -66,6 +68,7 @@ __all__ = [
     "fail_job",
     "fail_waiter",
     "find_cached_probe",
+    "find_plan_by_request",
     "get_job",
     "get_plan",
     "get_plan_request",
@@ -77,18 +80,28 @@ __all__ = [
     "list_plans",
     "list_waiters",
     "new_worker_id",
+    "plan_request_hash",
     "probe_cache_key",
     "queue_depth",
     "release_job",
     "requeue_expired",
     "resolve_waiter",
     "save_plan",
+    "save_plan_or_existing",
     "save_probe",
+    "save_probe_or_existing",
     "torch_minor",
 ]
 
 UNKNOWN_TORCH = "unknown"
 _MINOR = re.compile(r"^\s*(\d+)\.(\d+)")
+
+
+def _unstorable(*texts: str | None) -> bool:
+    """True when a text cannot be in any row: PostgreSQL text holds no NUL character (and refuses
+    a query that compares with one), so a lookup by such a value matches nothing on either
+    database, and is answered without asking."""
+    return any(text is not None and "\x00" in text for text in texts)
 
 
 def torch_minor(version: str | None) -> str:
@@ -110,7 +123,10 @@ def find_cached_probe(
     torch_minor: str,
     gradient_checkpointing: bool,
 ) -> ProbeResult | None:
-    """The newest complete probe result for this cache key, with its trials; None on a miss."""
+    """The complete probe result for this cache key, with its trials; None on a miss. (The key is
+    unique among complete results; superseded ones, kept by migration 0002, are never returned.)"""
+    if _unstorable(fingerprint, device_name, backend, torch_minor):
+        return None
     query = (
         select(ProbeRow)
         .where(
@@ -131,41 +147,102 @@ def find_cached_probe(
 
 
 def save_probe(session: Bind, *, result: ProbeResult) -> int:
-    """Store a probe result and every trial; returns its id (`result.id` is ignored)."""
+    """Store a probe result and every trial, or find the one already stored for its cache key;
+    returns the id of the stored result (`result.id` is ignored). See `save_probe_or_existing`."""
+    probe_id, _created = save_probe_or_existing(session, result=result)
+    return probe_id
+
+
+def save_probe_or_existing(session: Bind, *, result: ProbeResult) -> tuple[int, bool]:
+    """Store a probe result and every trial unless a complete result with the same cache key
+    (fingerprint, device name and memory, backend, torch minor, checkpointing) is stored already.
+
+    Returns `(id, created)`: the new row's id and True, or the existing row's id and False (the
+    first stored result wins; the caller compares them when that matters). Atomic on both
+    databases: the insert is `INSERT … ON CONFLICT DO NOTHING` against the unique cache-key index,
+    so of any number of racing callers exactly one creates the row and every other one gets its id.
+    """
+    values = _probe_values(result)
+    with write_transaction(session) as db:
+        probe_id = _insert_unless_present(db, insert_statement(db, ProbeRow).values(**values))
+        if probe_id is None:
+            existing = db.execute(
+                select(ProbeRow.id).where(
+                    *(getattr(ProbeRow, column) == values[column] for column in PROBE_KEY_COLUMNS),
+                    ProbeRow.status == PROBE_COMPLETE,
+                )
+            ).scalar_one()
+            return int(existing), False
+        if result.trials:
+            db.execute(
+                insert(TrialRow),
+                [_trial_values(probe_id, index, trial) for index, trial in enumerate(result.trials)],
+            )
+        return probe_id, True
+
+
+PROBE_KEY_COLUMNS = (
+    "fingerprint",
+    "device_name",
+    "device_memory_bytes",
+    "backend",
+    "torch_minor",
+    "gradient_checkpointing",
+)
+"""The columns of the probe cache key: unique among complete results."""
+
+
+def insert_statement(db: Session, entity: type[Any]) -> postgresql.Insert | sqlite.Insert:
+    """The dialect's own INSERT for `entity` (it has `on_conflict_do_nothing`): PostgreSQL or
+    SQLite, the two databases the tuner runs on."""
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(entity)
+    if dialect == "sqlite":
+        return sqlite.insert(entity)
+    raise NotImplementedError(f"the tuner stores its data in PostgreSQL or SQLite, not {dialect}")
+
+
+def _insert_unless_present(db: Session, statement: postgresql.Insert | sqlite.Insert) -> int | None:
+    """Run `statement` with `ON CONFLICT DO NOTHING … RETURNING id`: the new row's id, or None
+    when a unique index already holds an equal row. On PostgreSQL a conflicting row of a
+    transaction still in flight makes this wait for it: committed, this returns None (and a
+    following read sees that row); rolled back, this inserts."""
+    inserted = db.execute(statement.on_conflict_do_nothing().returning(statement.table.c.id))
+    new_id = inserted.scalar_one_or_none()
+    return None if new_id is None else int(new_id)
+
+
+def _probe_values(result: ProbeResult) -> dict[str, Any]:
     torch_version = result.versions.get("torch", "")
-    row = ProbeRow(
-        created_at=result.created_at or utcnow(),
-        status=PROBE_COMPLETE,
-        fingerprint=result.fingerprint,
-        workload=result.workload.model_dump(mode="json"),
-        device_name=result.device.name,
-        device_memory_bytes=result.device.total_memory_bytes,
-        backend=result.backend,
-        torch_version=torch_version,
-        torch_minor=torch_minor(torch_version),
-        versions=dict(result.versions),
-        gradient_checkpointing=result.gradient_checkpointing,
-        max_batch_size=result.max_batch_size,
-        stop_reason=result.stop_reason,
-        strategy=result.strategy,
-        memory_line=None
+    return {
+        "created_at": result.created_at or utcnow(),
+        "status": PROBE_COMPLETE,
+        "fingerprint": result.fingerprint,
+        "workload": result.workload.model_dump(mode="json"),
+        "device_name": result.device.name,
+        "device_memory_bytes": result.device.total_memory_bytes,
+        "backend": result.backend,
+        "torch_version": torch_version,
+        "torch_minor": torch_minor(torch_version),
+        "versions": dict(result.versions),
+        "gradient_checkpointing": result.gradient_checkpointing,
+        "max_batch_size": result.max_batch_size,
+        "stop_reason": result.stop_reason,
+        "strategy": result.strategy,
+        "memory_line": None
         if result.memory_line is None
         else {
             "fixed_bytes": result.memory_line.fixed_bytes,
             "per_sample_bytes": result.memory_line.per_sample_bytes,
         },
-        capacity_bytes=result.capacity_bytes,
-        facts=None if result.facts is None else result.facts.model_dump(mode="json"),
-        extra=dict(result.extra),
-        allocator_conf=result.allocator_conf,
-        verified_steps=result.verified_steps,
-        seconds=result.seconds,
-        trials=[_trial_row(index, trial) for index, trial in enumerate(result.trials)],
-    )
-    with write_transaction(session) as db:
-        db.add(row)
-        db.flush()
-        return row.id
+        "capacity_bytes": result.capacity_bytes,
+        "facts": None if result.facts is None else result.facts.model_dump(mode="json"),
+        "extra": dict(result.extra),
+        "allocator_conf": result.allocator_conf,
+        "verified_steps": result.verified_steps,
+        "seconds": result.seconds,
+    }
 
 
 def get_probe(session: Bind, *, probe_id: int) -> ProbeResult:
@@ -182,19 +259,20 @@ def _with_trials(query: Select[Any]) -> Select[Any]:
     return query.options(selectinload(ProbeRow.trials)).execution_options(populate_existing=True)
 
 
-def _trial_row(index: int, trial: Trial) -> TrialRow:
-    return TrialRow(
-        index=index,
-        batch_size=trial.batch_size,
-        ok=trial.ok,
-        peak_allocated_bytes=trial.peak_allocated_bytes,
-        peak_reserved_bytes=trial.peak_reserved_bytes,
-        num_alloc_retries=trial.num_alloc_retries,
-        seconds=trial.seconds,
-        samples_per_second=trial.samples_per_second,
-        peak_phase=trial.peak_phase,
-        error=trial.error,
-    )
+def _trial_values(probe_id: int, index: int, trial: Trial) -> dict[str, Any]:
+    return {
+        "probe_id": probe_id,
+        "index": index,
+        "batch_size": trial.batch_size,
+        "ok": trial.ok,
+        "peak_allocated_bytes": trial.peak_allocated_bytes,
+        "peak_reserved_bytes": trial.peak_reserved_bytes,
+        "num_alloc_retries": trial.num_alloc_retries,
+        "seconds": trial.seconds,
+        "samples_per_second": trial.samples_per_second,
+        "peak_phase": trial.peak_phase,
+        "error": trial.error,
+    }
 
 
 def _probe_from_row(row: ProbeRow) -> ProbeResult:
@@ -255,15 +333,34 @@ def save_plan(
     request: dict[str, Any] | BaseModel,
     waiter_id: int | None = None,
 ) -> int:
-    """Store a plan and the request it answers; returns its id (`plan.id` is ignored).
+    """Store a plan and the request it answers, or find the identical plan stored already;
+    returns the stored plan's id (`plan.id` is ignored). See `save_plan_or_existing`."""
+    plan_id, _created = save_plan_or_existing(session, plan=plan, request=request, waiter_id=waiter_id)
+    return plan_id
 
-    With `waiter_id`, the plan resolves that waiter in the same transaction. Resolving is
-    idempotent: when the waiter was resolved already (two processes derived its plan), nothing is
-    stored and the id of the plan it resolved to is returned. A failed waiter is a
-    `ConflictError`; an unknown one a `NotFoundError`.
+
+def save_plan_or_existing(
+    session: Bind,
+    *,
+    plan: Plan,
+    request: dict[str, Any] | BaseModel,
+    waiter_id: int | None = None,
+) -> tuple[int, bool]:
+    """Store a plan and the request it answers unless the plan of the same identity
+    (`plan_request_hash(request, plan.probe_ids)`) is stored already.
+
+    Returns `(id, created)`: the new plan's id and True, or the stored plan's id and False. Atomic
+    on both databases (`INSERT … ON CONFLICT DO NOTHING` on the unique `request_hash`): of any
+    number of API replicas or workers storing the same plan at once, one creates the row and every
+    other gets its id.
+
+    With `waiter_id`, the plan (new or found) resolves that waiter in the same transaction.
+    Resolving is idempotent: when the waiter was resolved already (two processes derived its
+    plan), nothing is stored and the id of the plan it resolved to is returned, with False. A
+    failed waiter is a `ConflictError`; an unknown one a `NotFoundError`.
     """
     request_json = request.model_dump(mode="json") if isinstance(request, BaseModel) else dict(request)
-    row = _plan_row(plan, request_json)
+    values = _plan_values(plan, request_json)
     with write_transaction(session) as db:
         if waiter_id is not None:
             waiter = db.execute(
@@ -274,18 +371,35 @@ def save_plan(
             if waiter is None:
                 raise NotFoundError(f"No job waiter with id {waiter_id}.")
             if waiter.status == WAITER_RESOLVED and waiter.plan_id is not None:
-                return int(waiter.plan_id)
+                return int(waiter.plan_id), False
             if waiter.status != WAITER_PENDING:
                 raise ConflictError(f"Job waiter {waiter_id} has {waiter.status}; it takes no plan.")
-        db.add(row)
-        db.flush()
+        plan_id = _insert_unless_present(db, insert_statement(db, PlanRow).values(**values))
+        created = plan_id is not None
+        if plan_id is None:
+            plan_id = int(
+                db.execute(
+                    select(PlanRow.id).where(PlanRow.request_hash == values["request_hash"])
+                ).scalar_one()
+            )
         if waiter_id is not None:
             db.execute(
                 update(JobWaiterRow)
                 .where(JobWaiterRow.id == waiter_id)
-                .values(status=WAITER_RESOLVED, plan_id=row.id, resolved_at=utcnow())
+                .values(status=WAITER_RESOLVED, plan_id=plan_id, resolved_at=utcnow())
             )
-        return row.id
+        return plan_id, created
+
+
+def find_plan_by_request(session: Bind, *, request_hash: str) -> Plan | None:
+    """The stored plan of this identity (`plan_request_hash(request, probe_ids)`); None if none."""
+    with bound_session(session) as db:
+        row = db.execute(
+            select(PlanRow)
+            .where(PlanRow.request_hash == request_hash)
+            .execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+        return None if row is None else _plan_from_row(row)
 
 
 def get_plan(session: Bind, *, plan_id: int) -> Plan:
@@ -323,6 +437,8 @@ def list_plans(
     (for pagination). `model` is the workload's short name (`WorkloadSpec.describe()`)."""
     if limit < 1 or offset < 0:
         raise ValueError(f"limit must be positive and offset not negative, got {limit} and {offset}")
+    if _unstorable(fingerprint, device_name, model, backend, family):
+        return [], 0
     filters = [
         column == value
         for column, value in (
@@ -348,10 +464,11 @@ def list_plans(
     return plans, total
 
 
-def _plan_row(plan: Plan, request: dict[str, Any]) -> PlanRow:
-    return PlanRow(
+def _plan_values(plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
+    return dict(
         created_at=plan.created_at or utcnow(),
         request=request,
+        request_hash=plan_request_hash(request, plan.probe_ids),
         cache_hit=plan.cache_hit,
         fingerprint=plan.fingerprint,
         model=plan.workload.describe()[:200],

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tuner.search_types import MemoryLine, Trial
-from tuner.spec import Backend, DeviceSpec, PlanPolicy, WorkloadSpec
+from tuner.spec import Backend, DeviceSpec, PlanPolicy, WorkloadSpec, refuse_nul_characters
 
 
 class WorkloadFacts(BaseModel):
@@ -27,6 +27,11 @@ class ProbeResult(BaseModel):
     with every trial that led there."""
 
     model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_nul(cls, data: Any) -> Any:
+        return refuse_nul_characters(data)
 
     id: int | None = None
     created_at: datetime | None = None

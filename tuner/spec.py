@@ -49,13 +49,30 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _CONFIG_MAX_BYTES = 64_000
 
 
+def refuse_nul_characters(data: Any, path: str = "") -> Any:
+    """A before-validator: no string (or key) anywhere in `data` may hold a NUL character.
+    PostgreSQL text cannot store one, and no model, device or version name needs it."""
+    if isinstance(data, str):
+        if "\x00" in data:
+            raise ValueError(f"{path or 'value'} must not contain NUL characters")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            refuse_nul_characters(key, where)
+            refuse_nul_characters(value, where)
+    elif isinstance(data, list | tuple):
+        for index, item in enumerate(data):
+            refuse_nul_characters(item, f"{path}[{index}]")
+    return data
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="before")
     @classmethod
     def _refuse_bool_for_number(cls, data: Any) -> Any:
-        return refuse_bool_for_number(cls, data)
+        return refuse_bool_for_number(cls, refuse_nul_characters(data))
 
 
 class ModelSpec(_Spec):

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.training.contract_server import ContractState
+from storage import repository
+from tests.integration.api.seeding import seed_probes
+from tests.training.conftest import Service
 from tuner.autotune import autotune
 from tuner.client import TunerClient
 from tuner.errors import SpecError
@@ -151,9 +153,11 @@ def test_without_cuda_a_device_is_required() -> None:
 
 
 def test_result_is_uploaded_and_the_workload_found_by_fingerprint(
-    contract_server: str, contract_state: ContractState
+    service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with TunerClient(contract_server, backoff=0.01, poll_interval=0.02) as client:
+    monkeypatch.setenv("TUNER_API_TOKEN", service.token)  # the upload is a write
+    seed_probes(service.engine, WORKLOAD, device=DEVICE)  # measured before: the plan is derived at once
+    with TunerClient(service.url, token=service.token) as client:
         client.create_plan(
             PlanRequest(workload=WORKLOAD, effective_batch_size=64, device=DEVICE, backend="estimate"),
             progress=False,
@@ -162,12 +166,13 @@ def test_result_is_uploaded_and_the_workload_found_by_fingerprint(
             memory_limited_step(21, []),
             fingerprint=WORKLOAD.fingerprint(),
             device=DEVICE,
-            server=contract_server,
+            server=service.url,
         )
         assert uploaded.id is not None and uploaded.workload == WORKLOAD
         stored = client.get_probe(uploaded.id)
     assert stored.max_batch_size == 21 and stored.trials == uploaded.trials
-    assert ("POST", "/v1/probes", None) in contract_state.requests
+    in_database = repository.get_probe(service.engine, probe_id=int(uploaded.id))
+    assert in_database.backend == "cuda" and in_database.extra["source"] == "autotune"
 
 
 def test_without_workload_or_server_it_says_what_is_missing() -> None:

@@ -8,14 +8,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.training.contract_server import free_port
+from tests.servers import TUNER, clean_env, free_port, start_server
 from tuner import autotune, plan_for
 from tuner.client import Job, TunerClient
 from tuner.errors import ServiceError
@@ -42,42 +40,21 @@ SPEC = workload(64)  # the example's workload: the server probes it once for eve
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`tuner serve`: the API with its own local worker, on an SQLite file."""
+    directory = tmp_path_factory.mktemp("e2e")
     port = free_port()
-    database = tmp_path_factory.mktemp("e2e") / "tuner.db"
-    env = {**os.environ, "TUNER_API_TOKEN": TOKEN, "TUNER_LOG_LEVEL": "WARNING"}
+    env = clean_env({"TUNER_LOG_LEVEL": "WARNING"}, token=TOKEN)
     env.pop("TUNER_SERVER", None)
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "tuner"),
-            "serve",
-            "--port",
-            str(port),
-            "--db",
-            f"sqlite:///{database}",
-        ],
+    running = start_server(
+        [*TUNER, "serve", "--port", str(port), "--db", f"sqlite:///{directory / 'tuner.db'}"],
+        port=port,
         env=env,
-        cwd=REPO,
+        log_path=directory / "serve.log",
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"tuner serve did not come up (exit code {process.poll()})")
-            time.sleep(0.3)
-        yield url
+        yield running.base_url
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        running.stop(timeout=30)
 
 
 def request() -> PlanRequest:

@@ -16,7 +16,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from tests.training.contract_server import ContractState
+from tests.integration.api.seeding import seed_probes
+from tests.training.conftest import Service
 from tuner import plan_for
 from tuner.errors import DeviceRequiredError, SpecError
 from tuner.integration import detect_world_size, workload_for
@@ -128,35 +129,36 @@ def test_without_a_gpu_or_a_device_it_asks_for_a_device() -> None:
         plan_for(MLP, effective_batch_size=64)
 
 
-def test_asks_the_server_named_by_tuner_server(
-    contract_server: str, contract_state: ContractState, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TUNER_SERVER", contract_server)
+def test_asks_the_server_named_by_tuner_server(service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNER_SERVER", service.url)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("TUNER_API_TOKEN", "t0ken")
-    contract_state.token = "t0ken"
+    monkeypatch.setenv("TUNER_API_TOKEN", service.token)  # without it the server refuses the POST
+    probe_ids = seed_probes(service.engine, MLP, device=A100)  # measured before: derived at once
     plan = plan_for(MLP, effective_batch_size=64, device=A100, wait=0)
     assert plan.world_size == 2 and plan.device == A100 and plan.backend == "estimate"
     assert plan.micro_batch_size * plan.accumulation_steps * 2 == 64
-    assert plan.fingerprint == MLP.fingerprint()
-    assert any(method == "POST" and auth == "Bearer t0ken" for method, _, auth in contract_state.requests)
+    assert plan.fingerprint == MLP.fingerprint() and plan.id is not None
+    assert plan.probe_id in probe_ids.values()
 
 
 def test_the_token_argument_wins_and_a_server_argument_beats_the_setting(
-    contract_server: str, contract_state: ContractState, monkeypatch: pytest.MonkeyPatch
+    service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TUNER_SERVER", "http://127.0.0.1:9")  # nothing there
-    contract_state.token = "mine"
+    monkeypatch.setenv("TUNER_API_TOKEN", "not-the-token")
+    model = GPT2LMHeadModel(TINY_GPT2)
+    seed_probes(service.engine, workload_for(model), device=A100)  # measured before: derived at once
     plan = plan_for(
-        GPT2LMHeadModel(TINY_GPT2),
+        model,
         effective_batch_size=16,
         world_size=1,
         device=A100,
-        server=contract_server,
-        token="mine",
+        server=service.url,
+        token=service.token,
         policy={"max_micro_batch_size": 4},
     )
     assert plan.workload.model.family == "transformers" and plan.effective_batch_size == 16
+    assert plan.micro_batch_size == 4 and plan.cache_hit
 
 
 @pytest.mark.slow

@@ -314,3 +314,33 @@ def test_the_canonical_json_has_the_defaults_filled_in() -> None:
     assert canonical["model"]["kwargs"] == {"hidden_dim": 1024, "num_layers": 4, "dropout": 0.0}
     assert canonical["inputs"] == {"kind": "features", "dim": 8, "num_classes": 10}
     assert len(parse_workload(BUILTIN_MLP).fingerprint()) == 64
+
+
+MLP_REQUEST: dict[str, Any] = {
+    "workload": {"model": {"family": "builtin", "name": "mlp"}, "inputs": {"kind": "features", "dim": 4}},
+    "effective_batch_size": 8,
+    "backend": "estimate",
+    "device": {"name": "Test GPU", "total_memory_bytes": 2**30},
+}
+
+
+@pytest.mark.parametrize(
+    ("where", "request_data"),
+    [
+        ("device.name", {"device": {"name": "H100\x00", "total_memory_bytes": 2**34}}),
+        (
+            "workload.model.config.n\x00ame",
+            {
+                "workload": {
+                    "model": {"family": "transformers", "config": {"model_type": "gpt2", "n\x00ame": 1}},
+                    "inputs": {"kind": "tokens", "seq_len": 8},
+                }
+            },
+        ),
+    ],
+)
+def test_nul_characters_are_refused_anywhere(where: str, request_data: dict[str, Any]) -> None:
+    """PostgreSQL text cannot hold NUL; a request carrying one is the client's error, not a 500."""
+    with pytest.raises(SpecError, match="must not contain NUL characters") as caught:
+        parse_plan_request({**MLP_REQUEST, **request_data})
+    assert where.split(".")[0] in caught.value.message

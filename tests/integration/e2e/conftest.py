@@ -3,34 +3,34 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, func, select
 
 from storage.db import make_engine
 from storage.models import JobRow, ProbeRow
-
-REPO = Path(__file__).resolve().parents[3]
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TUNER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+from tests.servers import (
+    REPO,
+    TUNER,
+    ServerProcess,
+    clean_env,
+    free_port,
+    fresh_database,
+    postgres_reachable,
+    start_server,
+    start_worker,
+    stop_process,
+    wait_until,
 )
+
 TEST_DEVICE = {"name": "Test GPU 1GiB", "total_memory_bytes": 1 << 30}
 FACTORIES = "tests.integration.e2e.factories"
-TUNER = [sys.executable, "-c", "from tuner.cli import main; main()"]
-"""`tuner …` with this interpreter, whatever the PATH holds."""
 
 # Short leases and polls so that recovery happens in seconds; at most two attempts per job.
 SERVICE_ENV = {
@@ -67,42 +67,6 @@ def mlp_request(
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def stop_process(process: subprocess.Popen[bytes], *, timeout: float = 30.0) -> int:
-    """SIGTERM, then SIGKILL if it does not exit; also the rest of its process group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    _kill_group(process.pid)
-    return int(process.returncode)
-
-
-def _kill_group(pid: int) -> None:
-    # Probe children outliving a killed worker are in its process group (each worker gets its own).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
 @dataclass
 class Service:
     """An API server and the workers a test starts against one database."""
@@ -110,50 +74,38 @@ class Service:
     database_url: str
     engine: Engine
     log_dir: Path
-    base_url: str = ""
-    api: subprocess.Popen[bytes] | None = None
+    api: ServerProcess | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
+    def base_url(self) -> str:
+        assert self.api is not None, "the API server is not started"
+        return self.api.base_url
+
+    @property
     def env(self) -> dict[str, str]:
-        env = {**os.environ, **SERVICE_ENV, "TUNER_DATABASE_URL": self.database_url}
-        env.pop("TUNER_API_TOKEN", None)
-        return env
+        return clean_env({**SERVICE_ENV, "TUNER_DATABASE_URL": self.database_url})
 
     def client(self, timeout: float = 180.0) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=timeout)
 
     def start_api(self) -> None:
         port = free_port()
-        self.base_url = f"http://127.0.0.1:{port}"
-        log = (self.log_dir / "api.log").open("ab")
-        self.api = subprocess.Popen(
+        self.api = start_server(
             [*TUNER, "serve", "--no-worker", "--port", str(port), "--db", self.database_url],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            port=port, env=self.env, log_path=self.log_dir / "api.log", timeout=90,
         )  # fmt: skip
-
-        def healthy() -> bool:
-            assert self.api is not None and self.api.poll() is None, self.log("api")
-            try:
-                return httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=90, what="the API server")
 
     def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"worker-{name}.log").open("ab")
-        process = subprocess.Popen(
-            [*TUNER, "worker", "--backend", "estimate", "--db", self.database_url],
-            cwd=REPO, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+        process = start_worker(
+            self.database_url, self.log_dir / f"worker-{name}.log", env={**SERVICE_ENV, **env}
+        )
         self.workers.append(process)
         return process
 
     def stop_workers(self) -> None:
         for process in self.workers:
-            stop_process(process)
+            stop_process(process, timeout=30)
         self.workers.clear()
 
     def log(self, name: str) -> str:
@@ -183,34 +135,13 @@ class Service:
             return found
 
 
-def postgres_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A fresh database per module: an SQLite file, or a new PostgreSQL database dropped after."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('e2e') / 'tuner.db'}"
-        return
-    if not postgres_reachable():
+    if request.param == "postgresql" and not postgres_reachable():
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
-    name = f"tuner_e2e_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield str(
-            create_engine(POSTGRES_ADMIN_URL).url.set(database=name).render_as_string(hide_password=False)
-        )
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(request.param, tmp_path_factory.mktemp("e2e"), prefix="tuner_e2e") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +156,7 @@ def service(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     finally:
         running.stop_workers()
         if running.api is not None:
-            stop_process(running.api)
+            running.api.stop(timeout=30)
         engine.dispose()
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.e2e.conftest import FACTORIES, Service, mlp_request, wait_until
+from tests.integration.e2e.conftest import FACTORIES, Service, mlp_request
+from tests.servers import wait_until
 from tuner.spec import parse_workload
 
 pytestmark = pytest.mark.slow

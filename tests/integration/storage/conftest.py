@@ -11,22 +11,18 @@ own. The PostgreSQL parameters are skipped only when the server is unreachable.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import ensure_schema, make_engine, session_factory
 from storage.models import Base
+from tests.servers import PostgresAdmin
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "TUNER_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+PREFIX = "tuner_t"
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 
@@ -43,50 +39,20 @@ class Database:
         return self.engine.dialect.name
 
 
-class PostgresServer:
-    """Creates and drops throw-away databases through the maintenance database."""
-
-    def __init__(self, admin_url: str) -> None:
-        self.admin_url: URL = make_url(admin_url)
-        self.admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT", pool_size=1)
-
-    def reachable(self) -> bool:
-        try:
-            with self.admin.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            return True
-        except OperationalError:
-            return False
-
-    def create(self, *, template: str | None = None) -> str:
-        name = f"tuner_t_{uuid.uuid4().hex[:12]}"
-        clause = f" TEMPLATE {template}" if template else ""
-        with self.admin.connect() as connection:
-            connection.execute(text(f"CREATE DATABASE {name}{clause}"))
-        return name
-
-    def drop(self, name: str) -> None:
-        with self.admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-
-    def url(self, name: str) -> str:
-        return self.admin_url.set(database=name).render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    server = PostgresServer(POSTGRES_ADMIN_URL)
+def postgres_server() -> Iterator[PostgresAdmin]:
+    server = PostgresAdmin()
     if not server.reachable():
-        server.admin.dispose()
-        pytest.skip(f"PostgreSQL is not reachable at {server.admin_url.render_as_string()}")
+        server.dispose()
+        pytest.skip(f"PostgreSQL is not reachable at {server.describe()}")
     yield server
-    server.admin.dispose()
+    server.dispose()
 
 
 @pytest.fixture(scope="session")
-def postgres_template(postgres_server: PostgresServer) -> Iterator[str]:
+def postgres_template(postgres_server: PostgresAdmin) -> Iterator[str]:
     """A migrated database that each test's database is cloned from."""
-    name = postgres_server.create()
+    name = postgres_server.create(PREFIX)
     engine = make_engine(postgres_server.url(name))
     try:
         ensure_schema(engine)
@@ -97,9 +63,9 @@ def postgres_template(postgres_server: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def postgres_module_database(postgres_server: PostgresServer, postgres_template: str) -> Iterator[str]:
+def postgres_module_database(postgres_server: PostgresAdmin, postgres_template: str) -> Iterator[str]:
     """The URL of a migrated database shared by one test module's PostgreSQL tests."""
-    name = postgres_server.create(template=postgres_template)
+    name = postgres_server.create(PREFIX, template=postgres_template)
     yield postgres_server.url(name)
     postgres_server.drop(name)
 
@@ -110,8 +76,8 @@ def empty_database_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str
     if request.param == "sqlite":
         yield f"sqlite:///{os.fspath(tmp_path)}/tuner.db"
         return
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    name = server.create()
+    server: PostgresAdmin = request.getfixturevalue("postgres_server")
+    name = server.create(PREFIX)
     yield server.url(name)
     server.drop(name)
 

@@ -52,14 +52,15 @@ def test_cache_lookup_matches_every_part_of_the_key(database: Database) -> None:
     }
     with database.sessions() as session:
         assert find_cached_probe(session, **key) is None
-        older = save_probe(session, result=probe_result(workload=workload, max_batch_size=50))
-        newer = save_probe(session, result=probe_result(workload=workload, torch_version="2.13.2"))
+        first = save_probe(session, result=probe_result(workload=workload, max_batch_size=50))
+        # A later patch release has the same cache key: the first stored result stays the answer.
+        again = save_probe(session, result=probe_result(workload=workload, torch_version="2.13.2"))
         save_probe(session, result=probe_result(workload=workload, gradient_checkpointing=True))
         save_probe(session, result=probe_result(workload=workload, device=A100))
         save_probe(session, result=probe_result(workload=workload, torch_version="2.12.1"))
 
         hit = find_cached_probe(session, **key)
-        assert hit is not None and hit.id == newer and hit.id != older  # newest of the patch releases
+        assert hit is not None and hit.id == first == again and hit.max_batch_size == 50
         misses = [
             {"fingerprint": gpt2_workload(n_layer=3).fingerprint()},
             {"device_name": "NVIDIA H100 PCIe"},
@@ -118,7 +119,8 @@ def test_plans_list_newest_first_filter_and_paginate(database: Database) -> None
                 save_plan(
                     session,
                     plan=plan(workload=workload, device=device, backend=backend, micro_batch_size=2**index),
-                    request=plan_request(workload, device),
+                    # Distinct requests: one request from the same probes is one stored plan.
+                    request=plan_request(workload, device, effective_batch_size=512 + index),
                 )
             )
     newest_first = saved[::-1]

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +23,7 @@ from sqlalchemy import Engine
 
 from storage.db import ensure_schema, make_engine
 from tests.integration.ui.seeding import SeededJobs, SeededPlan, seed_jobs, seed_plans
+from tests.servers import ServerProcess, start_api_server
 
 REPO = Path(__file__).resolve().parents[3]
 ARTIFACTS = REPO / "test-artifacts" / "ui"
@@ -49,30 +45,25 @@ LAPTOP_WIDTH = 1280
 PHONE_WIDTH = 390
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class UiServer:
     """The running server, its database and what was seeded into it."""
 
-    base_url: str
     database_url: str
     engine: Engine
     plans: list[SeededPlan]
     jobs: SeededJobs
-    process: subprocess.Popen[bytes]
-    log_path: Path
+    process: ServerProcess
+
+    @property
+    def base_url(self) -> str:
+        return self.process.base_url
 
     def url(self, path: str) -> str:
         return self.base_url + path
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log()
 
 
 @pytest.fixture(scope="session")
@@ -83,43 +74,12 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
     ensure_schema(engine)
     plans = seed_plans(engine, start=SEED_START)
     jobs = seed_jobs(engine)
-    port = _free_port()
-    env = {**os.environ, "TUNER_DATABASE_URL": database_url, "TUNER_TORCH_MINOR": "2.13"}
-    env.pop("TUNER_API_TOKEN", None)
-    log_path = directory / "uvicorn.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    server = UiServer(f"http://127.0.0.1:{port}", database_url, engine, plans, jobs, process, log_path)
+    process = start_api_server(database_url, directory, env={"TUNER_TORCH_MINOR": "2.13"})
     try:
-        _wait_until_up(server)
-        yield server
+        yield UiServer(database_url, engine, plans, jobs, process)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        process.stop()
         engine.dispose()
-
-
-def _wait_until_up(server: UiServer) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the API server exited with {server.process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(server.url("/healthz"), timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the API server did not answer within 60 s:\n{server.log()}")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,25 +14,19 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from storage.models import ProbeRow
+from tests import servers
 from tests.integration.worker.conftest import Queue, mlp_request
 
-REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
 
 
 def start_worker(url: str, log_path: Path, *, grace_seconds: float) -> subprocess.Popen[bytes]:
     env = {
-        **os.environ,
-        "TUNER_DATABASE_URL": url,
         "TUNER_SHUTDOWN_GRACE_SECONDS": str(grace_seconds),
         "TUNER_WORKER_POLL_SECONDS": "0.1",
         "TUNER_HEARTBEAT_SECONDS": "0.5",
     }
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-c", "from tuner.cli import main; main()", "worker", "--backend", "estimate"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    return servers.start_worker(url, log_path, env=env)
 
 
 def wait_running(queue: Queue, job_id: int, process: subprocess.Popen[bytes]) -> None:
