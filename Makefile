@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Many tests wait on subprocesses and servers, so three workers keep two cores busy.
+PYTEST_WORKERS ?= 3
 
 .PHONY: run test lint typecheck pytest setup system-packages postgres bench clean
 
@@ -44,7 +46,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 pytest: setup system-packages postgres
-	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
