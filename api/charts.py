@@ -12,7 +12,7 @@ in a page as is. Elements carry classes (`capacity-line`, `budget-line`, `chosen
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html import escape
 
@@ -381,31 +381,27 @@ def _memory_series(frame: _Frame, one: ChartSeries, colour: str) -> list[str]:
         (t.batch_size, t.peak_allocated_bytes) for t in ordered if t.peak_allocated_bytes is not None
     ]
     reserved = [(t.batch_size, t.peak_reserved_bytes) for t in ordered if t.peak_reserved_bytes is not None]
-    if len(allocated) > 1:
-        parts.append(
-            _polyline(
-                [(frame.x(b), frame.y(p)) for b, p in allocated],
-                stroke=colour,
-                stroke_width="1.5",
-                stroke_dasharray="2 3",
-                class_="allocated-line",
-            )
-        )
-    if len(reserved) > 1:
-        parts.append(
-            _polyline(
-                [(frame.x(b), frame.y(p)) for b, p in reserved],
-                stroke=colour,
-                stroke_width="2",
-                class_="reserved-line",
-            )
-        )
-    for b, p in allocated:
-        tip = f"{one.label}: micro-batch {b}, peak allocated {format_bytes(p)}"
-        parts.append(_point(frame.x(b), frame.y(p), colour, "circle", tip, "trial-point allocated"))
-    for b, p in reserved:
-        tip = f"{one.label}: micro-batch {b}, peak reserved {format_bytes(p)}"
-        parts.append(_point(frame.x(b), frame.y(p), colour, "square", tip, "trial-point reserved"))
+    allocated_line, allocated_points = _measured(
+        frame,
+        allocated,
+        colour,
+        "allocated",
+        one.label,
+        lambda p: f"peak allocated {format_bytes(p)}",
+        line_width="1.5",
+        line_dashes="2 3",
+    )
+    reserved_line, reserved_points = _measured(
+        frame,
+        reserved,
+        colour,
+        "reserved",
+        one.label,
+        lambda p: f"peak reserved {format_bytes(p)}",
+        marker="square",
+    )
+    # Both lines first, so that no line covers the other quantity's points.
+    parts += allocated_line + reserved_line + allocated_points + reserved_points
     for trial in one.trials:
         if not trial.ok:
             why = "out of memory" if trial.error in (None, "out_of_memory") else f"failed: {trial.error}"
@@ -414,6 +410,38 @@ def _memory_series(frame: _Frame, one: ChartSeries, colour: str) -> list[str]:
             parts.append(_point(frame.x(trial.batch_size), y, colour, "cross", tip, "trial-point failed"))
     parts.append("</g>")
     return parts
+
+
+def _measured(
+    frame: _Frame,
+    points: Sequence[tuple[int, float]],
+    colour: str,
+    quantity: str,
+    label: str,
+    value_text: Callable[[float], str],
+    *,
+    marker: str = "circle",
+    line_width: str = "2",
+    line_dashes: str | None = None,
+) -> tuple[list[str], list[str]]:
+    """One measured quantity of a series, `points` sorted by micro-batch: the line through them
+    (class `<quantity>-line`; none for a single point) and a marker with a tooltip at each
+    (`trial-point <quantity>`). Returned apart, so that a chart can draw lines under markers."""
+    markers = []
+    for b, v in points:
+        tip = f"{label}: micro-batch {b}, {value_text(v)}"
+        markers.append(_point(frame.x(b), frame.y(v), colour, marker, tip, f"trial-point {quantity}"))
+    if len(points) < 2:
+        return [], markers
+    dashes = {"stroke_dasharray": line_dashes} if line_dashes is not None else {}
+    line = _polyline(
+        [(frame.x(b), frame.y(v)) for b, v in points],
+        stroke=colour,
+        stroke_width=line_width,
+        **dashes,
+        class_=f"{quantity}-line",
+    )
+    return [line], markers
 
 
 def _fitted_tooltip(one: ChartSeries) -> str:
@@ -549,22 +577,15 @@ def throughput_chart(
     for index, (one, points) in enumerate(zip(series, measured, strict=True)):
         if not points:
             continue
-        colour = _colour(index)
-        ordered = sorted(points)
-        parts.append(f'<g class="series" data-label="{escape(one.label)}">')
-        if len(ordered) > 1:
-            parts.append(
-                _polyline(
-                    [(frame.x(b), frame.y(v)) for b, v in ordered],
-                    stroke=colour,
-                    stroke_width="2",
-                    class_="throughput-line",
-                )
-            )
-        for b, v in ordered:
-            tip = f"{one.label}: micro-batch {b}, {v:.1f} samples/s"
-            parts.append(_point(frame.x(b), frame.y(v), colour, "circle", tip, "trial-point throughput"))
-        parts.append("</g>")
+        line, markers = _measured(
+            frame,
+            sorted(points),
+            _colour(index),
+            "throughput",
+            one.label,
+            lambda v: f"{v:.1f} samples/s",
+        )
+        parts += [f'<g class="series" data-label="{escape(one.label)}">', *line, *markers, "</g>"]
     if chosen_batch_size is not None:
         parts += _chosen_marker(frame, chosen_batch_size, f"chosen micro-batch {chosen_batch_size}")
         if chosen_samples_per_second is not None:

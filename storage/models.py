@@ -52,6 +52,16 @@ cache key unique. It stays readable by id (plans name it), but no cache lookup r
 # The condition of the unique cache-key index: only results a lookup may return are unique.
 PROBE_CURRENT = text("status = 'complete'")
 
+PROBE_KEY_COLUMNS = (
+    "fingerprint",
+    "device_name",
+    "device_memory_bytes",
+    "backend",
+    "torch_minor",
+    "gradient_checkpointing",
+)
+"""The columns of the probe cache key: unique among complete results."""
+
 # Stable constraint names on both databases, so that later migrations can name what they alter.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -136,12 +146,7 @@ class ProbeRow(Base):
         # (`save_probe` inserts with ON CONFLICT DO NOTHING), and the cache lookup uses it.
         Index(
             "uq_probe_results_cache_key",
-            "fingerprint",
-            "device_name",
-            "device_memory_bytes",
-            "backend",
-            "torch_minor",
-            "gradient_checkpointing",
+            *PROBE_KEY_COLUMNS,
             unique=True,
             postgresql_where=PROBE_CURRENT,
             sqlite_where=PROBE_CURRENT,

@@ -42,6 +42,7 @@ from storage.jobs import (
 )
 from storage.models import (
     PROBE_COMPLETE,
+    PROBE_KEY_COLUMNS,
     WAITER_PENDING,
     WAITER_RESOLVED,
     JobWaiterRow,
@@ -179,17 +180,6 @@ def save_probe_or_existing(session: Bind, *, result: ProbeResult) -> tuple[int, 
                 [_trial_values(probe_id, index, trial) for index, trial in enumerate(result.trials)],
             )
         return probe_id, True
-
-
-PROBE_KEY_COLUMNS = (
-    "fingerprint",
-    "device_name",
-    "device_memory_bytes",
-    "backend",
-    "torch_minor",
-    "gradient_checkpointing",
-)
-"""The columns of the probe cache key: unique among complete results."""
 
 
 def insert_statement(db: Session, entity: type[Any]) -> postgresql.Insert | sqlite.Insert:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from tuner.autotune import autotune
+    from tuner.autotuning import autotune
     from tuner.integration import plan_for
 
 __all__ = ["__version__", "autotune", "plan_for"]
@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
         return plan_for
     if name == "autotune":
-        from tuner.autotune import autotune
+        from tuner.autotuning import autotune
 
         return autotune
     raise AttributeError(f"module 'tuner' has no attribute {name!r}")

@@ -56,6 +56,11 @@ def _default(value: Any) -> Any:
     return str(value)
 
 
+def on_off(flag: bool) -> str:
+    """How the output names a checkpointing choice."""
+    return "on" if flag else "off"
+
+
 def size_option(value: str | None) -> int | None:
     """Parse a `--device-memory 80GiB` style option."""
     if value is None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tuner.cli._common import clear_errors, print_json
+from tuner.cli._common import clear_errors, on_off, print_json
 
 _PHASE_ORDER = ("forward", "backward", "optimizer")
 
@@ -42,7 +42,7 @@ def _print_table(name: str, report: dict[str, Any]) -> None:
 
     from tuner.units import format_bytes
 
-    checkpointing = "on" if report["gradient_checkpointing"] else "off"
+    checkpointing = on_off(report["gradient_checkpointing"])
     table = Table(
         title=f"{name}, micro-batch {report['batch_size']}, checkpointing {checkpointing}",
         show_header=False,

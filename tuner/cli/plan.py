@@ -4,23 +4,24 @@ batch, planned here (probe, then `tuner.planner.make_plan`) or by a tuner servic
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from tuner.cli._common import clear_errors, console, fail, print_json, size_option
+from tuner.cli._common import clear_errors, fail, on_off, print_json, size_option
+from tuner.cli._options import (
+    MAX_TRIALS,
+    BackendChoice,
+    refuse_memory_for_cuda,
+    resolve_backend,
+    target_device,
+)
+from tuner.cli._progress import trial_progress
 
 if TYPE_CHECKING:
     from tuner.results import Plan, ProbeResult
-    from tuner.search_types import Trial
     from tuner.spec import Backend, DeviceSpec, PlanRequest, WorkloadSpec
-
-
-class BackendChoice(StrEnum):
-    cuda = "cuda"
-    estimate = "estimate"
 
 
 class CheckpointingChoice(StrEnum):
@@ -102,40 +103,28 @@ def plan(
 
 
 def _resolve_backend(choice: BackendChoice | None, total_memory: int | None, *, remote: bool) -> Backend:
-    if choice is not None:
-        return "cuda" if choice is BackendChoice.cuda else "estimate"
-    if total_memory is not None:
-        return "estimate"
-    if remote:
-        return "cuda"
-    from probes.local_gpu import detect_local_gpu
-
-    if detect_local_gpu() is None:
-        fail(
-            "This machine has no CUDA GPU: pass --device-memory (e.g. 80GiB) to plan with the "
-            "GPU-free estimate backend, or --server to ask a tuner service."
-        )
-    return "cuda"
+    if remote and choice is None and total_memory is None:
+        return "cuda"  # the service's cuda workers measure their own GPUs
+    return resolve_backend(
+        choice,
+        total_memory,
+        no_gpu_error="This machine has no CUDA GPU: pass --device-memory (e.g. 80GiB) to plan with the "
+        "GPU-free estimate backend, or --server to ask a tuner service.",
+    )
 
 
 def _device(
     backend: Backend, total_memory: int | None, name: str | None, *, remote: bool
 ) -> DeviceSpec | None:
     from tuner.errors import DeviceRequiredError
-    from tuner.spec import DeviceSpec
-    from tuner.units import format_bytes
 
-    if total_memory is None:
-        if backend == "estimate":
-            raise DeviceRequiredError(
-                "The estimate backend needs the target device's memory: pass --device-memory, e.g. 80GiB."
-            )
-        if name is not None:
-            fail("--device-name needs --device-memory as well.")
-        return None
-    if backend == "cuda" and not remote:
-        fail("--device-memory is for the estimate backend; the cuda backend measures this machine's GPU.")
-    return DeviceSpec(name=name or f"GPU with {format_bytes(total_memory)}", total_memory_bytes=total_memory)
+    if backend == "estimate" and total_memory is None:
+        raise DeviceRequiredError(
+            "The estimate backend needs the target device's memory: pass --device-memory, e.g. 80GiB."
+        )
+    if not remote:  # a service's workers check a requested device against their own GPU
+        refuse_memory_for_cuda(backend, total_memory)
+    return target_device(total_memory, name)
 
 
 def _request(
@@ -168,16 +157,9 @@ def _plan_locally(request: PlanRequest, *, show_progress: bool) -> Plan:
     needed = {"off": [False], "on": [True], "auto": [False, True]}[request.policy.gradient_checkpointing]
     probes: dict[bool, ProbeResult] = {}
     for checkpointing in needed:
-        what = (
-            f"Probing {request.workload.describe()} ({request.backend}), "
-            f"checkpointing {_on_off(checkpointing)}"
-        )
-        with console.status(what, spinner="dots") if show_progress else nullcontext():
-
-            def progress(trial: Trial) -> None:
-                if show_progress:
-                    console.log(_describe_trial(trial), highlight=False)
-
+        with trial_progress(
+            request.workload, request.backend, checkpointing, max_trials=MAX_TRIALS, show=show_progress
+        ) as bar:
             probes[checkpointing] = run_probe(
                 request.workload,
                 backend=request.backend,
@@ -185,8 +167,10 @@ def _plan_locally(request: PlanRequest, *, show_progress: bool) -> Plan:
                 gradient_checkpointing=checkpointing,
                 # No plan can use more than the caller's cap: searching beyond it is wasted.
                 max_batch_size=request.policy.max_micro_batch_size or 65536,
-                progress=progress,
+                max_trials=MAX_TRIALS,
+                progress=bar.advance,
             )
+            bar.done(probes[checkpointing])
     return make_plan(request, probes)
 
 
@@ -199,19 +183,6 @@ def _plan_on_server(base_url: str, request: PlanRequest, wait: float) -> Plan:
         # The server holds the request up to 300 s; longer waits are spent polling the job.
         result: Plan = client.create_plan(request, wait=min(wait, 300.0), max_seconds=wait)
     return result
-
-
-def _describe_trial(trial: Trial) -> str:
-    """`batch 48 fits (1.20 GiB)` or `batch 96 does not fit`."""
-    from tuner.units import format_bytes
-
-    peak = trial.peak_reserved_bytes or trial.peak_allocated_bytes
-    verdict = "fits" if trial.ok else "does not fit"
-    return f"batch {trial.batch_size} {verdict}" + (f" ({format_bytes(peak)})" if peak else "")
-
-
-def _on_off(flag: bool) -> str:
-    return "on" if flag else "off"
 
 
 def print_plan(plan: Plan) -> None:
@@ -234,7 +205,7 @@ def print_plan(plan: Plan) -> None:
     table.add_row("accumulation steps", str(plan.accumulation_steps))
     table.add_row("world size", str(plan.world_size))
     table.add_row("effective batch", str(plan.effective_batch_size))
-    table.add_row("gradient checkpointing", _on_off(plan.gradient_checkpointing))
+    table.add_row("gradient checkpointing", on_off(plan.gradient_checkpointing))
     largest = ", ".join(f"{key}: {value}" for key, value in plan.max_micro_batch_size.items())
     table.add_row("largest micro-batch", largest)
     table.add_row("memory budget", format_bytes(plan.memory_budget_bytes))

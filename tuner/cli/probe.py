@@ -5,26 +5,26 @@ torch is imported only inside the command (through `probes`), so `tuner --help` 
 
 from __future__ import annotations
 
-import functools
 import sys
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import typer
 
-from tuner.cli._common import clear_errors, fail, print_json, size_option
+from tuner.cli._common import clear_errors, on_off, print_json, size_option
+from tuner.cli._options import (
+    MAX_TRIALS,
+    BackendChoice,
+    local_gpu,
+    refuse_memory_for_cuda,
+    resolve_backend,
+    target_device,
+)
+from tuner.cli._progress import trial_progress
 
 if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
-
     from tuner.results import ProbeResult
-    from tuner.search_types import Trial
     from tuner.spec import Backend, DeviceSpec, WorkloadSpec
-
-
-class BackendChoice(StrEnum):
-    cuda = "cuda"
-    estimate = "estimate"
 
 
 class StrategyChoice(StrEnum):
@@ -54,7 +54,7 @@ def probe(
     strategy: StrategyChoice = typer.Option(StrategyChoice.guided, "--strategy", help="Search strategy."),
     checkpointing: OnOff = typer.Option(OnOff.off, "--checkpointing", help="Gradient checkpointing."),
     max_batch_size: int = typer.Option(65536, "--max-batch-size", help="Never try a larger micro-batch."),
-    max_trials: int = typer.Option(32, "--max-trials", help="Trial budget of the search."),
+    max_trials: int = typer.Option(MAX_TRIALS, "--max-trials", help="Trial budget of the search."),
     verify_steps: int = typer.Option(
         0,
         "--verify-steps",
@@ -69,16 +69,11 @@ def probe(
 
         workload = load_workload_file(spec)
         total_memory = size_option(device_memory)
-        device = _device(total_memory, device_name)
-        chosen: Backend
-        if backend is not None:
-            chosen = "cuda" if backend is BackendChoice.cuda else "estimate"
-        else:
-            chosen = _default_backend(device)
+        device = target_device(total_memory, device_name)
+        chosen = resolve_backend(backend, total_memory)
         if chosen == "estimate" and device is None:
-            device = _local_gpu()
-        if chosen == "cuda" and device is not None and total_memory is not None:
-            fail("--device-memory is for the estimate backend; the cuda backend measures this machine's GPU.")
+            device = local_gpu()
+        refuse_memory_for_cuda(chosen, total_memory)
         result = _run(
             workload,
             chosen,
@@ -97,31 +92,6 @@ def probe(
         print_probe(result)
 
 
-def _device(total_memory: int | None, name: str | None) -> DeviceSpec | None:
-    from tuner.spec import DeviceSpec
-    from tuner.units import format_bytes
-
-    if total_memory is None:
-        if name is not None:
-            fail("--device-name needs --device-memory as well.")
-        return None
-    return DeviceSpec(name=name or f"GPU with {format_bytes(total_memory)}", total_memory_bytes=total_memory)
-
-
-@functools.cache
-def _local_gpu() -> DeviceSpec | None:
-    from probes.local_gpu import detect_local_gpu
-
-    return detect_local_gpu()
-
-
-def _default_backend(device: DeviceSpec | None) -> Backend:
-    """cuda on a machine with a GPU (unless a target device was given), else estimate."""
-    if device is not None:
-        return "estimate"
-    return "cuda" if _local_gpu() is not None else "estimate"
-
-
 def _run(
     workload: WorkloadSpec,
     backend: Backend,
@@ -135,24 +105,9 @@ def _run(
     timeout: float | None,
     show_progress: bool,
 ) -> ProbeResult:
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     from probes.probe import run_probe
-    from tuner.cli._common import console
 
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} trials"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show_progress,
-        transient=False,
-    )
-    title = f"{workload.describe()} ({backend}, checkpointing {'on' if checkpointing else 'off'})"
-    with progress:
-        task = progress.add_task(f"Probing {title}", total=max_trials)
+    with trial_progress(workload, backend, checkpointing, max_trials=max_trials, show=show_progress) as bar:
         result = run_probe(
             workload,
             backend=backend,
@@ -163,28 +118,10 @@ def _run(
             max_trials=max_trials,
             verify_steps=verify_steps,
             timeout=timeout,
-            progress=lambda trial: _advance(progress, task, trial),
+            progress=bar.advance,
         )
-        progress.update(task, total=len(result.trials), description=f"Probed {title}")
+        bar.done(result)
     return result
-
-
-def _advance(progress: Progress, task: TaskID, trial: Trial) -> None:
-    """One trial done: its batch size, memory and verdict on the bar, and a line above it."""
-    progress.advance(task)
-    if not progress.disable:
-        progress.console.log(describe_trial(trial), highlight=False)
-
-
-def describe_trial(trial: Trial) -> str:
-    """`batch 48 fits (reserved 70.20 GiB, 3.1 s)` or `batch 96 does not fit (out of memory)`."""
-    from tuner.units import format_bytes
-
-    if not trial.ok:
-        why = "out of memory" if trial.error in (None, "out_of_memory") else trial.error
-        return f"batch {trial.batch_size} does not fit ({why}, {trial.seconds:.1f} s)"
-    peak = trial.peak_reserved_bytes or trial.peak_allocated_bytes
-    return f"batch {trial.batch_size} fits (reserved {format_bytes(peak)}, {trial.seconds:.1f} s)"
 
 
 def print_probe(result: ProbeResult) -> None:
@@ -219,7 +156,7 @@ def print_probe(result: ProbeResult) -> None:
             "—" if trial.samples_per_second is None else f"{trial.samples_per_second:.1f}",
         )
     out.print(table)
-    checkpointing = "on" if result.gradient_checkpointing else "off"
+    checkpointing = on_off(result.gradient_checkpointing)
     if result.max_batch_size == 0:
         out.print(
             f"Nothing fits: not even batch size 1 with checkpointing {checkpointing} "

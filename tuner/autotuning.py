@@ -13,7 +13,6 @@ import gc
 import os
 import sys
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -226,15 +225,3 @@ def _versions(torch: Any) -> dict[str, str]:
         versions["transformers"] = str(transformers.__version__)
     return versions
 
-
-class _CallableModule(types.ModuleType):
-    """`tuner.autotune` is both this module and, by CONTRACT.md, a function. Importing the module
-    makes the package attribute `tuner.autotune` the module (the import system sets it after the
-    lazy `tuner.__getattr__` could hand out the function), so the module itself is made callable:
-    `tuner.autotune(step_fn, ...)` works whichever of the two a caller got."""
-
-    def __call__(self, step_fn: StepFn, **kwargs: Any) -> ProbeResult:
-        return autotune(step_fn, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

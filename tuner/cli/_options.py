@@ -1,0 +1,67 @@
+"""The options `tuner plan` and `tuner probe` share: which backend runs the trials, and the
+target device given by `--device-memory/--device-name`."""
+
+from __future__ import annotations
+
+import functools
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from tuner.cli._common import fail
+
+if TYPE_CHECKING:
+    from tuner.spec import Backend, DeviceSpec
+
+MAX_TRIALS = 32
+"""A probe's trial budget unless `--max-trials` says otherwise."""
+
+
+class BackendChoice(StrEnum):
+    cuda = "cuda"
+    estimate = "estimate"
+
+    @property
+    def backend(self) -> Backend:
+        return "cuda" if self is BackendChoice.cuda else "estimate"
+
+
+@functools.cache
+def local_gpu() -> DeviceSpec | None:
+    """This machine's first CUDA GPU. Looked for once per process: the check spawns a child."""
+    from probes.local_gpu import detect_local_gpu
+
+    return detect_local_gpu()
+
+
+def resolve_backend(
+    choice: BackendChoice | None, total_memory: int | None, *, no_gpu_error: str | None = None
+) -> Backend:
+    """The `--backend` choice; else estimate for a target `--device-memory`; else cuda on this
+    machine's GPU. Without a GPU: estimate, or `no_gpu_error` as the command's error when given."""
+    if choice is not None:
+        return choice.backend
+    if total_memory is not None:
+        return "estimate"
+    if local_gpu() is not None:
+        return "cuda"
+    if no_gpu_error is not None:
+        fail(no_gpu_error)
+    return "estimate"
+
+
+def target_device(total_memory: int | None, name: str | None) -> DeviceSpec | None:
+    """The device of `--device-memory` (named by `--device-name`), or None without it."""
+    from tuner.spec import DeviceSpec
+    from tuner.units import format_bytes
+
+    if total_memory is None:
+        if name is not None:
+            fail("--device-name needs --device-memory as well.")
+        return None
+    return DeviceSpec(name=name or f"GPU with {format_bytes(total_memory)}", total_memory_bytes=total_memory)
+
+
+def refuse_memory_for_cuda(backend: Backend, total_memory: int | None) -> None:
+    """The cuda backend measures the GPU it runs on: a target memory size makes no sense there."""
+    if backend == "cuda" and total_memory is not None:
+        fail("--device-memory is for the estimate backend; the cuda backend measures this machine's GPU.")

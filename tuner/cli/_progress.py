@@ -1,0 +1,68 @@
+"""A probe's trials on a terminal: a progress bar on stderr and one line per finished trial."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from tuner.cli._common import console, on_off
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from tuner.results import ProbeResult
+    from tuner.search_types import Trial
+    from tuner.spec import Backend, WorkloadSpec
+
+
+class TrialProgress:
+    """The bar of one probe; `advance` is the probe's `progress` callback."""
+
+    def __init__(self, progress: Progress, task: TaskID, title: str) -> None:
+        self._progress = progress
+        self._task = task
+        self._title = title
+
+    def advance(self, trial: Trial) -> None:
+        """One trial done: a step on the bar, and its batch size, memory and verdict above it."""
+        self._progress.advance(self._task)
+        if not self._progress.disable:
+            self._progress.console.log(describe_trial(trial), highlight=False)
+
+    def done(self, result: ProbeResult) -> None:
+        """The probe finished: the bar's total becomes the trials it took."""
+        self._progress.update(self._task, total=len(result.trials), description=f"Probed {self._title}")
+
+
+@contextmanager
+def trial_progress(
+    workload: WorkloadSpec, backend: Backend, checkpointing: bool, *, max_trials: int, show: bool
+) -> Iterator[TrialProgress]:
+    """A bar over the trial budget of one probe, drawn only when `show` (a terminal)."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} trials"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show,
+        transient=False,
+    )
+    title = f"{workload.describe()} ({backend}, checkpointing {on_off(checkpointing)})"
+    with progress:
+        yield TrialProgress(progress, progress.add_task(f"Probing {title}", total=max_trials), title)
+
+
+def describe_trial(trial: Trial) -> str:
+    """`batch 48 fits (reserved 70.20 GiB, 3.1 s)` or `batch 96 does not fit (out of memory)`."""
+    from tuner.units import format_bytes
+
+    if not trial.ok:
+        why = "out of memory" if trial.error in (None, "out_of_memory") else trial.error
+        return f"batch {trial.batch_size} does not fit ({why}, {trial.seconds:.1f} s)"
+    peak = trial.peak_reserved_bytes or trial.peak_allocated_bytes
+    return f"batch {trial.batch_size} fits (reserved {format_bytes(peak)}, {trial.seconds:.1f} s)"
