@@ -224,4 +224,3 @@ def _versions(torch: Any) -> dict[str, str]:
     if transformers is not None:
         versions["transformers"] = str(transformers.__version__)
     return versions
-
