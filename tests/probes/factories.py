@@ -91,3 +91,25 @@ def raises(message: str = "this factory always fails") -> nn.Module:
 
 def not_a_module() -> object:
     return {"weights": [1.0, 2.0]}
+
+
+SEEN_INPUT_TYPES: list[str] = []
+"""Class names of the tensors `RecordsInputKind.forward` received in this process."""
+
+
+class RecordsInputKind(nn.Module):
+    """Records the class of the tensor its forward receives (`FakeTensor` under a fake trace,
+    `Tensor` on real tensors), so a test can tell which kind of trace ran."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(in_features, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        SEEN_INPUT_TYPES.append(type(features).__name__)
+        out: torch.Tensor = self.layer(features)
+        return out
+
+
+def records_input_kind(in_features: int = 16, num_classes: int = 10) -> nn.Module:
+    return RecordsInputKind(in_features, num_classes)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from tuner.cli import app
+from tuner.units import format_bytes
 
 TINY_GPT2 = {
     "model": {
@@ -48,10 +49,19 @@ def test_json_output_has_the_contract_fields(tmp_path: Path) -> None:
 
 
 def test_table_output(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["estimate", str(write_spec(tmp_path)), "-b", "1"])
-    assert result.exit_code == 0, result.output
-    assert "predicted peak reserved" in result.stdout
-    assert "gpt2, micro-batch 1" in result.stdout
+    """The table shows the same estimate as the JSON (the trace is deterministic), not just labels."""
+    spec = str(write_spec(tmp_path))
+    table = CliRunner().invoke(app, ["estimate", spec, "-b", "1"])
+    assert table.exit_code == 0, table.output
+    document = json.loads(CliRunner().invoke(app, ["estimate", spec, "-b", "1", "--json"]).stdout)
+    assert "gpt2, micro-batch 1" in table.stdout
+    for label, key in (
+        ("predicted peak allocated", "peak_allocated_bytes"),
+        ("predicted peak reserved", "peak_reserved_bytes"),
+        ("traced peak", "traced_peak_bytes"),
+    ):
+        row = next(line for line in table.stdout.splitlines() if label in line)
+        assert format_bytes(document[key]) in row, (label, row)
 
 
 def test_bad_spec_file_is_one_clear_line(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from probes.child import run_in_child
 from probes.estimate import emulation
-from tests.probes.tiny_specs import SEQ, VOCAB, tiny_spec
+from tests.probes.tiny_specs import FEATURES, SEQ, VOCAB, tiny_spec
 from tuner.spec import WorkloadSpec, parse_workload
 
 # Module-scoped fixtures start before the per-test allowlist fixture of conftest.py.
@@ -89,12 +89,29 @@ def test_fake_trace_peak_equals_real_cpu_peak(
     assert fake == real
 
 
+def _input_kinds_seen(real_tensors: bool) -> set[str]:
+    """The tensor classes a python model's forward received in one trace."""
+    from probes.estimate.trace import trace_peak
+    from tests.probes import factories
+
+    spec = parse_workload(
+        {
+            "model": {"family": "python", "factory": "tests.probes.factories:records_input_kind"},
+            "inputs": FEATURES,
+        }
+    )
+    factories.SEEN_INPUT_TYPES.clear()
+    trace_peak(spec, 2, real_tensors=real_tensors)
+    return set(factories.SEEN_INPUT_TYPES)
+
+
 def _traced_ops_and_dtypes() -> dict[str, Any]:
     from probes.estimate.trace import trace_peak
     from probes.estimate.tracker import rounded
     from probes.workloads import build_workload
 
     emulation.install_cuda_emulation()
+    input_kinds = {"fake": _input_kinds_seen(False), "real": _input_kinds_seen(True)}
     bf16 = trace_peak(gpt2_with_dropout("bf16-mixed"), 2, record_ops=True)
     fp32 = trace_peak(gpt2_with_dropout("fp32"), 2, record_ops=True)
     grouped = trace_peak(tiny_spec("llama", precision="bf16-mixed"), 2, record_ops=True)
@@ -118,13 +135,22 @@ def _traced_ops_and_dtypes() -> dict[str, Any]:
         "parameter_bytes": sum(rounded(p.untyped_storage().nbytes()) for p in model.parameters())
         + sum(rounded(b.untyped_storage().nbytes()) for b in model.buffers()),
         "dtypes": dtypes,
+        "input_kinds": input_kinds,
     }
 
 
 @pytest.fixture(scope="module")
 def traced() -> dict[str, Any]:
-    result: dict[str, Any] = run_in_child(_traced_ops_and_dtypes, timeout=300, what="op-list trace")
+    result: dict[str, Any] = run_in_child(
+        _traced_ops_and_dtypes, timeout=300, what="op-list trace", env=FACTORY_ENV
+    )
     return result
+
+
+def test_the_real_tensor_trace_is_not_a_second_fake_trace(traced: dict[str, Any]) -> None:
+    """Fake peak == real peak only means something if the two traces differ in kind: the fake
+    trace hands the model fake tensors, `real_tensors=True` hands it real CPU tensors."""
+    assert traced["input_kinds"] == {"fake": {"FakeTensor"}, "real": {"Tensor"}}
 
 
 def test_bf16_trace_takes_the_cuda_kernels(traced: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from tuner.errors import SpecError
+from tuner.settings import get_settings
 from tuner.spec import (
     MAX_LAYERS,
     MAX_SEQ_LEN,
@@ -305,6 +306,30 @@ def test_builtin_kwargs_and_names_change_the_fingerprint() -> None:
         with_changes(base, "model.kwargs", {"use_moe": True, "moe_capacity_factor": 2.0}),
     ]
     assert len({parse_workload(v).fingerprint() for v in variants}) == len(variants)
+
+
+def test_inputs_and_factory_fields_change_the_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch's shape and a python factory's reference and kwargs build a different workload."""
+    monkeypatch.setenv("TUNER_ALLOWED_FACTORY_PACKAGES", "mypkg")
+    get_settings.cache_clear()
+    try:
+        image = {"model": {"family": "builtin", "name": "cnn"}, "inputs": {"kind": "image"}}
+        factory = {"model": {"family": "python", "factory": "mypkg.models:build"}, "inputs": FEATURES}
+        variants = [
+            BUILTIN_MLP,
+            with_changes(BUILTIN_MLP, "inputs.dim", 16),
+            with_changes(BUILTIN_MLP, "inputs.num_classes", 3),
+            image,
+            with_changes(image, "inputs.height", 112),
+            with_changes(image, "inputs.channels", 1),
+            factory,
+            with_changes(factory, "model.factory", "mypkg.models:build_other"),
+            with_changes(factory, "model.kwargs", {"width": 2}),
+        ]
+        prints = [parse_workload(v).fingerprint() for v in variants]
+    finally:
+        get_settings.cache_clear()
+    assert len(set(prints)) == len(variants)
 
 
 def test_the_canonical_json_has_the_defaults_filled_in() -> None:
