@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.integration.ui.conftest import LAPTOP_WIDTH, PHONE_WIDTH, UiServer, screenshot, set_viewport
 from tests.integration.ui.seeding import SCRIPT_NAME
@@ -34,6 +35,20 @@ def _assert_no_script_ran(driver: Any) -> None:
         alert.dismiss()
         pytest.fail(f"a script ran and raised an alert: {text!r}")
     assert driver.find_elements(By.TAG_NAME, "script") == []
+
+
+def _click_and_load(driver: Any, element: Any) -> None:
+    """Click a link or button that navigates, and wait until the next page has replaced this one.
+
+    A click returns before the navigation ends; reading the page at once can find the old
+    document's elements, which go stale under the reader.
+    """
+    old_page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    wait = WebDriverWait(driver, 30)
+    wait.until(expected_conditions.staleness_of(old_page))
+    wait.until(lambda d: d.execute_script("return document.readyState") == "complete")
+    _assert_no_script_ran(driver)
 
 
 def _row_ids(driver: Any) -> list[int]:
@@ -68,7 +83,7 @@ def test_the_filter_form_narrows_the_rows(browser: Any, ui_server: UiServer) -> 
     _open(browser, ui_server.url("/ui/plans"))
     browser.find_element(By.NAME, "model").send_keys("gpt2")
     Select(browser.find_element(By.NAME, "backend")).select_by_value("cuda")
-    browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
+    _click_and_load(browser, browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]"))
     expected = sorted(
         (p.id for p in ui_server.plans if p.model == "gpt2" and p.backend == "cuda"), reverse=True
     )
@@ -78,7 +93,7 @@ def test_the_filter_form_narrows_the_rows(browser: Any, ui_server: UiServer) -> 
     backends = {el.text for el in browser.find_elements(By.CSS_SELECTOR, "table.plans .badge")}
     assert backends == {"cuda"}
     _screenshots(browser, "plans-filtered")
-    browser.find_element(By.LINK_TEXT, "Clear").click()
+    _click_and_load(browser, browser.find_element(By.LINK_TEXT, "Clear"))
     assert len(_row_ids(browser)) == len(ui_server.plans)
 
 
@@ -86,18 +101,20 @@ def test_the_pager_walks_through_every_plan(browser: Any, ui_server: UiServer) -
     _open(browser, ui_server.url("/ui/plans?limit=5"))
     seen = _row_ids(browser)
     while browser.find_elements(By.CSS_SELECTOR, "a[rel=next]"):
-        browser.find_element(By.CSS_SELECTOR, "a[rel=next]").click()
+        _click_and_load(browser, browser.find_element(By.CSS_SELECTOR, "a[rel=next]"))
         seen += _row_ids(browser)
     assert seen == sorted((p.id for p in ui_server.plans), reverse=True)
     assert browser.find_element(By.CSS_SELECTOR, ".pager-total").text == f"{len(ui_server.plans)} plans"
-    browser.find_element(By.CSS_SELECTOR, "a[rel=prev]").click()
+    _click_and_load(browser, browser.find_element(By.CSS_SELECTOR, "a[rel=prev]"))
     assert _row_ids(browser) == seen[5:10]
 
 
 def test_the_plan_page_draws_the_memory_chart(browser: Any, ui_server: UiServer) -> None:
     seeded = next(p for p in ui_server.plans if p.model == "gpt2" and p.backend == "cuda")
     _open(browser, ui_server.url("/ui/plans"))
-    browser.find_element(By.CSS_SELECTOR, f'a.model-name[href="/ui/plans/{seeded.id}"]').click()
+    _click_and_load(
+        browser, browser.find_element(By.CSS_SELECTOR, f'a.model-name[href="/ui/plans/{seeded.id}"]')
+    )
     assert browser.current_url.endswith(f"/ui/plans/{seeded.id}")
     chart = browser.find_element(By.CSS_SELECTOR, "svg.memory-chart")
     assert chart.is_displayed() and chart.size["width"] > 400
