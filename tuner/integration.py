@@ -10,6 +10,7 @@ spec, a device and a server given, nothing imports it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -185,7 +186,7 @@ def workload_for(
 
 
 def _transformers_workload(model: Any, config: Any, overrides: dict[str, Any]) -> WorkloadSpec:
-    config_dict = _json_safe(config.to_diff_dict())
+    config_dict = _without_implied_values(config, _json_safe(config.to_diff_dict()))
     config_dict.setdefault("model_type", getattr(config, "model_type", None))
     if "inputs" not in overrides:
         seq_len = next((config_dict[k] for k in _POSITION_KEYS if isinstance(config_dict.get(k), int)), None)
@@ -204,6 +205,40 @@ def _transformers_workload(model: Any, config: Any, overrides: dict[str, Any]) -
         overrides["precision"] = "bf16"  # bf16 weights: no autocast, no fp32 master copy
     spec = {"model": {"family": "transformers", "config": config_dict, "task": _task_of(model)}, **overrides}
     return parse_workload(spec)
+
+
+def _without_implied_values(config: Any, config_dict: dict[str, Any]) -> dict[str, Any]:
+    """`config_dict` less every value the config class would derive by itself without it.
+
+    `to_diff_dict` keeps values a class computes when they are left out (Llama's
+    `num_key_value_heads` and `head_dim`, its `rope_parameters`), which a person writing the same
+    spec by hand leaves out; dropping them gives the hand-written spec's fingerprint. A value is
+    dropped only when the class, built without it, has exactly the same configuration.
+    """
+    config_class = type(config)
+    reference = _comparable_config(config)
+    result = dict(config_dict)
+    transformers_logger = logging.getLogger("transformers")
+    level = transformers_logger.level
+    transformers_logger.setLevel(logging.ERROR)  # the trial builds repeat the config's own warnings
+    try:
+        for key in [k for k in config_dict if k != "model_type"]:
+            trial = {k: v for k, v in result.items() if k not in (key, "model_type")}
+            try:
+                rebuilt = config_class(**trial)
+            except Exception:  # the class needs the value (or refuses the rest without it): keep it
+                continue
+            if _comparable_config(rebuilt) == reference:
+                result.pop(key)
+    finally:
+        transformers_logger.setLevel(level)
+    return result
+
+
+def _comparable_config(config: Any) -> Any:
+    values = _json_safe(config.to_dict())
+    values.pop("transformers_version", None)
+    return values
 
 
 def _task_of(model: Any) -> Task:

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS, refuse_bool_for_number
 from tuner.errors import SpecError
 from tuner.settings import get_settings
+from tuner.transformers_config import canonical_config
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 Backend = Literal["cuda", "estimate"]
@@ -108,7 +109,9 @@ class ModelSpec(_Spec):
                 raise ValueError(f"{key} must be an integer, got {value!r}")
             if not 1 <= value <= bound:
                 raise ValueError(f"{key} must be between 1 and {bound}, got {value}")
-        return {k: v for k, v in config.items() if k not in _CONFIG_IRRELEVANT}
+        relevant = {k: v for k, v in config.items() if k not in _CONFIG_IRRELEVANT}
+        # Aliases renamed and defaults filled in, so that explicit and implied values fingerprint alike.
+        return canonical_config(relevant)
 
     @field_validator("kwargs")
     @classmethod

@@ -123,9 +123,8 @@ def test_a_failed_job_raises_with_the_servers_reason(service: Service) -> None:
 def test_the_wait_reaches_the_server_and_polling_gives_up_after_max_seconds(service: Service) -> None:
     queued = request_for(fresh_workload(), device=unserved_device(), backend="cuda")
     with fast_client(service) as client:
-        started = time.monotonic()
         first = client.submit_plan(queued, wait=0)
-        assert isinstance(first, Job) and time.monotonic() - started < 1.0
+        assert isinstance(first, Job)
         started = time.monotonic()
         held = client.submit_plan(queued, wait=1)  # the server holds it a second, then answers 202
         assert isinstance(held, Job) and held.id == first.id and time.monotonic() - started >= 1.0

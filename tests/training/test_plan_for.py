@@ -52,6 +52,33 @@ def test_a_transformers_model_becomes_a_spec_from_its_config() -> None:
     assert (classifier.inputs.seq_len, classifier.optimizer.name, classifier.precision) == (64, "sgd", "fp32")
 
 
+def test_a_models_spec_fingerprints_like_the_hand_written_one() -> None:
+    # LlamaConfig derives num_key_value_heads, head_dim and rope_parameters when they are left
+    # out; the spec taken from the model leaves them out too, as a person writing it would.
+    sizes = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128}
+    from_model = workload_for(LlamaForCausalLM(LlamaConfig(**sizes)), inputs=64, precision="bf16-mixed")
+    by_hand = parse_workload(
+        {
+            "model": {"family": "transformers", "config": {"model_type": "llama", **sizes}},
+            "inputs": {"kind": "tokens", "seq_len": 64},
+        }
+    )
+    assert from_model.fingerprint() == by_hand.fingerprint()
+    gpt2_by_hand = parse_workload(
+        {
+            "model": {"family": "transformers", "config": {"model_type": "gpt2", **TINY_GPT2.to_diff_dict()}},
+            "inputs": {"kind": "tokens", "seq_len": 128},
+        }
+    )
+    assert workload_for(GPT2LMHeadModel(TINY_GPT2)).fingerprint() == gpt2_by_hand.fingerprint()
+
+
+def test_a_value_the_class_would_not_derive_is_kept() -> None:
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    spec = workload_for(LlamaForCausalLM(config), inputs=32)
+    assert spec.model.config is not None and spec.model.config["num_key_value_heads"] == 2
+
+
 def test_bf16_weights_mean_bf16_precision() -> None:
     config = LlamaConfig(
         num_hidden_layers=1,

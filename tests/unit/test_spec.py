@@ -268,6 +268,19 @@ EXPLICIT_AND_IMPLIED = {
     ),
     "transformers task": (gpt2(), with_changes(gpt2(), "model.task", "causal-lm")),
     "transformers bookkeeping keys": (gpt2(), gpt2(transformers_version="4.57.0", _name_or_path="gpt2")),
+    "transformers config defaults": (
+        gpt2(),
+        gpt2(
+            n_layer=12, n_embd=768, vocab_size=50257, activation_function="gelu_new", tie_word_embeddings=True
+        ),
+    ),
+    "transformers alias names": (gpt2(n_layer=4, n_head=4), gpt2(num_hidden_layers=4, num_attention_heads=4)),
+    "llama config defaults": (
+        LLAMA,
+        with_changes(
+            with_changes(LLAMA, "model.config.intermediate_size", 11008), "model.config.rms_norm_eps", 1e-6
+        ),
+    ),
 }
 
 
