@@ -3,7 +3,8 @@
 #   scripts/gpu_check.sh            # GPU tests, estimate accuracy, probe strategies → $OUT
 #   scripts/gpu_check.sh --dry-run  # here, without a GPU: every script imports, the GPU tests collect
 # Tables and logs land in $OUT (default ./gpu-out). Wheels in .whl/ (carried to a bare machine)
-# are installed first, without the network.
+# are installed first, without the network: scripts/prepare_device_run.sh downloads them here and
+# copies the bench workloads into shared/, which travels with the checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu-out}"
@@ -56,8 +57,7 @@ if [[ -f bench/estimate_accuracy.py ]]; then
 fi
 # GPT-2 (bf16): every strategy, checkpointing off and on, with fresh-process verification.
 # The shared workloads sit beside the checkout here; on a device machine only a shared/ folder
-# inside the checkout travels, so copy them there first (mkdir -p shared/bench && cp -r
-# ../shared/bench/workloads shared/bench/).
+# inside the checkout travels (scripts/prepare_device_run.sh copies them there).
 if [[ -z "${WORKLOADS:-}" ]]; then
   for dir in ../shared/bench/workloads shared/bench/workloads; do
     [[ -f "$dir/gpt2-124m-seq1024.json" ]] && WORKLOADS="$dir/gpt2-124m-seq1024.json" && break
