@@ -62,6 +62,22 @@ def test_probe_command_prints_the_probe_result_as_json(tmp_path: Path) -> None:
     assert {"batch_size", "ok", "peak_allocated_bytes", "peak_reserved_bytes", "seconds"} <= set(passing[0])
 
 
+@pytest.mark.slow
+def test_probe_command_draws_the_memory_curve_under_its_table(tmp_path: Path) -> None:
+    spec_file = tmp_path / "cnn.json"
+    spec_file.write_text(json.dumps(TINY_CNN))
+    result = CliRunner().invoke(app, ["probe", str(spec_file), "--device-memory", "1GiB"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Peak reserved memory by micro-batch"))
+    assert "1.00 GiB" in lines[start]
+    bars = [line for line in lines[start + 1 :] if line.lstrip().startswith("b=")]
+    sizes = [int(line.split()[0].removeprefix("b=")) for line in bars]
+    assert len(bars) >= 2 and sizes == sorted(sizes)
+    assert len({line.index("│") for line in bars}) == 1  # one capacity column
+    assert any("out of memory" in line for line in bars) and "█" in bars[-1]
+
+
 def test_probe_command_refuses_a_device_name_without_memory(tmp_path: Path) -> None:
     spec_file = tmp_path / "cnn.json"
     spec_file.write_text(json.dumps(TINY_CNN))

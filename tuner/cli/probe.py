@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from tuner.cli._common import clear_errors, on_off, print_json, size_option
+from tuner.cli._memory_chart import memory_chart_lines
 from tuner.cli._options import (
     MAX_TRIALS,
     BackendChoice,
@@ -156,6 +157,9 @@ def print_probe(result: ProbeResult) -> None:
             "—" if trial.samples_per_second is None else f"{trial.samples_per_second:.1f}",
         )
     out.print(table)
+    if any(trial.peak_reserved_bytes is not None for trial in result.trials):
+        for line in memory_chart_lines(result.trials, result.device.total_memory_bytes):
+            out.print(line, highlight=False)
     checkpointing = on_off(result.gradient_checkpointing)
     if result.max_batch_size == 0:
         out.print(
