@@ -146,3 +146,33 @@ def test_the_example_trains_with_the_services_plan(server: str) -> None:
     assert "cache hit True" in runs[1].stdout
     losses = [float(x) for x in re.findall(r"^step \d+ loss ([\d.]+)", runs[0].stdout, flags=re.M)]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_the_plan_command_draws_the_servers_probe(server: str, tmp_path: Path) -> None:
+    spec_file = tmp_path / "decoder.json"
+    spec_file.write_text(SPEC.model_dump_json())
+    command = [
+        *TUNER,
+        "plan",
+        str(spec_file),
+        "--effective-batch-size",
+        "24",
+        "--server",
+        server,
+        "--device-memory",
+        str(DEVICE.total_memory_bytes),
+        "--device-name",
+        DEVICE.name,
+        "--checkpointing",
+        "off",
+        "--max-micro-batch-size",
+        "8",
+    ]
+    env = {**os.environ, "TUNER_API_TOKEN": TOKEN, "COLUMNS": "200"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    title = next(i for i, line in enumerate(lines) if line.startswith("Peak reserved memory by micro-batch"))
+    assert "40.00 GiB" in lines[title]
+    rows = [line for line in lines[title + 1 :] if line.lstrip().startswith("b=")]
+    assert len(rows) >= 2 and sum("planned micro-batch" in row for row in rows) == 1

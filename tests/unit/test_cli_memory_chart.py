@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuner.cli._memory_chart import bar, memory_chart_lines, memory_chart_rows
+from tuner.cli._memory_chart import PlannedPoint, bar, memory_chart_lines, memory_chart_rows
 from tuner.search_types import Trial
 
 GIB = 1 << 30
@@ -49,3 +49,18 @@ def test_lines_name_the_capacity_and_colour_the_verdicts() -> None:
     assert "4.00 GiB" in lines[0]
     assert "[green]" in lines[1] and "1.00 GiB" in lines[1]
     assert "[red]" in lines[2] and "out of memory" in lines[2]
+
+
+def test_a_planned_size_that_was_run_marks_that_trial() -> None:
+    trials = [Trial(batch_size=8, ok=True, peak_reserved_bytes=GIB), Trial(batch_size=16, ok=True)]
+    rows = memory_chart_rows(trials, 4 * GIB, planned=PlannedPoint(8, GIB))
+    assert [(row.batch_size, row.planned) for row in rows] == [(8, True), (16, False)]
+    assert "predicted" not in rows[0].value
+
+
+def test_a_planned_size_that_was_not_run_gets_its_predicted_row() -> None:
+    trials = [Trial(batch_size=8, ok=True, peak_reserved_bytes=GIB), Trial(batch_size=16, ok=False)]
+    lines = memory_chart_lines(trials, 4 * GIB, budget_bytes=3 * GIB, planned=PlannedPoint(12, 2 * GIB))
+    assert "budget 3.00 GiB" in lines[0]
+    assert lines[2].split()[0] == "b=12"
+    assert "2.00 GiB predicted" in lines[2] and "◀ planned micro-batch" in lines[2] and "[cyan]" in lines[2]

@@ -96,6 +96,23 @@ def test_table_shows_the_plan(capsys: pytest.CaptureFixture[str], monkeypatch: p
     assert "hint: Micro-batches differ in size" in out
 
 
+def test_table_draws_the_trials_and_the_planned_micro_batch(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "300")
+    plan = _example_plan()
+    line = MemoryLine(fixed_bytes=2 * GIB, per_sample_bytes=0.7 * GIB)
+    trials = [Trial(b, True, int(line.at(b)), int(line.at(b))) for b in (26, 52)] + [Trial(53, False)]
+    print_plan(plan, trials)
+    lines = capsys.readouterr().out.splitlines()
+    title = next(i for i, text in enumerate(lines) if text.startswith("Peak reserved memory by micro-batch"))
+    assert "40.00 GiB" in lines[title] and "budget 38.00 GiB" in lines[title]
+    rows = lines[title + 1 : title + 5]
+    assert [row.split()[0] for row in rows] == ["b=26", "b=47", "b=52", "b=53"]
+    assert "predicted" in rows[1] and "planned micro-batch" in rows[1]  # 47 was never run
+    assert "out of memory" in rows[3]
+
+
 @pytest.mark.slow
 def test_local_estimate_plan_end_to_end(spec_file: str) -> None:
     """Both checkpointing choices estimated in child processes (fake tensors), then planned."""

@@ -4,12 +4,14 @@ batch, planned here (probe, then `tuner.planner.make_plan`) or by a tuner servic
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from tuner.cli._common import clear_errors, fail, on_off, print_json, size_option
+from tuner.cli._memory_chart import PlannedPoint, memory_chart_lines
 from tuner.cli._options import (
     MAX_TRIALS,
     BackendChoice,
@@ -21,6 +23,7 @@ from tuner.cli._progress import trial_progress
 
 if TYPE_CHECKING:
     from tuner.results import Plan, ProbeResult
+    from tuner.search_types import Trial
     from tuner.spec import Backend, DeviceSpec, PlanRequest, WorkloadSpec
 
 
@@ -93,13 +96,14 @@ def plan(
             policy["ramp"] = {"start_effective_batch_size": ramp_start, "ramp_steps": ramp_steps}
         request = _request(workload, effective_batch_size, world_size, device, chosen_backend, policy)
         if server_url is not None:
-            result = _plan_on_server(server_url, request, wait)
+            result, trials = _plan_on_server(server_url, request, wait, with_trials=not as_json)
         else:
-            result = _plan_locally(request, show_progress=sys.stderr.isatty())
+            result, probes = _plan_locally(request, show_progress=sys.stderr.isatty())
+            trials = probes[result.gradient_checkpointing].trials
     if as_json:
         print_json(result)
     else:
-        print_plan(result)
+        print_plan(result, trials)
 
 
 def _resolve_backend(choice: BackendChoice | None, total_memory: int | None, *, remote: bool) -> Backend:
@@ -149,7 +153,7 @@ def _request(
     )
 
 
-def _plan_locally(request: PlanRequest, *, show_progress: bool) -> Plan:
+def _plan_locally(request: PlanRequest, *, show_progress: bool) -> tuple[Plan, dict[bool, ProbeResult]]:
     """Probe each checkpointing choice the policy needs, one after the other, then plan."""
     from probes.probe import run_probe
     from tuner.planner import make_plan
@@ -171,10 +175,13 @@ def _plan_locally(request: PlanRequest, *, show_progress: bool) -> Plan:
                 progress=bar.advance,
             )
             bar.done(probes[checkpointing])
-    return make_plan(request, probes)
+    return make_plan(request, probes), probes
 
 
-def _plan_on_server(base_url: str, request: PlanRequest, wait: float) -> Plan:
+def _plan_on_server(
+    base_url: str, request: PlanRequest, wait: float, *, with_trials: bool
+) -> tuple[Plan, list[Trial]]:
+    """The server's plan and, for the chart, the trials of the probe it was made from."""
     from tuner.client import TunerClient
     from tuner.settings import get_settings
 
@@ -182,11 +189,14 @@ def _plan_on_server(base_url: str, request: PlanRequest, wait: float) -> Plan:
     with TunerClient(base_url, token=token.get_secret_value() if token else None) as client:
         # The server holds the request up to 300 s; longer waits are spent polling the job.
         result: Plan = client.create_plan(request, wait=min(wait, 300.0), max_seconds=wait)
-    return result
+        probe_id = result.probe_ids.get(on_off(result.gradient_checkpointing), result.probe_id)
+        trials = client.get_probe(probe_id).trials if with_trials and probe_id is not None else []
+    return result, trials
 
 
-def print_plan(plan: Plan) -> None:
-    """The plan as a table on stdout, then its reason, warnings and hints."""
+def print_plan(plan: Plan, trials: Sequence[Trial] = ()) -> None:
+    """The plan as a table on stdout, the memory curve of the trials it was made from, then its
+    reason, warnings and hints."""
     from rich.console import Console
     from rich.table import Table
 
@@ -220,6 +230,15 @@ def print_plan(plan: Plan) -> None:
         )
         table.add_row("ramp (accumulation)", ramp)
     out.print(table)
+    if any(trial.peak_reserved_bytes is not None for trial in trials):
+        planned = None
+        if plan.predicted_peak_bytes is not None:
+            planned = PlannedPoint(plan.micro_batch_size, plan.predicted_peak_bytes)
+        chart = memory_chart_lines(
+            trials, plan.device.total_memory_bytes, budget_bytes=plan.memory_budget_bytes, planned=planned
+        )
+        for line in chart:
+            out.print(line, highlight=False)
     out.print(plan.reason, highlight=False)
     for warning in plan.warnings:
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
