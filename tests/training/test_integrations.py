@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Any
 
 import pytest
@@ -127,8 +128,10 @@ def test_lightning_trainer_kwargs_and_batch_size() -> None:
 LIGHTNING = importlib.util.find_spec("lightning") or importlib.util.find_spec("pytorch_lightning")
 
 
-@pytest.mark.skipif(LIGHTNING is not None, reason="Lightning is installed")
-def test_lightning_callback_says_clearly_that_lightning_is_missing() -> None:
+def test_lightning_callback_says_clearly_that_lightning_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where Lightning is installed, a None entry in sys.modules makes its import fail as if absent.
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(PlanError, match="pip install lightning"):
         lightning.plan_callback(make_plan())
 
@@ -145,3 +148,59 @@ def test_lightning_callback_applies_the_plan_when_fitting_starts() -> None:
     module = ModuleWithHparams()
     trainer.callbacks[0].setup(trainer, module, "fit")
     assert trainer.accumulate_grad_batches == 7 and module.hparams["batch_size"] == 3
+
+
+@pytest.mark.skipif(LIGHTNING is None, reason="Lightning is not installed")
+def test_a_lightning_fit_runs_with_the_plans_micro_batch_and_accumulation(tmp_path: Any) -> None:
+    """A real `Trainer.fit` on CPU: every training batch holds the plan's micro-batch, and the
+    optimizer steps once per `accumulation_steps` batches."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    pl = lightning.lightning_module()
+    samples = 24
+
+    class Data(pl.LightningDataModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.batch_size = 1  # replaced by the plan before the loader is made
+
+        def train_dataloader(self) -> DataLoader[Any]:
+            features = torch.randn(samples, 4)
+            return DataLoader(TensorDataset(features, features.sum(dim=1, keepdim=True)), self.batch_size)
+
+    class Regression(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+            self.batch_sizes: list[int] = []
+            self.optimizer_steps = 0
+
+        def training_step(self, batch: Any, _index: int) -> torch.Tensor:
+            features, targets = batch
+            self.batch_sizes.append(len(features))
+            return torch.nn.functional.mse_loss(self.layer(features), targets)
+
+        def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+            self.optimizer_steps += 1
+            super().optimizer_step(*args, **kwargs)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    plan = make_plan(micro=3, steps=4)
+    module, data = Regression(), Data()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[lightning.plan_callback(plan)],
+    )
+    trainer.fit(module, datamodule=data)
+    assert data.batch_size == 3 and module.batch_sizes == [3] * (samples // 3)
+    assert trainer.accumulate_grad_batches == 4
+    assert module.optimizer_steps == trainer.global_step == samples // (3 * 4)
