@@ -53,5 +53,7 @@ def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
             )
         result[field] = value
     for field, default in entry["defaults"].items():
-        result.setdefault(field, default)
+        value = result.setdefault(field, default)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            result[field] = float(value)  # `"attention_dropout": 0` is the default 0.0, in JSON too
     return result

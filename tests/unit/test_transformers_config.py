@@ -45,6 +45,16 @@ def test_an_alias_contradicting_its_field_is_refused_naming_both() -> None:
     assert "num_hidden_layers=3" in message and "n_layer=4" in message
 
 
+def test_an_integer_for_a_float_field_is_that_float() -> None:
+    implied = parse_workload(workload({"model_type": "llama"}))
+    explicit = parse_workload(
+        workload({"model_type": "llama", "attention_dropout": 0, "initializer_range": 0.02})
+    )
+    assert explicit.fingerprint() == implied.fingerprint()
+    assert canonical_config({"model_type": "llama", "attention_dropout": 1})["attention_dropout"] == 1.0
+    assert canonical_config({"model_type": "llama", "use_cache": False})["use_cache"] is False
+
+
 def test_an_unknown_model_type_keeps_its_config_as_given() -> None:
     config = {"model_type": "my-own-lm", "hidden_size": 64}
     assert canonical_config(config) == config
