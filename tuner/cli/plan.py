@@ -183,6 +183,7 @@ def _plan_on_server(
 ) -> tuple[Plan, list[Trial]]:
     """The server's plan and, for the chart, the trials of the probe it was made from."""
     from tuner.client import TunerClient
+    from tuner.errors import ServiceError
     from tuner.settings import get_settings
 
     token = get_settings().api_token
@@ -190,7 +191,12 @@ def _plan_on_server(
         # The server holds the request up to 300 s; longer waits are spent polling the job.
         result: Plan = client.create_plan(request, wait=min(wait, 300.0), max_seconds=wait)
         probe_id = result.probe_ids.get(on_off(result.gradient_checkpointing), result.probe_id)
-        trials = client.get_probe(probe_id).trials if with_trials and probe_id is not None else []
+        trials: list[Trial] = []
+        if with_trials and probe_id is not None:
+            try:
+                trials = client.get_probe(probe_id).trials
+            except ServiceError as exc:  # the plan stands; only its picture is missing
+                print(f"(no memory chart: {exc.message})", file=sys.stderr)
     return result, trials
 
 
