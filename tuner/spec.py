@@ -34,7 +34,7 @@ MAX_CLASSES = 1_048_576
 MAX_BATCH = 1 << 20
 
 # transformers config keys whose size a server must bound, and the bound.
-_CONFIG_BOUNDS: dict[str, int] = {
+CONFIG_BOUNDS: dict[str, int] = {
     **dict.fromkeys(("n_layer", "num_hidden_layers", "num_layers", "n_layers", "decoder_layers"), MAX_LAYERS),
     **dict.fromkeys(("n_embd", "hidden_size", "d_model", "dim"), MAX_DIM),
     **dict.fromkeys(("n_inner", "intermediate_size", "ffn_dim", "d_ff"), 4 * MAX_DIM),
@@ -43,7 +43,9 @@ _CONFIG_BOUNDS: dict[str, int] = {
     **dict.fromkeys(("n_positions", "max_position_embeddings", "n_ctx"), MAX_SEQ_LEN),
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts"), 1024),
 }
-_POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+"""Config keys naming a model's maximum positions: a `seq_len` beyond one that is given is refused
+(learned position tables cannot take it; rotary models could, but the config says otherwise)."""
 # Keys that do not change the model that is built; dropped before fingerprinting.
 _CONFIG_IRRELEVANT = frozenset({"transformers_version", "_name_or_path", "architectures"})
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
@@ -101,7 +103,7 @@ class ModelSpec(_Spec):
             raise ValueError('needs a \'model_type\' string, e.g. {"model_type": "gpt2"}')
         if len(json.dumps(config, default=str)) > _CONFIG_MAX_BYTES:
             raise ValueError(f"is larger than {_CONFIG_MAX_BYTES} bytes of JSON")
-        for key, bound in _CONFIG_BOUNDS.items():
+        for key, bound in CONFIG_BOUNDS.items():
             value = config.get(key)
             if value is None:
                 continue
@@ -243,7 +245,7 @@ class WorkloadSpec(_Spec):
 
 def _position_limit(model: ModelSpec) -> int | None:
     if model.family == "transformers" and model.config:
-        for key in _POSITION_KEYS:
+        for key in POSITION_KEYS:
             if isinstance(model.config.get(key), int):
                 return int(model.config[key])
     if model.family == "builtin" and model.name == "decoder":

@@ -3,7 +3,7 @@
 Two spellings of one model must fingerprint alike: `{"model_type": "gpt2"}` and
 `{"model_type": "gpt2", "n_layer": 12}`, or `num_hidden_layers` for GPT-2's `n_layer`. The
 shipped table (`transformers_defaults.json`, written by `scripts/transformers_defaults.py` from
-the transformers named in it) holds each common model type's constant defaults and alias names;
+the transformers named in it) holds each text model type's constant defaults and alias names;
 alias names are renamed to the field they stand for and missing fields take their defaults.
 
 Model types outside the table keep the config as given. A default the config class derives from
@@ -41,6 +41,11 @@ def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
     entry = defaults_table()["model_types"].get(config.get("model_type"))
     if entry is None:
         return dict(config)
+    return apply_entry(entry, config)
+
+
+def apply_entry(entry: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """`config` canonicalised by one table entry (`{"defaults": ..., "aliases": ...}`)."""
     result = dict(config)
     for alias, field in entry["aliases"].items():
         if alias not in result:

@@ -83,6 +83,9 @@ def test_the_table_names_the_transformers_it_came_from() -> None:
     assert {"gpt2", "llama", "mixtral", "qwen2"} <= known_model_types()
 
 
-def test_a_sequence_longer_than_the_default_positions_is_refused() -> None:
-    with pytest.raises(SpecError, match=r"maximum positions \(1024\)"):
-        parse_workload(workload({"model_type": "gpt2"}, seq_len=2048))
+def test_maximum_positions_are_not_filled_so_only_a_given_one_limits_seq_len() -> None:
+    # Llama (rotary) trains past its default of 2048 positions; a given limit still holds.
+    spec = parse_workload(workload({"model_type": "llama"}, seq_len=4096))
+    assert spec.model.config is not None and "max_position_embeddings" not in spec.model.config
+    with pytest.raises(SpecError, match=r"maximum positions \(2048\)"):
+        parse_workload(workload({"model_type": "llama", "max_position_embeddings": 2048}, seq_len=4096))
