@@ -64,3 +64,9 @@ def test_a_planned_size_that_was_not_run_gets_its_predicted_row() -> None:
     assert "budget 3.00 GiB" in lines[0]
     assert lines[2].split()[0] == "b=12"
     assert "2.00 GiB predicted" in lines[2] and "◀ planned micro-batch" in lines[2] and "[cyan]" in lines[2]
+
+
+def test_nothing_is_drawn_where_no_trial_measured_a_peak() -> None:
+    trials = [Trial(batch_size=8, ok=False), Trial(batch_size=4, ok=False)]
+    assert memory_chart_lines(trials, 4 * GIB, planned=PlannedPoint(2, GIB)) == []
+    assert memory_chart_lines([], 4 * GIB) == []

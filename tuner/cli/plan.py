@@ -236,15 +236,14 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = ()) -> None:
         )
         table.add_row("ramp (accumulation)", ramp)
     out.print(table)
-    if any(trial.peak_reserved_bytes is not None for trial in trials):
-        planned = None
-        if plan.predicted_peak_bytes is not None:
-            planned = PlannedPoint(plan.micro_batch_size, plan.predicted_peak_bytes)
-        chart = memory_chart_lines(
-            trials, plan.device.total_memory_bytes, budget_bytes=plan.memory_budget_bytes, planned=planned
-        )
-        for line in chart:
-            out.print(line, highlight=False)
+    planned = None
+    if plan.predicted_peak_bytes is not None:
+        planned = PlannedPoint(plan.micro_batch_size, plan.predicted_peak_bytes)
+    chart = memory_chart_lines(
+        trials, plan.device.total_memory_bytes, budget_bytes=plan.memory_budget_bytes, planned=planned
+    )
+    for line in chart:
+        out.print(line, highlight=False)
     out.print(plan.reason, highlight=False)
     for warning in plan.warnings:
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -157,9 +157,8 @@ def print_probe(result: ProbeResult) -> None:
             "—" if trial.samples_per_second is None else f"{trial.samples_per_second:.1f}",
         )
     out.print(table)
-    if any(trial.peak_reserved_bytes is not None for trial in result.trials):
-        for line in memory_chart_lines(result.trials, result.device.total_memory_bytes):
-            out.print(line, highlight=False)
+    for line in memory_chart_lines(result.trials, result.device.total_memory_bytes):
+        out.print(line, highlight=False)
     checkpointing = on_off(result.gradient_checkpointing)
     if result.max_batch_size == 0:
         out.print(
