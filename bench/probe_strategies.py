@@ -1,6 +1,7 @@
 """Guided search against Lightning's doubling and Accelerate's back-off, in the same run.
 
     python bench/probe_strategies.py --synthetic            # CPU: the synthetic devices of the tests
+    python bench/probe_strategies.py --backend estimate --device-memory 80GiB   # CPU: real traces
     python bench/probe_strategies.py --out gpu-out/probe_strategies.md   # GPU: the bench workloads
 
 GPU mode: for each workload of ../shared/bench/workloads (or --workloads), checkpointing off and
@@ -8,6 +9,10 @@ on, every strategy runs through `probes.probe.run_probe` (cuda backend, a child 
 search); each answer is then run for --verify-steps in a fresh process. Columns: trials, wall
 seconds of the search, largest batch, whether the answer survived verification, and guided's
 time as a fraction of doubling's.
+
+Estimate mode (`--backend estimate --device-memory SIZE`): the same searches, each trial a
+fake-tensor trace of the canonical step for a card of SIZE (no GPU, no verification): how many
+trials and CPU seconds each strategy spends on the real memory curves of the bench workloads.
 
 Synthetic mode: the same table over the memory models of tests/unit/synthetic_devices.py, with
 seconds from each device's time model (a trial costs a fixed part plus a per-sample part; an
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -30,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tuner.search import STRATEGIES, find_max_batch  # noqa: E402
-from tuner.spec import load_workload_file  # noqa: E402
+from tuner.spec import DeviceSpec, load_workload_file  # noqa: E402
+from tuner.units import format_bytes, parse_size  # noqa: E402
 
 DEFAULT_WORKLOADS = REPO.parent / "shared" / "bench" / "workloads"
 BACKOFF_START = 256
@@ -85,7 +92,16 @@ def synthetic_rows(prior_error: float = 0.05) -> list[Row]:
     return rows
 
 
-def gpu_rows(workloads: list[Path], strategies: list[str], verify_steps: int, budget: float) -> list[Row]:
+def probe_rows(
+    workloads: list[Path],
+    strategies: list[str],
+    *,
+    backend: str,
+    device: DeviceSpec | None,
+    verify_steps: int,
+    budget: float,
+) -> list[Row]:
+    """Every strategy through `run_probe` on each workload, checkpointing off and on."""
     from probes.probe import run_probe
     from tuner.errors import TunerError
 
@@ -103,7 +119,8 @@ def gpu_rows(workloads: list[Path], strategies: list[str], verify_steps: int, bu
                 try:
                     result = run_probe(
                         spec,
-                        backend="cuda",
+                        backend=backend,  # type: ignore[arg-type]
+                        device=device,
                         gradient_checkpointing=checkpointing,
                         strategy=strategy,  # type: ignore[arg-type]
                         max_batch_size=BACKOFF_START * (4 if checkpointing else 1)
@@ -175,7 +192,11 @@ def main() -> None:
         "--workloads", nargs="*", type=Path, help="Workload spec files (default: shared bench)."
     )
     parser.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--verify-steps", type=int, default=10)
+    parser.add_argument(
+        "--backend", choices=["cuda", "estimate"], default="cuda", help="Trials on this GPU, or traces."
+    )
+    parser.add_argument("--device-memory", type=parse_size, help="estimate: the card's memory (e.g. 80GiB).")
+    parser.add_argument("--verify-steps", type=int, default=10, help="cuda: steps in a fresh process.")
     parser.add_argument(
         "--time-budget", type=float, default=300.0, help="Seconds; later searches are skipped."
     )
@@ -186,13 +207,35 @@ def main() -> None:
         machine = f"synthetic devices (simulated trial seconds), run on {platform.machine()} CPU"
     else:
         workloads = args.workloads or sorted(DEFAULT_WORKLOADS.glob("*.json"))
-        rows = gpu_rows(workloads, args.strategies, args.verify_steps, args.time_budget)
-        machine = _gpu_name()
+        device = None
+        if args.backend == "estimate":
+            if args.device_memory is None:
+                parser.error("--backend estimate needs --device-memory (e.g. 80GiB).")
+            memory = format_bytes(args.device_memory)
+            device = DeviceSpec(name=f"GPU with {memory}", total_memory_bytes=args.device_memory)
+            machine = f"estimate backend for a {memory} card, traced on {_cpu_name()}"
+        else:
+            machine = _gpu_name()
+        rows = probe_rows(
+            workloads,
+            args.strategies,
+            backend=args.backend,
+            device=device,
+            verify_steps=args.verify_steps if args.backend == "cuda" else 0,
+            budget=args.time_budget,
+        )
     text = markdown(rows, machine)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{os.cpu_count()} cores of {models[0] if models else platform.machine()}"
 
 
 def _gpu_name() -> str:
