@@ -8,9 +8,11 @@ Strategies:
 - `guided` (DESIGN.md §6): a memory line `peak_reserved ≈ fixed + per_sample × b` (the
   estimator's prior, or two cheap trials at small b) predicts the largest b whose *reserved* peak
   fits `capacity_bytes`; a trial confirms it, one more trial above or below brackets it, and
-  bisection runs only inside the bracket. The line is refitted after every passing trial from
-  the two largest passing sizes (the regime next to the boundary, which matters when memory is
-  not linear, e.g. a checkpointing floor at small b). Without a capacity it brackets by doubling.
+  bisection runs only inside the bracket. The line is refitted after every trial from the two
+  largest measured sizes (the regime next to the boundary, which matters when memory is not
+  linear, e.g. a checkpointing floor at small b): passes, and the smallest failure where its
+  trial knows its peak (an estimate does; a GPU trial stops at the out-of-memory error).
+  Without a capacity it brackets by doubling.
 - `doubling`: PyTorch Lightning's batch-size finder: min, 2·min, 4·min, … until a failure, then
   bisection between the last pass and the first failure.
 - `backoff`: Accelerate's `find_executable_batch_size`: start at `max_batch_size`, multiply by
@@ -104,7 +106,7 @@ def find_max_batch(
         max_batch_size=lo,
         trials=list(log.trials),
         stop_reason=stop,
-        memory_line=fit_line(log.passing_peaks()),
+        memory_line=fit_line(log.known_peaks(capacity_bytes)),
     )
 
 
@@ -189,10 +191,31 @@ class _TrialLog:
         _, hi = self.bracket()
         peaks = {}
         for b, t in self.latest.items():
-            peak = t.peak_reserved_bytes if t.peak_reserved_bytes is not None else t.peak_allocated_bytes
+            peak = _peak(t)
             if t.ok and peak is not None and b != excluding and (hi is None or b < hi):
                 peaks[b] = peak
         return peaks
+
+    def known_peaks(self, capacity: int | None, *, excluding: int | None = None) -> dict[int, int]:
+        """The passing peaks, plus the smallest failure's where its trial measured one past
+        `capacity`.
+
+        A GPU trial that runs out of memory stops before its peak, but an estimate traces the
+        whole step and knows how far past the capacity it went: a point on the same line, just
+        above the boundary, which pins the slope where the passes below cannot (a floor). A
+        failure that measured a peak within the capacity is not explained by it (noise), and
+        adds nothing the passes do not say."""
+        peaks = self.passing_peaks(excluding=excluding)
+        _, hi = self.bracket()
+        if hi is not None and hi != excluding:
+            failed_peak = _peak(self.latest[hi])
+            if failed_peak is not None and (capacity is None or failed_peak > capacity):
+                peaks[hi] = failed_peak
+        return peaks
+
+
+def _peak(trial: Trial) -> int | None:
+    return trial.peak_reserved_bytes if trial.peak_reserved_bytes is not None else trial.peak_allocated_bytes
 
 
 def _closed(lo: int, hi: int | None, tolerance: int) -> StopReason | None:
@@ -295,11 +318,12 @@ class _Guided:
         return None
 
     def _line(self, *, excluding: int | None = None) -> MemoryLine | None:
-        """The line to trust: two passes near the boundary; else the prior through the largest pass."""
-        peaks = self.log.passing_peaks(excluding=excluding)
-        fitted = fit_line(peaks)
+        """The line to trust: two measured sizes near the boundary; else the prior through the
+        largest pass."""
+        fitted = fit_line(self.log.known_peaks(self.capacity, excluding=excluding))
         if fitted is not None and fitted.per_sample_bytes > 0:
             return fitted
+        peaks = self.log.passing_peaks(excluding=excluding)
         if self.prior is not None and peaks:
             top = max(peaks)
             slope = self.prior.per_sample_bytes

@@ -42,6 +42,9 @@ class SyntheticDevice:
     seconds_fixed: float = 1.0
     """Wall time of one trial: fixed part (model build, two steps' overhead)."""
     seconds_per_sample: float = 0.02
+    failed_peaks: bool = False
+    """Whether a failed trial still reports its peaks, as the estimate backend's traces do (a GPU
+    trial stops at the out-of-memory error and reports none)."""
     runs: dict[int, int] = field(default_factory=dict)
 
     def allocated(self, batch_size: int) -> int:
@@ -88,6 +91,8 @@ class SyntheticDevice:
             return Trial(
                 batch_size=batch_size,
                 ok=False,
+                peak_allocated_bytes=self.allocated(batch_size) if self.failed_peaks else None,
+                peak_reserved_bytes=reserved if self.failed_peaks else None,
                 seconds=self.seconds(batch_size, False),
                 error="out_of_memory",
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
@@ -76,6 +77,46 @@ def test_guided_median_trials_with_and_without_a_prior() -> None:
     without = [len(_search_guided(d.fresh(), None).trials) for d in table()]
     assert statistics.median(with_prior) <= 4
     assert statistics.median(without) <= 6
+
+
+@pytest.mark.parametrize("prior_error", [None, *PRIOR_ERRORS])
+@pytest.mark.parametrize("name", list(DEVICES))
+def test_guided_finds_the_exact_maximum_when_failures_report_their_peaks(
+    name: str, prior_error: float | None
+) -> None:
+    """Estimate trials trace the whole step, so a failure still knows its peak: every device,
+    the lucky one included, gives its exact maximum."""
+    device = dataclasses.replace(DEVICES[name].fresh(), failed_peaks=True)
+    result = _search_guided(device, prior_error)
+    assert result.max_batch_size == device.true_max
+    _assert_answer_rule(result)
+
+
+def test_a_failures_peak_pins_the_line_a_floor_leaves_flat() -> None:
+    """Without a prior, the two cheap trials sit on the checkpointing floor and their line is too
+    flat; the first failure above the boundary, when it reports its peak, gives the slope."""
+    blind = _search_guided(DEVICES["checkpointing floor"].fresh(), None)
+    device = dataclasses.replace(DEVICES["checkpointing floor"].fresh(), failed_peaks=True)
+    seeing = _search_guided(device, None)
+    assert [t.batch_size for t in seeing.trials] == [1, 4, 32, 512, 160, 161]
+    assert len(blind.trials) == 9 and seeing.max_batch_size == blind.max_batch_size == 160
+    assert seeing.memory_line is not None
+    assert seeing.memory_line.per_sample_bytes == pytest.approx(1.2 * device.per_sample, rel=0.01)
+
+
+def test_a_failure_whose_peak_fits_is_not_taken_for_the_line() -> None:
+    """A failure that reports a peak within the capacity (noise) must not bend the line."""
+    device = DEVICES["noisy: hiccup"].fresh()
+
+    def fits(batch_size: int) -> Trial:
+        trial = device.fits(batch_size)
+        if trial.ok:
+            return trial
+        return dataclasses.replace(trial, peak_reserved_bytes=device.capacity // 2)
+
+    result = find_max_batch(fits, capacity_bytes=device.capacity, max_batch_size=device.max_batch_size)
+    assert result.max_batch_size == device.true_max
+    assert result.memory_line is not None and result.memory_line.per_sample_bytes > 0
 
 
 def test_guided_with_an_exact_prior_needs_two_trials() -> None:
