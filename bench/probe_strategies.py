@@ -7,8 +7,9 @@
 GPU mode: for each workload of ../shared/bench/workloads (or --workloads), checkpointing off and
 on, every strategy runs through `probes.probe.run_probe` (cuda backend, a child process per
 search); each answer is then run for --verify-steps in a fresh process. Columns: trials, wall
-seconds of the search, largest batch, whether the answer survived verification, and guided's
-time as a fraction of doubling's.
+seconds from the call to the answer (the search child's start-up and model build, and guided's
+prior, traced meanwhile, included; verification not), largest batch, whether the answer
+survived verification, and the seconds as a fraction of doubling's.
 
 Estimate mode (`--backend estimate --device-memory SIZE`): the same searches, each trial a
 fake-tensor trace of the canonical step for a card of SIZE (no GPU, no verification): how many
@@ -137,9 +138,9 @@ def probe_rows(
                         )
                     )
                     continue
-                # The guided search's prior (an estimate in its own child) is part of its cost.
-                search_seconds = float(result.extra.get("search_seconds", result.seconds))
-                search_seconds += float(result.extra.get("prior_seconds", 0.0))
+                # Wall time up to the answer, before verification: the search child's start-up
+                # and model build, and for guided its prior (traced meanwhile), count for all.
+                search_seconds = float(result.extra.get("search_wall_seconds", result.seconds))
                 attempts = result.extra.get("verification", [])
                 verified = "—"
                 if verify_steps and isinstance(attempts, list) and attempts:

@@ -123,6 +123,20 @@ class CudaTrials:
             self.facts = self._workload.facts
         return self._workload
 
+    def prepare(self) -> None:
+        """Build the model now, as the first trial would, so that the build overlaps other work
+        (the estimator's prior). A model too large for the card is left to that trial to report."""
+        out_of_memory = False
+        try:
+            self._build()
+        except BaseException as exc:
+            if not is_out_of_memory(exc):
+                raise
+            out_of_memory = True  # outside the except block: its traceback pins the tensors
+        if out_of_memory:
+            self._workload = None
+            release_memory()
+
     def close(self) -> None:
         """Drop the model and return its memory."""
         self._workload = None

@@ -8,8 +8,10 @@ message. Each trial flows back to the caller as it finishes (`progress`).
   guided search pins its own line with two cheap traces.
 - `cuda`: trials run on the local GPU (a request for another device is refused). The estimator's
   line, when it can be had in its own child within its time limit, is the guided search's prior;
-  otherwise the search goes without (noted in `extra["prior"]`). With `verify_steps`, the answer
-  is run for that many steps in a fresh process, stepping down until one survives.
+  otherwise the search goes without (noted in `extra["prior"]`). The line is traced while the
+  search child starts, initialises CUDA and builds the model, and reaches it through a pipe:
+  the search waits only for what is left of the trace. With `verify_steps`, the answer is run
+  for that many steps in a fresh process, stepping down until one survives.
 
 Tests and benchmarks can swap the trial function: `trial_factory="package.module:function"`
 names a function `(spec, *, gradient_checkpointing, device) -> TrialBackend` that runs in the
@@ -18,11 +20,15 @@ child instead of the real backend.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
+import multiprocessing as mp
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 from probes.child import ChildFailed, run_in_child, send_progress
@@ -40,6 +46,9 @@ VERIFY_ATTEMPTS = 4
 """Fresh-process verifications before the probe gives up on an answer."""
 STEP_DOWN_FRACTION = 0.02
 """A failed verification steps down by 2 % of the batch size (at least one)."""
+PRIOR_HANDOVER_SECONDS = 30.0
+"""How much longer than the prior's own time limit the search child waits for it: the parent
+always sends something (a line or None) once the prior's child has ended."""
 
 
 @dataclass
@@ -53,6 +62,8 @@ class TrialBackend:
     verify: Callable[[int, int], Trial] | None = None
     """`verify(batch_size, steps)`: the answer held for `steps` iterations."""
     close: Callable[[], None] | None = None
+    prepare: Callable[[], None] | None = None
+    """Work the first trial would do anyway (building the model), done while the prior is traced."""
     versions: dict[str, str] = field(default_factory=dict)
     allocator_conf: str | None = None
 
@@ -67,8 +78,9 @@ class _Job:
     min_batch_size: int
     max_batch_size: int
     max_trials: int
-    prior: MemoryLine | None
     trial_factory: str | None
+    prior_timeout: float | None = None
+    """Set when a prior is traced beside the search: how long the search may wait for it."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class _Outcome:
     versions: dict[str, str]
     allocator_conf: str | None
     seconds: float
+    prior_wait_seconds: float | None
 
 
 def run_probe(
@@ -96,8 +109,12 @@ def run_probe(
     timeout: float | None = None,
     progress: Callable[[Trial], None] | None = None,
     trial_factory: str | None = None,
+    estimate_prior: bool | None = None,
 ) -> ProbeResult:
-    """The largest micro-batch of `spec` on a device, with every trial that led there."""
+    """The largest micro-batch of `spec` on a device, with every trial that led there.
+
+    `estimate_prior`: whether a guided cuda search gets the estimator's line as its prior
+    (default: yes, except with a `trial_factory`, whose memory the estimator does not model)."""
     if backend not in ("cuda", "estimate"):
         raise SpecError(f"Unknown probe backend {backend!r}: use 'cuda' or 'estimate'.")
     if backend == "estimate" and device is None:
@@ -110,12 +127,12 @@ def run_probe(
     timeout = settings.probe_timeout_seconds if timeout is None else timeout
     started = time.monotonic()
     notes: dict[str, Any] = {}
-    prior = None
-    if backend == "cuda" and strategy == "guided" and trial_factory is None:
-        prior = _prior_line(
-            spec, gradient_checkpointing, min(timeout, settings.estimate_timeout_seconds), notes
-        )
-        notes["prior_seconds"] = time.monotonic() - started
+    if estimate_prior is None:
+        estimate_prior = trial_factory is None
+    prior: _PriorInBackground | None = None
+    if backend == "cuda" and strategy == "guided" and estimate_prior:
+        prior_timeout = min(timeout, settings.estimate_timeout_seconds)
+        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes)
     job = _Job(
         spec=spec,
         backend=backend,
@@ -125,13 +142,27 @@ def run_probe(
         min_batch_size=min_batch_size,
         max_batch_size=max_batch_size,
         max_trials=max_trials,
-        prior=prior,
         trial_factory=trial_factory,
+        prior_timeout=None if prior is None else prior.timeout + PRIOR_HANDOVER_SECONDS,
     )
-    remaining = timeout if prior is None else max(1.0, round(timeout - (time.monotonic() - started)))
-    outcome: _Outcome = _in_child(
-        _search_in_child, job, timeout=remaining, what=f"{backend} probe", on_message=progress
-    )
+    try:
+        outcome: _Outcome = _in_child(
+            _search_in_child,
+            job,
+            None if prior is None else prior.inbox,
+            timeout=timeout,
+            what=f"{backend} probe",
+            on_message=progress,
+        )
+    except BaseException:
+        if prior is not None:
+            prior.close(wait=False)  # the trace ends by itself, within its own time limit
+        raise
+    if prior is not None:
+        prior.close(wait=True)  # the search took the prior: its thread is ending
+    notes["search_wall_seconds"] = time.monotonic() - started
+    if outcome.prior_wait_seconds is not None:
+        notes["prior_wait_seconds"] = outcome.prior_wait_seconds
     answer = outcome.search.max_batch_size
     verified: int | None = None
     if verify_steps and answer > 0:
@@ -175,17 +206,25 @@ def _in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str, **k
 # ---------------------------------------------------------------------------- inside the child
 
 
-def _search_in_child(job: _Job) -> _Outcome:
+def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
     started = time.monotonic()
     backend = _make_backend(job)
     # A card whose usable memory is nothing: no prediction to make, every trial will fail.
     capacity = backend.capacity_bytes if backend.capacity_bytes and backend.capacity_bytes > 0 else None
+    prior: MemoryLine | None = None
+    waited: float | None = None
     try:
+        if prior_inbox is not None:
+            if backend.prepare is not None:
+                backend.prepare()  # build the model while the estimator is still tracing
+            waiting_since = time.monotonic()
+            prior = _receive_prior(prior_inbox, job.prior_timeout or 0.0)
+            waited = time.monotonic() - waiting_since
         search = find_max_batch(
             backend.fits,
             strategy=job.strategy,
             capacity_bytes=capacity,
-            prior=job.prior,
+            prior=prior,
             min_batch_size=job.min_batch_size,
             max_batch_size=job.max_batch_size,
             max_trials=job.max_trials,
@@ -204,7 +243,19 @@ def _search_in_child(job: _Job) -> _Outcome:
         versions=backend.versions,
         allocator_conf=backend.allocator_conf,
         seconds=time.monotonic() - started,
+        prior_wait_seconds=waited,
     )
+
+
+def _receive_prior(inbox: Connection, timeout: float) -> MemoryLine | None:
+    """The prior the parent hands over, or None when it sends none in time."""
+    try:
+        if inbox.poll(timeout):
+            line: MemoryLine | None = inbox.recv()
+            return line
+    except (EOFError, OSError):
+        pass  # the parent closed its end without sending: search without a prior
+    return None
 
 
 def _verify_in_child(job: _Job, batch_size: int, steps: int) -> Trial:
@@ -290,12 +341,50 @@ def _cuda_backend(job: _Job) -> TrialBackend:
         capacity_bytes=capacity,
         verify=trials.verify,
         close=trials.close,
+        prepare=trials.prepare,
         versions=_versions(cuda=torch.version.cuda),
         allocator_conf=cuda.allocator_conf(),
     )
 
 
 # ------------------------------------------------------------------------------ in the parent
+
+
+class _PriorInBackground:
+    """The estimator's line, traced in its own child (from a thread of the caller) while the search
+    child starts up, and handed to the search child through `inbox` (None when it cannot be had).
+
+    The search child then builds its model and initialises CUDA, seconds of work that no longer
+    wait for the trace; the notes record the prior (or why there is none) and its seconds."""
+
+    def __init__(
+        self, spec: WorkloadSpec, gradient_checkpointing: bool, timeout: float, notes: dict[str, Any]
+    ) -> None:
+        self.timeout = timeout
+        self.inbox, self._outbox = mp.get_context("spawn").Pipe(duplex=False)
+        self._thread = threading.Thread(
+            target=self._trace, args=(spec, gradient_checkpointing, notes), name="tuner-prior", daemon=True
+        )
+        self._thread.start()
+
+    def _trace(self, spec: WorkloadSpec, gradient_checkpointing: bool, notes: dict[str, Any]) -> None:
+        started = time.monotonic()
+        line = None
+        try:
+            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes)
+        finally:
+            notes["prior_seconds"] = time.monotonic() - started
+            # A few hundred bytes, which the pipe holds until the search reads them; a search that
+            # has already ended has closed its end, and there is nobody left to tell.
+            with contextlib.suppress(OSError):
+                self._outbox.send(line)
+            self._outbox.close()
+
+    def close(self, *, wait: bool) -> None:
+        """Close the search's end of the pipe; with `wait`, first let the thread finish."""
+        if wait:
+            self._thread.join()
+        self.inbox.close()
 
 
 def _prior_line(

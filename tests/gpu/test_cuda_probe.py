@@ -71,6 +71,17 @@ def test_out_of_memory_is_a_verdict_and_memory_is_released() -> None:
     assert not is_out_of_memory(RuntimeError("CUDA out of memory"))  # never by message text
 
 
+def test_prepare_builds_the_model_that_trials_then_use() -> None:
+    trials = CudaTrials(DECODER, gradient_checkpointing=False)
+    try:
+        before = torch.cuda.memory_allocated()
+        trials.prepare()
+        assert torch.cuda.memory_allocated() > before  # the weights are on the card
+        assert trials(2).ok
+    finally:
+        trials.close()
+
+
 def test_capacity_is_most_of_the_card() -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     assert 0.8 * total < usable_capacity_bytes() < total
@@ -83,5 +94,8 @@ def test_the_guided_answer_survives_verification() -> None:
     assert result.device.name == torch.cuda.get_device_properties(0).name
     assert {"torch", "cuda", "tuner"} <= set(result.versions)
     assert len(result.trials) <= 8, [(t.batch_size, t.ok) for t in result.trials]
+    # The estimator's line was traced while the search child built its model, and reached it.
+    assert isinstance(result.extra["prior"], dict), result.extra["prior"]
+    assert 0 <= result.extra["prior_wait_seconds"] <= result.extra["prior_seconds"]
     failures = [t.batch_size for t in result.trials if not t.ok]
     assert min(failures) > result.max_batch_size

@@ -58,3 +58,19 @@ def synthetic(spec: WorkloadSpec, *, gradient_checkpointing: bool, device: Devic
         return Trial(batch_size=batch_size, ok=batch_size <= model.true_max - 2)
 
     return TrialBackend(fits=model.fits, device=FAKE_DEVICE, capacity_bytes=model.capacity, verify=verify)
+
+
+def preparing(spec: WorkloadSpec, *, gradient_checkpointing: bool, device: DeviceSpec | None) -> TrialBackend:
+    """The gpt2-like synthetic device behind a model that must be built (`prepare`) before the first
+    trial: a search that takes a prior traced beside it builds the model while it waits."""
+    model = DEVICES_BY_NAME["gpt2-like linear"].fresh()
+    built: list[bool] = []
+
+    def fits(batch_size: int) -> Trial:
+        if not built:
+            raise RuntimeError("a trial ran before the model was built")
+        return model.fits(batch_size)
+
+    return TrialBackend(
+        fits=fits, device=FAKE_DEVICE, capacity_bytes=model.capacity, prepare=lambda: built.append(True)
+    )

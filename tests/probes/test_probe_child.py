@@ -4,14 +4,18 @@ raise; the probe fails with a clear message and this process carries on."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
+import torch
 
 from probes.child import run_in_child, send_progress
 from probes.probe import run_probe
 from tests.unit.synthetic_devices import DEVICES_BY_NAME
 from tuner.errors import DeviceRequiredError, ModelBuildError, ProbeError
-from tuner.search_types import Trial
+from tuner.results import ProbeResult
+from tuner.search_types import MemoryLine, Trial
+from tuner.settings import get_settings
 from tuner.spec import DeviceSpec, WorkloadSpec, parse_workload
 
 FAKES = "tests.probes.fake_backends"
@@ -64,6 +68,71 @@ def test_verification_steps_down_until_the_answer_holds() -> None:
     assert result.verified_steps == 20  # type: ignore[attr-defined]
     tried = [v["batch_size"] for v in result.extra["verification"]]  # type: ignore[attr-defined]
     assert tried == [true_max, true_max - 1, true_max - 2]
+
+
+# Fake tensors hold no data, so this wide CNN traces as fast as a tiny model while its samples
+# weigh tens of MiB: its estimated line has a clear slope, and a prior that predicts something.
+WIDE_CNN = parse_workload(
+    {
+        "model": {"family": "builtin", "name": "cnn", "kwargs": {"base_channels": 64, "num_stages": 2}},
+        "inputs": {"kind": "image", "height": 128, "width": 128, "num_classes": 10},
+    }
+)
+
+
+def _probe_with_prior(factory: str, **kwargs: object) -> ProbeResult:
+    return run_probe(
+        WIDE_CNN,
+        backend="cuda",
+        gradient_checkpointing=False,
+        trial_factory=f"{FAKES}:{factory}",
+        estimate_prior=True,
+        max_batch_size=4096,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.slow
+def test_the_prior_traced_beside_the_search_reaches_it() -> None:
+    """The estimator traces its line in its own child while the search child builds its model;
+    the search starts from the line's prediction, not from the cheap trials at b = 1 and 4."""
+    result = _probe_with_prior("preparing")
+    prior = result.extra["prior"]
+    assert isinstance(prior, dict) and prior["per_sample_bytes"] > 0
+    predicted = MemoryLine(**prior).largest_batch_under(result.capacity_bytes or 0)
+    assert result.trials[0].batch_size == min(predicted, 4096) > 4
+    assert result.max_batch_size == DEVICES_BY_NAME["gpt2-like linear"].true_max
+    assert result.extra["prior_seconds"] > 0
+    assert 0 <= result.extra["prior_wait_seconds"] <= result.extra["prior_seconds"]
+    assert result.extra["search_wall_seconds"] <= result.seconds
+
+
+@pytest.mark.slow
+def test_a_prior_that_cannot_be_had_in_time_leaves_the_search_without_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TUNER_ESTIMATE_TIMEOUT_SECONDS", "0.2")
+    get_settings.cache_clear()
+    result = _probe_with_prior("preparing")
+    assert result.extra["prior"].startswith("none: The prior estimate did not finish within 0.2 s")
+    assert [t.batch_size for t in result.trials[:2]] == [1, 4]  # the cheap trials pin the line
+    assert result.max_batch_size == DEVICES_BY_NAME["gpt2-like linear"].true_max
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_search_that_fails_leaves_its_prior_to_end_by_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cuda probe on this GPU-less machine: the real estimator starts tracing the prior, the
+    search child fails at once; its error is what the caller gets, without waiting for the trace,
+    which then ends on its own and finds nobody to hand its line to."""
+    errors: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    with pytest.raises(ProbeError, match="needs a CUDA GPU"):
+        run_probe(WIDE_CNN, backend="cuda", gradient_checkpointing=False)
+    for thread in [t for t in threading.enumerate() if t.name == "tuner-prior"]:
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    assert errors == []
 
 
 def test_the_estimate_backend_needs_a_device() -> None:
