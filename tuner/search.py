@@ -66,9 +66,13 @@ BACKOFF_FACTOR = 0.9
 GROWTH_CAP = 16
 """Guided never jumps past 16 × the largest pass while no failure bounds it and no prior vouches for
 the line: a line from two small trials can be flat (a checkpointing floor) and predict nonsense."""
+LINE_RISE = 0.02
+"""A memory line's two sizes differ in peak by at least 2 % of the larger, where they can."""
 FIRST_AIM = 0.85
 """After the first prediction failed with nothing passed yet, aim at 85 % of the capacity: a prior
-within 10 % then lands on a pass, which calibrates the line."""
+within 10 % then lands on a pass, which calibrates the line. A failure there too (anywhere the
+prior puts the peak at or under 85 % of the capacity) refutes the prior: it cannot see a floor, or
+is simply wrong, and guided starts over from the cheap trials, as without one."""
 
 
 def find_max_batch(
@@ -112,17 +116,21 @@ def find_max_batch(
 
 def fit_line(peaks: dict[int, int]) -> MemoryLine | None:
     """The line through two sizes of `{batch_size: peak_bytes}` near the top (None with fewer
-    than two): the largest, and the smallest at or above half of it (else the next largest).
+    than two): the largest, and the largest below it whose peak is at least `LINE_RISE` of the
+    top's lower; without one, the smallest at or above half of the top (else the next largest).
 
-    Sizes near the top sit in the regime next to the boundary, where the line must be right (a
-    checkpointing floor bends memory at small sizes); a wide baseline keeps the allocator's 2 MiB
-    rounding from swamping the slope when a sample is small."""
+    Sizes near the top sit in the regime next to the boundary, where the line must be right: a
+    line reaching back across a bend (memory flat up to a checkpointing floor, linear after it)
+    lies above the curve near the boundary and keeps predicting short of it. A rise of a few
+    percent keeps the allocator's 2 MiB rounding and its fragmentation jitter from swamping the
+    slope; where no size rises that much, the widest baseline in the upper half does."""
     if len(peaks) < 2:
         return None
     sizes = sorted(peaks)
     top = sizes[-1]
+    risen = [b for b in sizes[:-1] if peaks[top] - peaks[b] >= LINE_RISE * peaks[top]]
     upper_half = [b for b in sizes[:-1] if 2 * b >= top]
-    below = upper_half[0] if upper_half else sizes[-2]
+    below = risen[-1] if risen else upper_half[0] if upper_half else sizes[-2]
     per_sample = (peaks[top] - peaks[below]) / (top - below)
     return MemoryLine(fixed_bytes=peaks[top] - per_sample * top, per_sample_bytes=per_sample)
 
@@ -212,6 +220,14 @@ class _TrialLog:
             if failed_peak is not None and (capacity is None or failed_peak > capacity):
                 peaks[hi] = failed_peak
         return peaks
+
+
+def _flat_top(peaks: dict[int, int]) -> bool:
+    """Whether the two largest sizes of `peaks` peak within one allocator segment of each other."""
+    if len(peaks) < 2:
+        return False
+    below, top = sorted(peaks)[-2:]
+    return peaks[top] - peaks[below] <= SEGMENT_BYTES
 
 
 def _peak(trial: Trial) -> int | None:
@@ -319,11 +335,17 @@ class _Guided:
 
     def _line(self, *, excluding: int | None = None) -> MemoryLine | None:
         """The line to trust: two measured sizes near the boundary; else the prior through the
-        largest pass."""
-        fitted = fit_line(self.log.known_peaks(self.capacity, excluding=excluding))
+        largest pass.
+
+        While the two largest passes peak alike, they sit on a floor (checkpointing): a line from
+        there to a failure's measured peak cuts across the bend and lies above the curve, so its
+        predictions would land short, a little closer each time. The failure is left out then,
+        and the search bisects until passes leave the floor."""
+        peaks = self.log.passing_peaks(excluding=excluding)
+        measured = self.log.known_peaks(self.capacity, excluding=excluding)
+        fitted = fit_line(peaks if _flat_top(peaks) else measured)
         if fitted is not None and fitted.per_sample_bytes > 0:
             return fitted
-        peaks = self.log.passing_peaks(excluding=excluding)
         if self.prior is not None and peaks:
             top = max(peaks)
             slope = self.prior.per_sample_bytes
@@ -339,17 +361,19 @@ class _Guided:
             return self._bracketing_step(lo, hi, factor=2)
         if self._bisect_now(hi) or (self.last_move == "above" and not self.log.trials[-1].ok):
             return bisect  # the line misleads, or it cannot resolve single sizes here
+        if lo == 0 and hi is not None and self.prior and self.prior.at(hi) <= FIRST_AIM * self.capacity:
+            self.prior = None  # it failed where the prior says 15 % of the card is free
         line = self._line()
         if line is None and lo == 0 and self.prior is not None:
             line = self.prior
         if line is None:
-            if lo == 0 and hi is None:
-                return self.low, "first"  # the first cheap trial
-            if len(self.log.passing_peaks()) == 1 and hi is None:
+            if lo == 0:
+                return self.low, "first"  # the first cheap trial (also after a refuted prior)
+            if len(self.log.passing_peaks()) == 1 and 4 * lo < upper:
                 return min(self.high, 4 * lo), "second"  # the second cheap trial pins the line
             return self._bracketing_step(lo, hi, factor=GROWTH_CAP // 2)
         aim = self.capacity * (FIRST_AIM if lo == 0 and hi is not None else 1.0)
-        predicted = line.largest_batch_under(aim)
+        predicted = raw = line.largest_batch_under(aim)
         if hi is None and lo > 0 and self.prior is None:
             predicted = min(predicted, GROWTH_CAP * lo)
         predicted = min(predicted, self.high)
@@ -362,7 +386,7 @@ class _Guided:
             if step > 1 and base + step >= upper - 1:
                 return bisect  # the whole bracket is within the line's resolution
             return min(base + step, upper - 1), "above"
-        if self.last_move == "predict":
+        if self.last_move == "predict" and raw <= upper:
             return upper - 1, "below"  # the prediction just failed: the line is likely off by one
         if hi is not None and self.log.runs[hi] == 1 and self._near_boundary_line(hi):
             return hi, "repeat"  # two passes near it say the failure should fit: an allocator hiccup?
