@@ -8,11 +8,12 @@ Strategies:
 - `guided` (DESIGN.md §6): a memory line `peak_reserved ≈ fixed + per_sample × b` (the
   estimator's prior, or two cheap trials at small b) predicts the largest b whose *reserved* peak
   fits `capacity_bytes`; a trial confirms it, one more trial above or below brackets it, and
-  bisection runs only inside the bracket. The line is refitted after every trial from the two
-  largest measured sizes (the regime next to the boundary, which matters when memory is not
-  linear, e.g. a checkpointing floor at small b): passes, and the smallest failure where its
-  trial knows its peak (an estimate does; a GPU trial stops at the out-of-memory error).
-  Without a capacity it brackets by doubling.
+  bisection runs only inside the bracket. The line is refitted after every trial from two
+  measured sizes near the top (`fit_line`: the regime next to the boundary, which matters when
+  memory is not linear, e.g. a checkpointing floor at small b): passes, and the smallest failure
+  where its trial knows its peak (an estimate does; a GPU trial stops at the out-of-memory
+  error) unless the passes below it are still on a floor. A prior that a failure refutes is
+  dropped. Without a capacity it brackets by doubling.
 - `doubling`: PyTorch Lightning's batch-size finder: min, 2·min, 4·min, … until a failure, then
   bisection between the last pass and the first failure.
 - `backoff`: Accelerate's `find_executable_batch_size`: start at `max_batch_size`, multiply by
