@@ -125,15 +125,39 @@ def fit_line(peaks: dict[int, int]) -> MemoryLine | None:
     lies above the curve near the boundary and keeps predicting short of it. A rise of a few
     percent keeps the allocator's 2 MiB rounding and its fragmentation jitter from swamping the
     slope; where no size rises that much, the widest baseline in the upper half does."""
+    pair = _line_sizes(peaks)
+    if pair is None:
+        return None
+    below, top = pair
+    per_sample = (peaks[top] - peaks[below]) / (top - below)
+    return MemoryLine(fixed_bytes=peaks[top] - per_sample * top, per_sample_bytes=per_sample)
+
+
+def _line_sizes(peaks: dict[int, int]) -> tuple[int, int] | None:
+    """The two sizes `fit_line` draws its line through (smaller first)."""
     if len(peaks) < 2:
         return None
     sizes = sorted(peaks)
     top = sizes[-1]
     risen = [b for b in sizes[:-1] if peaks[top] - peaks[b] >= LINE_RISE * peaks[top]]
     upper_half = [b for b in sizes[:-1] if 2 * b >= top]
-    below = risen[-1] if risen else upper_half[0] if upper_half else sizes[-2]
-    per_sample = (peaks[top] - peaks[below]) / (top - below)
-    return MemoryLine(fixed_bytes=peaks[top] - per_sample * top, per_sample_bytes=per_sample)
+    return (risen[-1] if risen else upper_half[0] if upper_half else sizes[-2]), top
+
+
+def _pinned(peaks: dict[int, int]) -> bool:
+    """Whether the line through `peaks` rests on two sizes whose peaks differ by `LINE_RISE`."""
+    pair = _line_sizes(peaks)
+    return pair is not None and peaks[pair[1]] - peaks[pair[0]] >= LINE_RISE * peaks[pair[1]]
+
+
+def _across_a_bend(peaks: dict[int, int]) -> bool:
+    """Whether the line through `peaks` starts from a size on a floor (a smaller size peaks
+    alike): its slope is then too shallow, and it says that sizes past the bend fit."""
+    pair = _line_sizes(peaks)
+    if pair is None:
+        return False
+    below = pair[0]
+    return any(b < below and abs(peaks[b] - peaks[below]) <= SEGMENT_BYTES for b in peaks)
 
 
 def _check_arguments(
@@ -324,7 +348,7 @@ class _Guided:
         """A size whose single trial decides the answer against what the line says, or None."""
         if self.capacity is None:
             return None
-        if hi is not None and self.log.runs[hi] == 1:
+        if hi is not None and self.log.runs[hi] == 1 and not _across_a_bend(self.log.passing_peaks()):
             line = self._line()
             if line is not None and line.at(hi) <= self.capacity - SEGMENT_BYTES:
                 return hi  # a failure the line says fits: repeat before trusting it
@@ -341,11 +365,13 @@ class _Guided:
         While the two largest passes peak alike, they sit on a floor (checkpointing): a line from
         there to a failure's measured peak cuts across the bend and lies above the curve, so its
         predictions would land short, a little closer each time. The failure is left out then,
-        and the search bisects until passes leave the floor."""
+        and the search bisects until passes leave the floor. Where the sizes rose too little to
+        pin a slope (under `LINE_RISE`), the prior's slope is the better guess."""
         peaks = self.log.passing_peaks(excluding=excluding)
         measured = self.log.known_peaks(self.capacity, excluding=excluding)
-        fitted = fit_line(peaks if _flat_top(peaks) else measured)
-        if fitted is not None and fitted.per_sample_bytes > 0:
+        used = peaks if _flat_top(peaks) else measured
+        fitted = fit_line(used)
+        if fitted is not None and fitted.per_sample_bytes > 0 and (self.prior is None or _pinned(used)):
             return fitted
         if self.prior is not None and peaks:
             top = max(peaks)
@@ -395,9 +421,11 @@ class _Guided:
 
     def _near_boundary_line(self, hi: int) -> bool:
         """Whether two passes in the upper half below `hi` pin a line (a floor cannot bend it)."""
-        peaks = {b: p for b, p in self.log.passing_peaks().items() if 2 * b >= hi}
+        passes = self.log.passing_peaks()
+        peaks = {b: p for b, p in passes.items() if 2 * b >= hi}
         line = fit_line(peaks)
-        return line is not None and line.per_sample_bytes > 0
+        pinned = line is not None and line.per_sample_bytes > 0 and _pinned(peaks)
+        return pinned and not _across_a_bend(passes)
 
     def _bisect_now(self, hi: int | None) -> bool:
         """Bisect when two trials in a row failed to halve a bounded bracket (the line misleads)."""
