@@ -9,16 +9,9 @@ import pytest
 
 from probes.child import run_in_child
 from probes.estimate.device_model import DEFAULT_DEVICE_MODEL
-from tuner.spec import WorkloadSpec, parse_workload
+from tests.probes.tiny_specs import WIDE_CNN
+from tuner.spec import WorkloadSpec
 
-# Fake tensors cost no memory, so a wide CNN at 128×128 is as quick to trace as a tiny one and
-# its per-sample bytes (tens of MiB) dwarf the allocator's 2 MiB segments.
-CNN = parse_workload(
-    {
-        "model": {"family": "builtin", "name": "cnn", "kwargs": {"base_channels": 64, "num_stages": 2}},
-        "inputs": {"kind": "image", "height": 128, "width": 128, "num_classes": 10},
-    }
-)
 TARGET_BATCH = 37
 
 
@@ -44,7 +37,9 @@ def _search(spec: WorkloadSpec, checkpointing: bool) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "ckpt"])
 def test_guided_search_finds_the_exact_boundary(checkpointing: bool) -> None:
-    found: dict[str, Any] = run_in_child(_search, CNN, checkpointing, timeout=600, what="estimate search")
+    found: dict[str, Any] = run_in_child(
+        _search, WIDE_CNN, checkpointing, timeout=600, what="estimate search"
+    )
     result = found["result"]
     assert found["line"].per_sample_bytes > 2 * (1 << 20)
     assert found["ok_at_best"] and not found["ok_above"]

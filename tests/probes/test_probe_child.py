@@ -11,6 +11,7 @@ import torch
 
 from probes.child import run_in_child, send_progress
 from probes.probe import run_probe
+from tests.probes.tiny_specs import WIDE_CNN
 from tests.unit.synthetic_devices import DEVICES_BY_NAME
 from tuner.errors import DeviceRequiredError, ModelBuildError, ProbeError
 from tuner.results import ProbeResult
@@ -28,9 +29,9 @@ MLP = parse_workload(
 )
 
 
-def _probe(factory: str, **kwargs: object) -> object:
+def _probe(factory: str, *, spec: WorkloadSpec = MLP, **kwargs: object) -> ProbeResult:
     return run_probe(
-        MLP,
+        spec,
         backend="cuda",
         gradient_checkpointing=False,
         trial_factory=f"{FAKES}:{factory}",
@@ -57,39 +58,22 @@ def test_a_non_oom_error_fails_the_probe_naming_it() -> None:
 def test_progress_reaches_the_caller_trial_by_trial() -> None:
     seen: list[Trial] = []
     result = _probe("synthetic", progress=seen.append)
-    assert seen == result.trials  # type: ignore[attr-defined]
-    assert result.max_batch_size == DEVICES_BY_NAME["gpt2-like linear"].true_max  # type: ignore[attr-defined]
+    assert seen == result.trials
+    assert result.max_batch_size == DEVICES_BY_NAME["gpt2-like linear"].true_max
 
 
 def test_verification_steps_down_until_the_answer_holds() -> None:
     result = _probe("synthetic", verify_steps=20)
     true_max = DEVICES_BY_NAME["gpt2-like linear"].true_max
-    assert result.max_batch_size == true_max - 2  # type: ignore[attr-defined]
-    assert result.verified_steps == 20  # type: ignore[attr-defined]
-    tried = [v["batch_size"] for v in result.extra["verification"]]  # type: ignore[attr-defined]
+    assert result.max_batch_size == true_max - 2
+    assert result.verified_steps == 20
+    tried = [v["batch_size"] for v in result.extra["verification"]]
     assert tried == [true_max, true_max - 1, true_max - 2]
 
 
-# Fake tensors hold no data, so this wide CNN traces as fast as a tiny model while its samples
-# weigh tens of MiB: its estimated line has a clear slope, and a prior that predicts something.
-WIDE_CNN = parse_workload(
-    {
-        "model": {"family": "builtin", "name": "cnn", "kwargs": {"base_channels": 64, "num_stages": 2}},
-        "inputs": {"kind": "image", "height": 128, "width": 128, "num_classes": 10},
-    }
-)
-
-
-def _probe_with_prior(factory: str, **kwargs: object) -> ProbeResult:
-    return run_probe(
-        WIDE_CNN,
-        backend="cuda",
-        gradient_checkpointing=False,
-        trial_factory=f"{FAKES}:{factory}",
-        estimate_prior=True,
-        max_batch_size=4096,
-        **kwargs,  # type: ignore[arg-type]
-    )
+def _probe_with_prior(factory: str) -> ProbeResult:
+    """A probe whose prior is traced for real: a wide CNN, whose estimated line has a clear slope."""
+    return _probe(factory, spec=WIDE_CNN, estimate_prior=True, max_batch_size=4096)
 
 
 @pytest.mark.slow

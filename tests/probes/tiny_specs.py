@@ -13,6 +13,16 @@ TOKENS = {"kind": "tokens", "seq_len": SEQ}
 FEATURES = {"kind": "features", "dim": 16, "num_classes": 10}
 IMAGE = {"kind": "image", "channels": 3, "height": 16, "width": 16, "num_classes": 10}
 
+# Not tiny, but as quick to trace: fake tensors hold no data, so a wide CNN at 128×128 costs an
+# estimate no more than a small one, while its samples weigh tens of MiB, which dwarfs the
+# allocator's 2 MiB segments and gives its estimated memory line a clear slope.
+WIDE_CNN = parse_workload(
+    {
+        "model": {"family": "builtin", "name": "cnn", "kwargs": {"base_channels": 64, "num_stages": 2}},
+        "inputs": {"kind": "image", "height": 128, "width": 128, "num_classes": 10},
+    }
+)
+
 # Dropout off everywhere: gradients of two runs are then comparable.
 _HF_COMMON = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
 _DECODER = {"vocab_size": VOCAB, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "max_seq_len": SEQ}
