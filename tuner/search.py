@@ -151,13 +151,16 @@ def _pinned(peaks: dict[int, int]) -> bool:
 
 
 def _across_a_bend(peaks: dict[int, int]) -> bool:
-    """Whether the line through `peaks` starts from a size on a floor (a smaller size peaks
-    alike): its slope is then too shallow, and it says that sizes past the bend fit."""
+    """Whether the line through `peaks` starts from a size on a floor: its slope is then too
+    shallow, and it says that sizes past the bend fit."""
     pair = _line_sizes(peaks)
-    if pair is None:
-        return False
-    below = pair[0]
-    return any(b < below and abs(peaks[b] - peaks[below]) <= SEGMENT_BYTES for b in peaks)
+    return pair is not None and _on_floor(peaks, pair[0])
+
+
+def _on_floor(peaks: dict[int, int], size: int) -> bool:
+    """Whether a smaller size of `peaks` peaks within one allocator segment of `size` (memory is
+    flat there: a checkpointing floor)."""
+    return any(b < size and abs(peaks[b] - peaks[size]) <= SEGMENT_BYTES for b in peaks)
 
 
 def _check_arguments(
@@ -245,14 +248,6 @@ class _TrialLog:
             if failed_peak is not None and (capacity is None or failed_peak > capacity):
                 peaks[hi] = failed_peak
         return peaks
-
-
-def _flat_top(peaks: dict[int, int]) -> bool:
-    """Whether the two largest sizes of `peaks` peak within one allocator segment of each other."""
-    if len(peaks) < 2:
-        return False
-    below, top = sorted(peaks)[-2:]
-    return peaks[top] - peaks[below] <= SEGMENT_BYTES
 
 
 def _peak(trial: Trial) -> int | None:
@@ -369,7 +364,7 @@ class _Guided:
         pin a slope (under `LINE_RISE`), the prior's slope is the better guess."""
         peaks = self.log.passing_peaks(excluding=excluding)
         measured = self.log.known_peaks(self.capacity, excluding=excluding)
-        used = peaks if _flat_top(peaks) else measured
+        used = peaks if peaks and _on_floor(peaks, max(peaks)) else measured
         fitted = fit_line(used)
         if fitted is not None and fitted.per_sample_bytes > 0 and (self.prior is None or _pinned(used)):
             return fitted
