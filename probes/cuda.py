@@ -134,8 +134,7 @@ class CudaTrials:
                 raise
             out_of_memory = True  # outside the except block: its traceback pins the tensors
         if out_of_memory:
-            self._workload = None
-            release_memory()
+            self.close()
 
     def close(self) -> None:
         """Drop the model and return its memory."""
@@ -168,8 +167,7 @@ class CudaTrials:
                 raise
             out_of_memory = True  # leave the except block first: its traceback pins the tensors
         if out_of_memory:
-            self._workload = None
-            release_memory()
+            self.close()  # a step may have stopped half-way through its update: rebuild next time
             return Trial(
                 batch_size=batch_size,
                 ok=False,
