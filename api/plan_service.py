@@ -99,6 +99,7 @@ def cached_probes(
             backend=request.backend,
             torch_minor=torch_minor,
             gradient_checkpointing=checkpointing,
+            alloc_conf=request.alloc_conf,
         )
         if probe is None:
             return None
@@ -157,18 +158,21 @@ def job_key(request: PlanRequest, torch_minor: str) -> str:
         request.backend,
         torch_minor,
         ",".join("on" if gc else "off" for gc in checkpointing_choices(request)),
+        request.alloc_conf or "",
     ]
     return "|".join(parts)
 
 
 def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
-    """What the worker reads: the workload, device, backend, checkpointing choices, torch minor."""
+    """What the worker reads: the workload, device, backend, checkpointing choices, torch minor and
+    allocator setting."""
     return {
         "workload": request.workload.model_dump(mode="json"),
         "device": request.device.model_dump(mode="json") if request.device else None,
         "backend": request.backend,
         "gradient_checkpointing": checkpointing_choices(request),
         "torch_minor": torch_minor,
+        "alloc_conf": request.alloc_conf,
     }
 
 

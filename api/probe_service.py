@@ -63,6 +63,7 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
         backend=result.backend,
         torch_minor=minor,
         gradient_checkpointing=result.gradient_checkpointing,
+        alloc_conf=result.alloc_conf,
     )
     if existing is None:
         # Nothing stored a moment ago; another upload may still store first, and then the
@@ -77,7 +78,8 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
         return existing, False
     raise ConflictError(
         f"Probe result {existing.id} is already stored for this workload, device, backend, torch "
-        f"{minor} and checkpointing {'on' if result.gradient_checkpointing else 'off'}, with "
+        f"{minor}, checkpointing {'on' if result.gradient_checkpointing else 'off'} and allocator "
+        f"setting {result.alloc_conf or 'default'}, with "
         f"max_batch_size {existing.max_batch_size} (this one: {result.max_batch_size})."
     )
 
@@ -89,4 +91,5 @@ def _key(probe: ProbeResult) -> tuple[object, ...]:
         probe.backend,
         repository.torch_minor(probe.versions.get("torch")),
         probe.gradient_checkpointing,
+        probe.alloc_conf,
     )

@@ -13,7 +13,6 @@ must never reach the process that asked.
 from __future__ import annotations
 
 import gc
-import os
 import time
 from typing import Any
 
@@ -80,10 +79,6 @@ def usable_capacity_bytes() -> int:
     context are outside it."""
     free, _total = torch.cuda.mem_get_info()
     return max(0, int(free) + int(torch.cuda.memory_reserved()) - KERNEL_ALLOWANCE_BYTES)
-
-
-def allocator_conf() -> str | None:
-    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
 
 
 def release_memory() -> None:

@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import multiprocessing as mp
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,12 +34,14 @@ from typing import Any, Literal
 
 from probes.child import ChildFailed, run_in_child, send_progress
 from tuner import __version__ as tuner_version
+from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import DeviceRequiredError, ProbeError, SpecError
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
 from tuner.settings import get_settings
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec
 
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
 PRIOR_BATCH_SIZES = (4, 16)
 """Where the estimator's prior line is traced: past the small sizes where a checkpointing floor
 flattens memory, and as cheap as any (fake tensors hold no data)."""
@@ -65,7 +68,6 @@ class TrialBackend:
     prepare: Callable[[], None] | None = None
     """Work the first trial would do anyway (building the model), done while the prior is traced."""
     versions: dict[str, str] = field(default_factory=dict)
-    allocator_conf: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class _Job:
     trial_factory: str | None
     prior_timeout: float | None = None
     """Set when a prior is traced beside the search: how long the search may wait for it."""
+    alloc_conf: str | None = None
+    """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe runs under (None: PyTorch's default)."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,9 @@ class _Outcome:
     capacity_bytes: int | None
     facts: WorkloadFacts | None
     versions: dict[str, str]
-    allocator_conf: str | None
     seconds: float
     prior_wait_seconds: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_probe(
@@ -110,9 +114,14 @@ def run_probe(
     progress: Callable[[Trial], None] | None = None,
     trial_factory: str | None = None,
     estimate_prior: bool | None = None,
+    alloc_conf: str | None = None,
 ) -> ProbeResult:
     """The largest micro-batch of `spec` on a device, with every trial that led there.
 
+    `alloc_conf`: the `PYTORCH_CUDA_ALLOC_CONF` the training run will use (None: PyTorch's default
+    allocator); the estimate backend models it, the cuda backend's child runs under it. Where the
+    default allocator was probed on the estimate backend, `extra` also says how large a micro-batch
+    `expandable_segments:True` would allow (`expandable_segments_max_batch_size`).
     `estimate_prior`: whether a guided cuda search gets the estimator's line as its prior
     (default: yes, except with a `trial_factory`, whose memory the estimator does not model)."""
     if backend not in ("cuda", "estimate"):
@@ -123,6 +132,7 @@ def run_probe(
         )
     if verify_steps < 0:
         raise SpecError(f"verify_steps must not be negative, got {verify_steps}.")
+    alloc_conf = canonical_alloc_conf(alloc_conf)
     settings = get_settings()
     timeout = settings.probe_timeout_seconds if timeout is None else timeout
     started = time.monotonic()
@@ -132,7 +142,7 @@ def run_probe(
     prior: _PriorInBackground | None = None
     if backend == "cuda" and strategy == "guided" and estimate_prior:
         prior_timeout = min(timeout, settings.estimate_timeout_seconds)
-        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes)
+        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes, alloc_conf)
     job = _Job(
         spec=spec,
         backend=backend,
@@ -144,6 +154,7 @@ def run_probe(
         max_trials=max_trials,
         trial_factory=trial_factory,
         prior_timeout=None if prior is None else prior.timeout + PRIOR_HANDOVER_SECONDS,
+        alloc_conf=alloc_conf,
     )
     try:
         outcome: _Outcome = _in_child(
@@ -184,10 +195,10 @@ def run_probe(
         capacity_bytes=outcome.capacity_bytes,
         seconds=time.monotonic() - started,
         versions=outcome.versions,
-        allocator_conf=outcome.allocator_conf,
+        alloc_conf=alloc_conf,
         facts=outcome.facts,
         verified_steps=verified,
-        extra={"search_seconds": outcome.seconds, **notes},
+        extra={"search_seconds": outcome.seconds, **outcome.extra, **notes},
     )
 
 
@@ -208,6 +219,7 @@ def _in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str, **k
 
 def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
     started = time.monotonic()
+    _use_alloc_conf(job.alloc_conf)
     backend = _make_backend(job)
     # A card whose usable memory is nothing: no prediction to make, every trial will fail.
     capacity = backend.capacity_bytes if backend.capacity_bytes and backend.capacity_bytes > 0 else None
@@ -232,6 +244,7 @@ def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
         )
         # The cuda backend learns the facts when it first builds the model.
         facts = backend.facts if backend.facts is not None else getattr(backend.fits, "facts", None)
+        extra = _expandable_alternative(job, search) if job.trial_factory is None else {}
     finally:
         if backend.close is not None:
             backend.close()
@@ -241,10 +254,44 @@ def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
         capacity_bytes=backend.capacity_bytes,
         facts=facts,
         versions=backend.versions,
-        allocator_conf=backend.allocator_conf,
         seconds=time.monotonic() - started,
         prior_wait_seconds=waited,
+        extra=extra,
     )
+
+
+def _use_alloc_conf(alloc_conf: str | None) -> None:
+    """Run this child under the probe's allocator setting. CUDA reads it when its allocator first
+    initialises, which in a fresh child is later than this."""
+    if alloc_conf:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = alloc_conf
+    else:
+        os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+
+
+def _expandable_alternative(job: _Job, search: SearchResult) -> dict[str, Any]:
+    """For an estimate of the default allocator: the largest micro-batch with expandable segments,
+    searched from the answer up on the same traces (a hint for the plan, never its answer)."""
+    if job.backend != "estimate" or job.device is None or search.max_batch_size < 1:
+        return {}
+    if parse_alloc_conf(job.alloc_conf).expandable_segments:
+        return {}
+    from probes.estimate.session import estimate_fits
+
+    fits = estimate_fits(
+        job.spec,
+        job.device.total_memory_bytes,
+        gradient_checkpointing=job.gradient_checkpointing,
+        alloc_conf=EXPANDABLE_SEGMENTS,
+    )
+    alternative = find_max_batch(
+        fits,
+        strategy="doubling",
+        min_batch_size=search.max_batch_size,
+        max_batch_size=min(job.max_batch_size, 2 * search.max_batch_size + 8),
+        max_trials=job.max_trials,
+    )
+    return {"expandable_segments_max_batch_size": alternative.max_batch_size}
 
 
 def _receive_prior(inbox: Connection, timeout: float) -> MemoryLine | None:
@@ -259,6 +306,7 @@ def _receive_prior(inbox: Connection, timeout: float) -> MemoryLine | None:
 
 
 def _verify_in_child(job: _Job, batch_size: int, steps: int) -> Trial:
+    _use_alloc_conf(job.alloc_conf)
     backend = _make_backend(job)
     if backend.verify is None:
         raise ProbeError(f"The {job.backend} backend cannot verify an answer.")
@@ -305,7 +353,9 @@ def _estimate_backend(job: _Job) -> TrialBackend:
 
     assert job.device is not None  # run_probe refuses an estimate without a device
     total = job.device.total_memory_bytes
-    fits = estimate_fits(job.spec, total, gradient_checkpointing=job.gradient_checkpointing)
+    fits = estimate_fits(
+        job.spec, total, gradient_checkpointing=job.gradient_checkpointing, alloc_conf=job.alloc_conf
+    )
     return TrialBackend(
         fits=fits,
         device=job.device,
@@ -343,7 +393,6 @@ def _cuda_backend(job: _Job) -> TrialBackend:
         close=trials.close,
         prepare=trials.prepare,
         versions=_versions(cuda=torch.version.cuda),
-        allocator_conf=cuda.allocator_conf(),
     )
 
 
@@ -358,20 +407,30 @@ class _PriorInBackground:
     wait for the trace; the notes record the prior (or why there is none) and its seconds."""
 
     def __init__(
-        self, spec: WorkloadSpec, gradient_checkpointing: bool, timeout: float, notes: dict[str, Any]
+        self,
+        spec: WorkloadSpec,
+        gradient_checkpointing: bool,
+        timeout: float,
+        notes: dict[str, Any],
+        alloc_conf: str | None = None,
     ) -> None:
         self.timeout = timeout
         self.inbox, self._outbox = mp.get_context("spawn").Pipe(duplex=False)
         self._thread = threading.Thread(
-            target=self._trace, args=(spec, gradient_checkpointing, notes), name="tuner-prior", daemon=True
+            target=self._trace,
+            args=(spec, gradient_checkpointing, notes, alloc_conf),
+            name="tuner-prior",
+            daemon=True,
         )
         self._thread.start()
 
-    def _trace(self, spec: WorkloadSpec, gradient_checkpointing: bool, notes: dict[str, Any]) -> None:
+    def _trace(
+        self, spec: WorkloadSpec, gradient_checkpointing: bool, notes: dict[str, Any], alloc_conf: str | None
+    ) -> None:
         started = time.monotonic()
         line = None
         try:
-            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes)
+            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf)
         finally:
             notes["prior_seconds"] = time.monotonic() - started
             # A few hundred bytes, which the pipe holds until the search reads them; a search that
@@ -388,12 +447,21 @@ class _PriorInBackground:
 
 
 def _prior_line(
-    spec: WorkloadSpec, gradient_checkpointing: bool, timeout: float, notes: dict[str, Any]
+    spec: WorkloadSpec,
+    gradient_checkpointing: bool,
+    timeout: float,
+    notes: dict[str, Any],
+    alloc_conf: str | None = None,
 ) -> MemoryLine | None:
     """The estimator's line for the guided search, or None with a note saying why not."""
     try:
         line: MemoryLine = _in_child(
-            _estimate_line_in_child, spec, gradient_checkpointing, timeout=timeout, what="prior estimate"
+            _estimate_line_in_child,
+            spec,
+            gradient_checkpointing,
+            alloc_conf,
+            timeout=timeout,
+            what="prior estimate",
         )
     except ProbeError as exc:  # the search can go without a prior: note it, do not fail
         notes["prior"] = f"none: {exc.message}"
@@ -402,11 +470,16 @@ def _prior_line(
     return line
 
 
-def _estimate_line_in_child(spec: WorkloadSpec, gradient_checkpointing: bool) -> MemoryLine:
+def _estimate_line_in_child(
+    spec: WorkloadSpec, gradient_checkpointing: bool, alloc_conf: str | None
+) -> MemoryLine:
     from probes.estimate.session import estimate_line
 
     line: MemoryLine = estimate_line(
-        spec, gradient_checkpointing=gradient_checkpointing, batch_sizes=PRIOR_BATCH_SIZES
+        spec,
+        gradient_checkpointing=gradient_checkpointing,
+        batch_sizes=PRIOR_BATCH_SIZES,
+        alloc_conf=alloc_conf,
     )
     return line
 

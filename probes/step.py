@@ -2,9 +2,11 @@
 estimate, a GPU probe and a user's loop measure the same thing.
 
 Per iteration: batch → forward and loss under the precision's autocast → backward (GradScaler
-for fp16-mixed) → optimizer step → `zero_grad(set_to_none=True)`. Nothing but the loss's value
-survives an iteration. At least two iterations count, because optimizers create their state at
-the first `step()` and the second iteration is the first that holds all of it.
+for fp16-mixed) → optimizer step → `zero_grad(set_to_none=True)`. The forward's output (the
+logits) lives through backward and the optimizer step where the spec's `loop.keeps_outputs` says
+so (MiniMind's, nanoGPT's loops), and dies before backward otherwise (HF Trainer's). Nothing but
+the loss's value survives an iteration. At least two iterations count, because optimizers create
+their state at the first `step()` and the second iteration is the first that holds all of it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def run_train_steps(
     if optimizer is None:
         optimizer = workload.make_optimizer()
     fp16 = workload.spec.precision == "fp16-mixed"
+    keeps_outputs = workload.spec.loop.keeps_outputs
     scaler = torch.amp.GradScaler(workload.device.type) if fp16 and data_dependent else None
     report = StepReport()
 
@@ -70,10 +73,13 @@ def run_train_steps(
         started = time.perf_counter()
 
         phase("forward", iteration)
+        # The batch lives through the whole iteration, as a loop variable does in every real loop.
         batch = workload.make_batch(batch_size)
         with workload.autocast():
-            loss = workload.loss(batch)
-        del batch
+            loss, output = workload.forward(batch)
+        if not keeps_outputs:
+            # HF Trainer's `compute_loss` shape: only the loss reaches backward, the logits die here.
+            output = None
 
         phase("backward", iteration)
         if scaler is not None:
@@ -90,6 +96,8 @@ def run_train_steps(
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # MiniMind's and nanoGPT's shape: the output (with its logits) is released only here.
+        del output, batch
 
         report.losses.append(float(loss.detach().item()) if data_dependent else None)
         del loss

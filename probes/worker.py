@@ -58,6 +58,7 @@ class ProbeRunner(Protocol):
         gradient_checkpointing: bool,
         timeout: float | None = None,
         progress: Callable[[Any], None] | None = None,
+        alloc_conf: str | None = None,
     ) -> ProbeResult: ...
 
 
@@ -280,12 +281,14 @@ class Worker:
                     backend=self.backend,
                     torch_minor=self.torch_minor,
                     gradient_checkpointing=bool(checkpointing),
+                    alloc_conf=payload.get("alloc_conf"),
                 )
             if cached is not None and cached.id is not None:
                 # A worker that lost this job earlier may have stored some choices already.
                 probe_ids.append(cached.id)
                 continue
-            result = self._run_probe(active, workload, device, bool(checkpointing))
+            alloc_conf = payload.get("alloc_conf")
+            result = self._run_probe(active, workload, device, bool(checkpointing), alloc_conf)
             with self._writing(active) as session:
                 # Renew the lease first: a worker that lost it must not store a duplicate.
                 if not repository.heartbeat(
@@ -297,7 +300,12 @@ class Worker:
         return probe_ids
 
     def _run_probe(
-        self, active: _ActiveJob, workload: WorkloadSpec, device: DeviceSpec, checkpointing: bool
+        self,
+        active: _ActiveJob,
+        workload: WorkloadSpec,
+        device: DeviceSpec,
+        checkpointing: bool,
+        alloc_conf: str | None,
     ) -> ProbeResult:
         active.progress = {"gradient_checkpointing": checkpointing, "trials": 0}
 
@@ -319,6 +327,7 @@ class Worker:
             gradient_checkpointing=checkpointing,
             timeout=self.probe_timeout_seconds,
             progress=on_trial,
+            alloc_conf=alloc_conf,
         )
 
     def _job_device(self, payload: dict[str, Any]) -> DeviceSpec:

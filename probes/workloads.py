@@ -22,7 +22,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -113,20 +113,35 @@ class BuiltWorkload:
             labels = torch.randint(0, num_labels, (batch_size,), device=self.device)
         return {"input_ids": ids, "labels": labels}
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """The scalar mean loss of one batch (plus the MoE auxiliary loss where there is one).
-        Call it inside `autocast()`; the train step does."""
+    def forward(self, batch: Batch) -> ForwardResult:
+        """The model's forward on one batch: the scalar mean loss (plus the MoE auxiliary loss
+        where there is one) and the model's output object. Call it inside `autocast()`; the
+        train step does, and keeps or drops the output as the spec's loop says."""
         family = self.spec.model.family
         if family == "transformers":
             out = self.model(**batch)
-            return _as_scalar(out.loss)
+            return ForwardResult(_as_scalar(out.loss), out)
         inputs = batch[INPUT_KEYS[self.spec.inputs.kind]]
         labels = batch["labels"]
         if family == "python" and _accepts_labels(self.model):
             out = self.model(inputs, labels=labels)
         else:
             out = self.model(inputs)
-        return _loss_from_output(out, labels)
+        return ForwardResult(_loss_from_output(out, labels), out)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The scalar mean loss of one batch, the output dropped (see `forward`)."""
+        return self.forward(batch).loss
+
+
+class ForwardResult(NamedTuple):
+    """What one forward returns to the train step."""
+
+    loss: torch.Tensor
+    """The scalar loss that backward starts from."""
+    output: Any
+    """The model's own output (logits and whatever else it returns): alive through backward
+    and the optimizer step in a loop that keeps it, dropped before backward otherwise."""
 
 
 def build_workload(

@@ -59,8 +59,12 @@ PROBE_KEY_COLUMNS = (
     "backend",
     "torch_minor",
     "gradient_checkpointing",
+    "alloc_conf",
 )
 """The columns of the probe cache key: unique among complete results."""
+DEFAULT_ALLOC_CONF = ""
+"""`probe_results.alloc_conf` of PyTorch's default allocator (None in `ProbeResult`): a key
+column is never NULL, so that the unique index sees two default-allocator results as equal."""
 
 # Stable constraint names on both databases, so that later migrations can name what they alter.
 NAMING_CONVENTION = {
@@ -130,7 +134,8 @@ class ProbeRow(Base):
     capacity_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     extra: Mapped[dict[str, Any]] = mapped_column(JSON)
-    allocator_conf: Mapped[str | None] = mapped_column(Text, nullable=True)
+    alloc_conf: Mapped[str] = mapped_column(String(500), default=DEFAULT_ALLOC_CONF, server_default="")
+    """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe assumed ('' for the default allocator)."""
     verified_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
 

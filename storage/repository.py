@@ -41,6 +41,7 @@ from storage.jobs import (
     resolve_waiter,
 )
 from storage.models import (
+    DEFAULT_ALLOC_CONF,
     PROBE_COMPLETE,
     PROBE_KEY_COLUMNS,
     WAITER_PENDING,
@@ -123,10 +124,13 @@ def find_cached_probe(
     backend: str,
     torch_minor: str,
     gradient_checkpointing: bool,
+    alloc_conf: str | None = None,
 ) -> ProbeResult | None:
     """The complete probe result for this cache key, with its trials; None on a miss. (The key is
-    unique among complete results; superseded ones, kept by migration 0002, are never returned.)"""
-    if _unstorable(fingerprint, device_name, backend, torch_minor):
+    unique among complete results; superseded ones, kept by migrations 0002 and 0003, are never
+    returned.) `alloc_conf` is canonical (`tuner.alloc_conf.canonical_alloc_conf`); None is the
+    default allocator."""
+    if _unstorable(fingerprint, device_name, backend, torch_minor, alloc_conf):
         return None
     query = (
         select(ProbeRow)
@@ -137,6 +141,7 @@ def find_cached_probe(
             ProbeRow.backend == backend,
             ProbeRow.torch_minor == torch_minor,
             ProbeRow.gradient_checkpointing == gradient_checkpointing,
+            ProbeRow.alloc_conf == (alloc_conf or DEFAULT_ALLOC_CONF),
             ProbeRow.status == PROBE_COMPLETE,
         )
         .order_by(ProbeRow.created_at.desc(), ProbeRow.id.desc())
@@ -229,7 +234,7 @@ def _probe_values(result: ProbeResult) -> dict[str, Any]:
         "capacity_bytes": result.capacity_bytes,
         "facts": None if result.facts is None else result.facts.model_dump(mode="json"),
         "extra": dict(result.extra),
-        "allocator_conf": result.allocator_conf,
+        "alloc_conf": result.alloc_conf or DEFAULT_ALLOC_CONF,
         "verified_steps": result.verified_steps,
         "seconds": result.seconds,
     }
@@ -295,7 +300,7 @@ def _probe_from_row(row: ProbeRow) -> ProbeResult:
         capacity_bytes=row.capacity_bytes,
         seconds=row.seconds,
         versions=row.versions,
-        allocator_conf=row.allocator_conf,
+        alloc_conf=row.alloc_conf or None,
         facts=None if row.facts is None else WorkloadFacts.model_validate(row.facts),
         verified_steps=row.verified_steps,
         extra=row.extra,
@@ -517,4 +522,5 @@ def _plan_from_row(row: PlanRow) -> Plan:
         hints=row.hints,
         accumulation_schedule=row.accumulation_schedule,
         versions=row.versions,
+        alloc_conf=(row.request or {}).get("alloc_conf"),
     )

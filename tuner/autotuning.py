@@ -101,7 +101,7 @@ def autotune(
         capacity_bytes=capacity,
         seconds=time.perf_counter() - started,
         versions=_versions(torch),
-        allocator_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         extra={"source": "autotune", "steps_per_trial": steps_per_trial, "cuda": on_cuda},
     )
     if upload and url:

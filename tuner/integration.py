@@ -65,6 +65,8 @@ def plan_for(
     token: str | None = None,
     wait: float = DEFAULT_SERVER_WAIT,
     local: bool = False,
+    keeps_outputs: bool | None = None,
+    alloc_conf: str | None = None,
 ) -> Plan:
     """The plan for training `model_or_spec` at `effective_batch_size` samples per update.
 
@@ -72,6 +74,12 @@ def plan_for(
     spec; `inputs` defaults to tokens at the config's maximum positions), or any model together
     with `factory="package.module:function"` (and `factory_kwargs`) that builds it again.
     `inputs`, `precision`, `optimizer` override the spec's (`inputs=2048` means tokens of 2048).
+    `keeps_outputs`: whether the training loop keeps the model's output (the logits) alive through
+    backward (`res = model(x, labels=y)`, as MiniMind's and nanoGPT's loops do: the default) or
+    releases it before backward (`loss = model(...).loss`, as HF Trainer does: pass False, or use
+    `tuner.integrations.hf.plan_for_trainer`).
+    `alloc_conf`: the `PYTORCH_CUDA_ALLOC_CONF` the training will use (default: this process's
+    environment variable); part of the probe's key.
 
     `world_size`: default `torch.distributed`'s when initialised, else `WORLD_SIZE`, else 1.
     `device`: default this process's CUDA GPU; without a GPU, give the device to plan for
@@ -90,6 +98,7 @@ def plan_for(
         inputs=inputs,
         precision=precision,
         optimizer=optimizer,
+        keeps_outputs=keeps_outputs,
     )
     # With a device given, the local GPU only matters for choosing the backend, and only when
     # this process uses torch at all (a script that never imported it is planning ahead).
@@ -112,6 +121,7 @@ def plan_for(
         device=target,
         backend=backend,
         policy=policy,
+        alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") if alloc_conf is None else alloc_conf,
     )
     if url:
         from tuner.client import TunerClient
@@ -135,6 +145,7 @@ def plan_locally(request: PlanRequest) -> Plan:
             backend=request.backend,
             device=request.device,
             gradient_checkpointing=checkpointing,
+            alloc_conf=request.alloc_conf,
         )
         for checkpointing in choices
     }
@@ -152,9 +163,12 @@ def workload_for(
     inputs: InputsSpec | Mapping[str, Any] | int | None = None,
     precision: Precision | None = None,
     optimizer: OptimizerSpec | Mapping[str, Any] | str | None = None,
+    keeps_outputs: bool | None = None,
 ) -> WorkloadSpec:
     """The workload spec of a spec, a transformers model, or a model with a factory reference."""
     overrides: dict[str, Any] = {}
+    if keeps_outputs is not None:
+        overrides["loop"] = {"keeps_outputs": keeps_outputs}
     if inputs is not None:
         overrides["inputs"] = _inputs_dict(inputs)
     if precision is not None:
@@ -297,6 +311,7 @@ def _plan_request(
     device: DeviceSpec | None,
     backend: Backend,
     policy: PlanPolicy | Mapping[str, Any] | None,
+    alloc_conf: str | None = None,
 ) -> PlanRequest:
     try:
         return PlanRequest(
@@ -306,6 +321,7 @@ def _plan_request(
             device=device,
             backend=backend,
             policy=PlanPolicy.model_validate(policy if policy is not None else {}),
+            alloc_conf=alloc_conf,
         )
     except ValidationError as exc:
         raise SpecError(f"Invalid plan request: {format_validation_error(exc)}") from None

@@ -136,6 +136,7 @@ def make_plan(request: PlanRequest, probes: Mapping[bool, ProbeResult]) -> Plan:
         hints=_hints(chosen, request),
         accumulation_schedule=schedule,
         versions=dict(chosen.option.probe.versions),
+        alloc_conf=request.alloc_conf,
     )
 
 
@@ -493,6 +494,15 @@ def _hints(chosen: _Candidate, request: PlanRequest) -> list[str]:
             f"During the ramp the effective batch grows from about {start} to {effective}; the learning "
             f"rate usually follows it (linear rule lr × b/{effective}, or square-root rule "
             f"lr × sqrt(b/{effective})); not applied."
+        )
+    expandable = chosen.option.probe.extra.get("expandable_segments_max_batch_size")
+    if isinstance(expandable, int) and expandable > chosen.option.probe.max_batch_size:
+        hints.append(
+            f"Allocator (not applied): with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True the largest "
+            f"micro-batch would be {expandable} instead of {chosen.option.probe.max_batch_size} "
+            f"(checkpointing {_label(chosen.option.checkpointing)}): the caching allocator then strands no "
+            "free memory at the ends of its segments. Set it before the process first uses CUDA and plan "
+            "with alloc_conf 'expandable_segments:True'."
         )
     if chosen.option.probe.backend == "estimate":
         hints.append(

@@ -5,10 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tuner.search_types import MemoryLine, Trial
-from tuner.spec import Backend, DeviceSpec, PlanPolicy, WorkloadSpec, refuse_nul_characters
+from tuner.spec import (
+    Backend,
+    DeviceSpec,
+    PlanPolicy,
+    WorkloadSpec,
+    refuse_nul_characters,
+    validated_alloc_conf,
+)
 
 
 class WorkloadFacts(BaseModel):
@@ -52,8 +59,17 @@ class ProbeResult(BaseModel):
     seconds: float = 0.0
     versions: dict[str, str] = Field(default_factory=dict)
     """torch, cuda, transformers, tuner versions of the process that probed."""
-    allocator_conf: str | None = None
-    """`PYTORCH_CUDA_ALLOC_CONF` during the probe."""
+    alloc_conf: str | None = Field(
+        default=None, max_length=500, validation_alias=AliasChoices("alloc_conf", "allocator_conf")
+    )
+    """The `PYTORCH_CUDA_ALLOC_CONF` the probe ran under (cuda) or modelled (estimate), in
+    canonical form; None is PyTorch's default allocator. Part of the probe's cache key. Read from
+    `allocator_conf` too, its name before."""
+
+    @field_validator("alloc_conf")
+    @classmethod
+    def _canonical_alloc_conf(cls, value: str | None) -> str | None:
+        return validated_alloc_conf(value)
     facts: WorkloadFacts | None = None
     verified_steps: int | None = None
     """Steps the answer survived in a fresh process (None: not verified)."""
@@ -94,3 +110,6 @@ class Plan(BaseModel):
     accumulation_schedule: list[dict[str, int]] | None = None
     """Batch-size ramp: `[{"until_step": s, "accumulation_steps": k}, ...]` at a fixed micro-batch."""
     versions: dict[str, str] = Field(default_factory=dict)
+    alloc_conf: str | None = None
+    """The `PYTORCH_CUDA_ALLOC_CONF` the plan assumes (the request's; None: PyTorch's default).
+    Set it before the training process first touches CUDA."""

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuner.alloc_conf import canonical_alloc_conf
 from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS, refuse_bool_for_number
 from tuner.errors import SpecError
 from tuner.settings import get_settings
@@ -199,13 +200,25 @@ class OptimizerSpec(_Spec):
     implementation: Literal["foreach", "fused", "for-loop"] = "foreach"
 
 
+class LoopSpec(_Spec):
+    """The shape of the training loop, where it changes memory."""
+
+    keeps_outputs: bool = True
+    """Whether the loop keeps the forward's output (the logits) alive through backward and the
+    optimizer step, as MiniMind's and nanoGPT's loops do (`res = model(x, labels=y)`, released
+    after the step); `false` releases it before backward, as HF Trainer's `compute_loss` does.
+    Holding GPT-2's bf16 logits costs 2 × seq_len × vocab bytes per sample."""
+
+
 class WorkloadSpec(_Spec):
-    """What is trained: model, inputs, precision and optimizer. Its fingerprint keys the cache."""
+    """What is trained: model, inputs, precision, optimizer and the loop's shape. Its fingerprint
+    keys the cache."""
 
     model: ModelSpec
     inputs: InputsSpec
     precision: Precision = "bf16-mixed"
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    loop: LoopSpec = Field(default_factory=LoopSpec)
 
     @model_validator(mode="after")
     def _check_inputs_match_model(self) -> WorkloadSpec:
@@ -290,6 +303,23 @@ class PlanRequest(_Spec):
     device: DeviceSpec | None = None
     backend: Backend = "cuda"
     policy: PlanPolicy = Field(default_factory=PlanPolicy)
+    alloc_conf: str | None = Field(default=None, max_length=500)
+    """The `PYTORCH_CUDA_ALLOC_CONF` the run will use (e.g. `expandable_segments:True`); None is
+    PyTorch's default allocator. Part of the probe's key; kept in canonical form."""
+
+    @field_validator("alloc_conf")
+    @classmethod
+    def _canonical_alloc_conf(cls, value: str | None) -> str | None:
+        return validated_alloc_conf(value)
+
+
+def validated_alloc_conf(value: str | None) -> str | None:
+    """A pydantic validator's view of `tuner.alloc_conf.canonical_alloc_conf`: a bad setting is a
+    `ValueError` naming the option."""
+    try:
+        return canonical_alloc_conf(value)
+    except SpecError as exc:
+        raise ValueError(exc.message.removeprefix("alloc_conf: ")) from None
 
 
 def format_validation_error(exc: ValidationError) -> str:

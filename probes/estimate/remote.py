@@ -23,6 +23,7 @@ def estimate_peak(
     *,
     gradient_checkpointing: bool = False,
     timeout: float | None = None,
+    alloc_conf: str | None = None,
 ) -> EstimateReport:
     """The estimate of one train step of `spec` at `batch_size`, traced in a fresh child.
 
@@ -34,6 +35,7 @@ def estimate_peak(
         spec,
         batch_size,
         gradient_checkpointing,
+        alloc_conf,
         timeout=timeout,
         what=f"estimate of {spec.describe()} at batch size {batch_size}",
     )
@@ -49,6 +51,7 @@ def estimate_max_batch(
     strategy: Strategy = "guided",
     max_batch_size: int = 65536,
     timeout: float | None = None,
+    alloc_conf: str | None = None,
 ) -> SearchResult:
     """The largest micro-batch whose predicted reserved peak fits a card of
     `device_total_bytes` less the margin (`probes.estimate.session.search_max_batch`), searched
@@ -61,6 +64,7 @@ def estimate_max_batch(
         memory_margin,
         strategy,
         max_batch_size,
+        alloc_conf,
         timeout=timeout,
         what=f"estimate search of {spec.describe()}",
     )
@@ -83,10 +87,14 @@ def run_estimate_child(fn: Callable[..., Any], *args: Any, timeout: float | None
         raise EstimateError(exc.failure.message) from None
 
 
-def _trace_in_child(spec: WorkloadSpec, batch_size: int, gradient_checkpointing: bool) -> EstimateReport:
+def _trace_in_child(
+    spec: WorkloadSpec, batch_size: int, gradient_checkpointing: bool, alloc_conf: str | None
+) -> EstimateReport:
     from probes.estimate.session import current_session
 
-    return current_session().trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+    return current_session().trace(
+        spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+    )
 
 
 def _search_in_child(
@@ -96,6 +104,7 @@ def _search_in_child(
     memory_margin: float,
     strategy: Strategy,
     max_batch_size: int,
+    alloc_conf: str | None,
 ) -> SearchResult:
     from probes.estimate.session import search_max_batch
 
@@ -106,4 +115,5 @@ def _search_in_child(
         memory_margin=memory_margin,
         strategy=strategy,
         max_batch_size=max_batch_size,
+        alloc_conf=alloc_conf,
     )

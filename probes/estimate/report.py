@@ -13,10 +13,12 @@ class EstimateReport:
     batch_size: int
     """Micro-batch size traced."""
     peak_allocated_bytes: int
-    """Predicted `torch.cuda.max_memory_allocated`: the traced peak plus the allocations CUDA
-    makes that a trace does not see (library workspaces; `DeviceModel.untracked_allocated_bytes`)."""
+    """Predicted `torch.cuda.max_memory_allocated`: the caching allocator's blocks for the traced
+    allocations, plus what CUDA allocates that a trace does not see (library workspaces,
+    `DeviceModel.persistent_untracked_bytes`, and the activation slack)."""
     peak_reserved_bytes: int
-    """Predicted peak of the caching allocator's reserved memory (what actually runs out)."""
+    """Predicted `torch.cuda.max_memory_reserved`: the allocator's segments when the trace is
+    replayed through it (what actually runs out), plus the same additions."""
     peak_phase: str
     """forward, backward or optimizer: where the peak happened."""
     categories: dict[str, int]
@@ -34,3 +36,7 @@ class EstimateReport:
     """Highest traced live bytes seen in each phase."""
     ops: tuple[str, ...] = ()
     """Names of the ATen ops the trace ran (only when asked for)."""
+    activation_slack_bytes: int = 0
+    """Of the peaks, the activations CUDA keeps beyond the trace (`DeviceModel.activation_slack`)."""
+    alloc_conf: str | None = None
+    """The `PYTORCH_CUDA_ALLOC_CONF` the allocator replay assumed (None: PyTorch's default)."""

@@ -9,12 +9,16 @@ caller in any process.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from probes.estimate import emulation
-from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel
+from probes.estimate.allocator import AllocationLog, smallest_passing_capacity
+from probes.estimate.calibration import TracedTrial
+from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, SEGMENT_BYTES, DeviceModel
 from probes.estimate.report import EstimateReport
-from probes.estimate.trace import trace_peak
-from tuner.errors import SpecError
+from probes.estimate.trace import WARMUP_BATCH_SIZE, StepTrace, trace_step
+from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
+from tuner.errors import EstimateError, SpecError
 from tuner.search import Strategy, find_max_batch, fit_line
 from tuner.search_types import MemoryLine, SearchResult, Trial
 from tuner.spec import WorkloadSpec
@@ -24,30 +28,98 @@ LINE_BATCH_SIZES = (1, 2, 4)
 
 
 class EstimateSession:
-    """Installs the emulation in this process once, then answers many traces.
+    """Installs the emulation in this process once, then answers many estimates.
 
-    Each (workload, batch size, checkpointing) is traced once; a search that asks again (the
-    prior's points, a confirming trial) gets the remembered report.
+    Each (workload, batch size, checkpointing) is traced once; the allocator replay that turns a
+    trace into reserved bytes and a verdict is cheap and runs per allocator setting and card, so
+    a search that asks again (the prior's points, a confirming trial) costs no new trace.
     """
 
     def __init__(self, *, device_model: DeviceModel = DEFAULT_DEVICE_MODEL) -> None:
         emulation.install_cuda_emulation()
         self.device_model = device_model
-        self._reports: dict[tuple[str, int, bool], EstimateReport] = {}
+        self._traces: dict[tuple[str, int, bool], StepTrace] = {}
+        self._reports: dict[tuple[str, int, bool, str | None], EstimateReport] = {}
+        self._needed: dict[tuple[str, int, bool, str | None], int] = {}
+
+    def step_trace(self, spec: WorkloadSpec, batch_size: int, *, gradient_checkpointing: bool) -> StepTrace:
+        """The traced step of `spec` at `batch_size` (traced at most once per session)."""
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing)
+        if key not in self._traces:
+            self._traces[key] = trace_step(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+        return self._traces[key]
+
+    def _warmup(self, spec: WorkloadSpec, gradient_checkpointing: bool) -> AllocationLog | None:
+        """The warm-up step's log; None where that step cannot run (BatchNorm of one sample)."""
+        try:
+            step = self.step_trace(spec, WARMUP_BATCH_SIZE, gradient_checkpointing=gradient_checkpointing)
+        except EstimateError:
+            return None
+        return step.log
 
     def trace(
-        self, spec: WorkloadSpec, batch_size: int, *, gradient_checkpointing: bool = False
+        self,
+        spec: WorkloadSpec,
+        batch_size: int,
+        *,
+        gradient_checkpointing: bool = False,
+        alloc_conf: str | None = None,
     ) -> EstimateReport:
-        """The estimate of `spec` at `batch_size` (traced at most once per session)."""
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing)
+        """The estimate of `spec` at `batch_size` with the allocator setting `alloc_conf`."""
+        conf = canonical_alloc_conf(alloc_conf)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf)
         if key not in self._reports:
-            self._reports[key] = trace_peak(
-                spec,
-                batch_size,
-                gradient_checkpointing=gradient_checkpointing,
-                device_model=self.device_model,
-            )
+            step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+            warmup = self._warmup(spec, gradient_checkpointing)
+            report = step.report(self.device_model, parse_alloc_conf(conf), warmup=warmup)
+            self._reports[key] = replace(report, alloc_conf=conf)
         return self._reports[key]
+
+    def needed_bytes(
+        self,
+        spec: WorkloadSpec,
+        batch_size: int,
+        *,
+        gradient_checkpointing: bool = False,
+        alloc_conf: str | None = None,
+    ) -> int:
+        """The smallest allocator capacity on which the step fits (both histories, slack kept out),
+        to about 0.4 %: the boundary itself, which a search line and a memory budget compare with.
+        Between the peak allocated bytes (below which nothing fits) and the peak reserved bytes
+        of an unbounded card (where the allocator never has to return a cached segment)."""
+        conf = canonical_alloc_conf(alloc_conf)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf)
+        if key not in self._needed:
+            report = self.trace(
+                spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=conf
+            )
+            fits = self._verdict(spec, batch_size, gradient_checkpointing, conf)
+            precision = max(SEGMENT_BYTES, report.peak_reserved_bytes // 256)
+            self._needed[key] = smallest_passing_capacity(
+                fits, report.peak_allocated_bytes - 1, report.peak_reserved_bytes, precision=precision
+            )
+        return self._needed[key]
+
+    def _verdict(
+        self, spec: WorkloadSpec, batch_size: int, gradient_checkpointing: bool, alloc_conf: str | None
+    ) -> Callable[[int], bool]:
+        step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+        settings = parse_alloc_conf(alloc_conf)
+        warmup = self._warmup(spec, gradient_checkpointing)
+
+        def fits(capacity: int) -> bool:
+            stats = self.device_model.replay(
+                step.log,
+                settings,
+                capacity_bytes=capacity,
+                activation_bytes=step.peak_categories.get("activations", 0),
+                gradient_checkpointing=gradient_checkpointing,
+                compute_dtype_bytes=step.compute_dtype_bytes,
+                warmup=warmup,
+            )
+            return not stats.out_of_memory
+
+        return fits
 
     def trial(
         self,
@@ -57,20 +129,29 @@ class EstimateSession:
         *,
         gradient_checkpointing: bool = False,
         memory_margin: float = 0.0,
+        alloc_conf: str | None = None,
     ) -> Trial:
-        """One search trial: passes when the predicted reserved peak fits the card's usable
-        memory less the margin."""
-        report = self.trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
-        ok = self.device_model.fits(
-            report.peak_reserved_bytes, device_total_bytes, memory_margin=memory_margin
+        """One search trial: the step replayed through the caching allocator on the card's usable
+        memory less the margin passes when no request runs out of it (the allocator's own retry,
+        after returning cached segments, included). Its reserved peak is the capacity the step
+        needs (`needed_bytes`), passing or not, so that a search's line and the card's capacity
+        measure the same thing; its allocated peak is the unbounded replay's."""
+        step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+        capacity = self.capacity_bytes(device_total_bytes, memory_margin)
+        ok = self._verdict(spec, batch_size, gradient_checkpointing, alloc_conf)(capacity)
+        report = self.trace(
+            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+        )
+        needed = self.needed_bytes(
+            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
         )
         return Trial(
             batch_size=batch_size,
             ok=ok,
             peak_allocated_bytes=report.peak_allocated_bytes,
-            peak_reserved_bytes=report.peak_reserved_bytes,
-            seconds=report.seconds,
-            peak_phase=report.peak_phase,
+            peak_reserved_bytes=min(needed, capacity) if ok else max(needed, capacity + 1),
+            seconds=step.seconds,
+            peak_phase=step.peak_phase,
             error=None if ok else "out_of_memory",
         )
 
@@ -80,13 +161,16 @@ class EstimateSession:
         *,
         gradient_checkpointing: bool = False,
         batch_sizes: tuple[int, ...] = LINE_BATCH_SIZES,
+        alloc_conf: str | None = None,
     ) -> MemoryLine:
-        """Predicted peak reserved bytes as fixed + per_sample × b, through the two largest of
-        `batch_sizes`."""
+        """The capacity a step needs (`needed_bytes`) as fixed + per_sample × b, through the two
+        largest of `batch_sizes`."""
         if len(set(batch_sizes)) < 2:
             raise SpecError("A memory line needs at least two different batch sizes.")
         peaks = {
-            b: self.trace(spec, b, gradient_checkpointing=gradient_checkpointing).peak_reserved_bytes
+            b: self.needed_bytes(
+                spec, b, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+            )
             for b in sorted(set(batch_sizes))
         }
         line = fit_line(peaks)
@@ -94,7 +178,7 @@ class EstimateSession:
         return line
 
     def capacity_bytes(self, device_total_bytes: int, memory_margin: float = 0.0) -> int:
-        """Reserved bytes a trial may reach on this card."""
+        """Bytes the allocator may reserve on this card, less the margin."""
         return int(self.device_model.usable_bytes(device_total_bytes) * (1.0 - memory_margin))
 
 
@@ -115,9 +199,11 @@ def estimate_fits(
     *,
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
+    alloc_conf: str | None = None,
 ) -> Callable[[int], Trial]:
-    """`fits(b) -> Trial` of the estimate backend, for `tuner.search.find_max_batch`. Installs the
-    emulation in this process: call it in a child process."""
+    """`fits(b) -> Trial` of the estimate backend, for `tuner.search.find_max_batch`, with the
+    allocator setting `alloc_conf`. Installs the emulation in this process: call it in a child
+    process."""
     session = current_session()
 
     def fits(batch_size: int) -> Trial:
@@ -127,6 +213,7 @@ def estimate_fits(
             device_total_bytes,
             gradient_checkpointing=gradient_checkpointing,
             memory_margin=memory_margin,
+            alloc_conf=alloc_conf,
         )
 
     return fits
@@ -137,11 +224,12 @@ def estimate_line(
     *,
     gradient_checkpointing: bool,
     batch_sizes: tuple[int, ...] = LINE_BATCH_SIZES,
+    alloc_conf: str | None = None,
 ) -> MemoryLine:
     """The prior for a guided CUDA search: peak reserved ≈ fixed + per_sample × b. Installs the
     emulation in this process: call it in a child process."""
     return current_session().line(
-        spec, gradient_checkpointing=gradient_checkpointing, batch_sizes=batch_sizes
+        spec, gradient_checkpointing=gradient_checkpointing, batch_sizes=batch_sizes, alloc_conf=alloc_conf
     )
 
 
@@ -155,17 +243,24 @@ def search_max_batch(
     max_batch_size: int = 65536,
     max_trials: int = 32,
     on_trial: Callable[[Trial], None] | None = None,
+    alloc_conf: str | None = None,
 ) -> SearchResult:
-    """The largest micro-batch whose predicted reserved peak fits the card less the margin,
+    """The largest micro-batch whose step fits the card less the margin in the allocator replay,
     found by `tuner.search.find_max_batch` over estimates (guided: the line through b = 2 and 4
     is the prior; the search confirms, brackets, and bisects where the line does not hold).
     Installs the emulation in this process: call it in a child process."""
     session = current_session()
     prior = (
-        session.line(spec, gradient_checkpointing=gradient_checkpointing) if strategy == "guided" else None
+        session.line(spec, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf)
+        if strategy == "guided"
+        else None
     )
     fits = estimate_fits(
-        spec, device_total_bytes, gradient_checkpointing=gradient_checkpointing, memory_margin=memory_margin
+        spec,
+        device_total_bytes,
+        gradient_checkpointing=gradient_checkpointing,
+        memory_margin=memory_margin,
+        alloc_conf=alloc_conf,
     )
     return find_max_batch(
         fits,
@@ -176,3 +271,20 @@ def search_max_batch(
         max_trials=max_trials,
         on_trial=on_trial,
     )
+
+
+def calibration_tracer(
+    session: EstimateSession | None = None,
+) -> Callable[[WorkloadSpec, int, bool], TracedTrial]:
+    """The tracer `probes.estimate.calibration.calibrate` replays: this session's traces."""
+    active = session or current_session()
+
+    def trace(spec: WorkloadSpec, batch_size: int, gradient_checkpointing: bool) -> TracedTrial:
+        step = active.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+        return TracedTrial(
+            log=step.log,
+            activation_bytes=step.peak_categories.get("activations", 0),
+            traced_peak_bytes=step.peak_bytes,
+        )
+
+    return trace

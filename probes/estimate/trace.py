@@ -1,8 +1,9 @@
 """One estimate: the canonical train step traced on fake CPU tensors, its peak live bytes.
 
-`trace_peak` runs in the current process and needs the CUDA emulation installed (an
-`EstimateSession` does both); `estimate_peak` (from `probes.estimate.remote`) runs it in a fresh
-child process, since the emulation's patches are process-global.
+`trace_step` runs in the current process and needs the CUDA emulation installed (an
+`EstimateSession` does both); `probes.estimate.remote.estimate_peak` runs it in a fresh child
+process, since the emulation's patches are process-global. The trace's allocation log is then
+replayed through the caching-allocator model (`StepTrace.report`, `probes.estimate.device_model`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,33 +24,86 @@ from torch._subclasses.fake_tensor import (
 )
 
 from probes.estimate import emulation
-from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel
-from probes.estimate.remote import estimate_peak
+from probes.estimate.allocator import AllocationLog
+from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel, compute_dtype_bytes
 from probes.estimate.report import EstimateReport
 from probes.estimate.tracker import MemoryTracker
+from tuner.alloc_conf import AllocatorSettings, parse_alloc_conf
 from tuner.errors import EstimateError, TunerError
 from tuner.spec import WorkloadSpec
 
-__all__ = ["estimate_peak", "trace_peak"]
+__all__ = ["StepTrace", "trace_peak", "trace_step"]
 
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException)
+WARMUP_BATCH_SIZE = 1
+"""The smaller step whose history every estimate also replays (`DeviceModel.replay`)."""
 
 
-def trace_peak(
+@dataclass
+class StepTrace:
+    """One traced run of the canonical step: its allocation log and what the tracker saw."""
+
+    batch_size: int
+    gradient_checkpointing: bool
+    compute_dtype_bytes: int
+    log: AllocationLog
+    peak_bytes: int
+    peak_phase: str
+    peak_iteration: int
+    peak_categories: dict[str, int]
+    peak_by_phase: dict[str, int]
+    ops: tuple[str, ...]
+    seconds: float
+
+    def report(
+        self, device_model: DeviceModel, settings: AllocatorSettings, *, warmup: AllocationLog | None = None
+    ) -> EstimateReport:
+        """The estimate on a card of unbounded memory with the allocator `settings` (the worse of
+        a fresh process and one that first ran the `warmup` step)."""
+        started = time.perf_counter()
+        activations = self.peak_categories.get("activations", 0)
+        stats = device_model.replay(
+            self.log,
+            settings,
+            activation_bytes=activations,
+            gradient_checkpointing=self.gradient_checkpointing,
+            compute_dtype_bytes=self.compute_dtype_bytes,
+            warmup=warmup,
+        )
+        return EstimateReport(
+            batch_size=self.batch_size,
+            peak_allocated_bytes=stats.peak_allocated_bytes,
+            peak_reserved_bytes=stats.peak_reserved_bytes,
+            peak_phase=self.peak_phase,
+            categories=dict(self.peak_categories),
+            seconds=self.seconds + time.perf_counter() - started,
+            gradient_checkpointing=self.gradient_checkpointing,
+            traced_peak_bytes=self.peak_bytes,
+            peak_iteration=self.peak_iteration,
+            peak_by_phase=dict(self.peak_by_phase),
+            ops=self.ops,
+            activation_slack_bytes=device_model.slack_bytes(
+                activations,
+                gradient_checkpointing=self.gradient_checkpointing,
+                compute_dtype_bytes=self.compute_dtype_bytes,
+            ),
+        )
+
+
+def trace_step(
     spec: WorkloadSpec,
     batch_size: int,
     *,
     gradient_checkpointing: bool = False,
     iterations: int = 2,
     record_ops: bool = False,
-    device_model: DeviceModel = DEFAULT_DEVICE_MODEL,
     real_tensors: bool = False,
-) -> EstimateReport:
+) -> StepTrace:
     """Trace `iterations` train steps of `spec` at `batch_size` in this process.
 
-    `record_ops` lists the ATen ops the trace ran in the report. `real_tensors` runs the same
-    emulated step on real CPU tensors instead of fake ones (it allocates every byte: for checking
-    the fake trace on small models only).
+    `record_ops` lists the ATen ops the trace ran. `real_tensors` runs the same emulated step on
+    real CPU tensors instead of fake ones (it allocates every byte: for checking the fake trace
+    on small models only).
 
     Raises `EstimateError` where the workload cannot be traced without a GPU, and the
     `ModelBuildError` of a model that cannot be built at all.
@@ -72,23 +127,51 @@ def trace_peak(
         ) from None
     except Exception as exc:
         raise EstimateError(_explain(spec, exc)) from None
-    seconds = time.perf_counter() - started
-    allocated = device_model.allocated_bytes(tracker.peak_bytes)
-    return EstimateReport(
+    return StepTrace(
         batch_size=batch_size,
-        peak_allocated_bytes=allocated,
-        peak_reserved_bytes=device_model.reserved_bytes(
-            allocated, gradient_checkpointing=gradient_checkpointing
-        ),
-        peak_phase=tracker.peak_phase,
-        categories=dict(tracker.peak_categories),
-        seconds=seconds,
         gradient_checkpointing=gradient_checkpointing,
-        traced_peak_bytes=tracker.peak_bytes,
+        compute_dtype_bytes=compute_dtype_bytes(spec.precision),
+        log=tracker.log,
+        peak_bytes=tracker.peak_bytes,
+        peak_phase=tracker.peak_phase,
         peak_iteration=tracker.peak_iteration,
+        peak_categories=dict(tracker.peak_categories),
         peak_by_phase=dict(tracker.peak_by_phase),
         ops=tuple(sorted(tracker.ops)) if tracker.ops is not None else (),
+        seconds=time.perf_counter() - started,
     )
+
+
+def trace_peak(
+    spec: WorkloadSpec,
+    batch_size: int,
+    *,
+    gradient_checkpointing: bool = False,
+    iterations: int = 2,
+    record_ops: bool = False,
+    device_model: DeviceModel = DEFAULT_DEVICE_MODEL,
+    real_tensors: bool = False,
+    alloc_conf: str | None = None,
+) -> EstimateReport:
+    """The estimate of `iterations` train steps of `spec` at `batch_size`, traced in this process
+    (see `trace_step`) and replayed through the caching allocator with `alloc_conf`."""
+    def traced(size: int) -> StepTrace:
+        return trace_step(
+            spec,
+            size,
+            gradient_checkpointing=gradient_checkpointing,
+            iterations=iterations,
+            record_ops=record_ops,
+            real_tensors=real_tensors,
+        )
+
+    trace = traced(batch_size)
+    warmup = None
+    # A step that cannot run at one sample (BatchNorm) has no warm-up history.
+    if batch_size != WARMUP_BATCH_SIZE:
+        with contextlib.suppress(EstimateError):
+            warmup = traced(WARMUP_BATCH_SIZE).log
+    return trace.report(device_model, parse_alloc_conf(alloc_conf), warmup=warmup)
 
 
 def _run(

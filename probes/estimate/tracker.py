@@ -17,6 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from probes.estimate.allocator import AllocationLog
+
 ALLOCATION_GRANULARITY = 512
 """CUDA's caching allocator rounds every block up to a multiple of 512 bytes."""
 
@@ -39,7 +41,10 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
 
     def __init__(self, *, record_ops: bool = False) -> None:
         super().__init__()
-        self._live: dict[int, tuple[int, str]] = {}
+        self._live: dict[int, tuple[int, str, int]] = {}
+        self.log = AllocationLog()
+        """Every storage's allocation (its exact bytes) and free, in order."""
+        self._storages_seen = 0
         self._by_category: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -66,8 +71,15 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
                 self._count(value, "activations")
         return output
 
+    def __exit__(self, *exc_info: Any) -> Any:
+        # What the log holds after this (the model and optimizer dying) is not part of the step.
+        self.log.end = len(self.log)
+        return super().__exit__(*exc_info)
+
     def set_phase(self, phase: str, iteration: int) -> None:
         """Attribute what happens from now on to `phase` of `iteration`."""
+        if phase == "forward" and len(self.log.iteration_starts) <= iteration:
+            self.log.iteration_starts.append(len(self.log))
         self.phase = phase
         self.iteration = iteration
 
@@ -83,20 +95,24 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
             if known is None:
                 self._count(tensor, category)
             elif known[1] != category:
-                nbytes, old = known
+                nbytes, old, number = known
                 self._by_category[old] -= nbytes
                 self._by_category[category] += nbytes
-                self._live[key] = (nbytes, category)
+                self._live[key] = (nbytes, category, number)
 
     def _count(self, tensor: torch.Tensor, category: str) -> None:
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live:
             return
-        nbytes = rounded(storage.nbytes())
-        if nbytes == 0:
-            return
-        self._live[key] = (nbytes, category)
+        exact = storage.nbytes()
+        if exact == 0:
+            return  # CUDA hands out no block for an empty storage
+        nbytes = rounded(exact)
+        number = self._storages_seen
+        self._storages_seen += 1
+        self._live[key] = (nbytes, category, number)
+        self.log.allocate(number, exact)
         weakref.finalize(storage, self._release, key)
         self._by_category[category] += nbytes
         self.live_bytes += nbytes
@@ -113,3 +129,4 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
         if entry is not None:
             self.live_bytes -= entry[0]
             self._by_category[entry[1]] -= entry[0]
+            self.log.free(entry[2])

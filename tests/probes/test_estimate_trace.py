@@ -205,3 +205,28 @@ def test_report_splits_the_peak_into_categories(traced: dict[str, Any]) -> None:
     assert report.peak_phase in ("forward", "backward", "optimizer")
     assert report.peak_by_phase[report.peak_phase] == report.traced_peak_bytes
     assert report.peak_reserved_bytes >= report.peak_allocated_bytes > report.traced_peak_bytes
+
+
+def _traced_peaks_by_loop_shape(batch_size: int) -> tuple[int, int]:
+    from probes.estimate.trace import trace_step
+
+    emulation.install_cuda_emulation()
+    peaks = []
+    for keeps in (True, False):
+        spec = parse_workload(
+            {
+                "model": {"family": "transformers", "config": {"model_type": "gpt2", "n_positions": 1024}},
+                "inputs": {"kind": "tokens", "seq_len": 1024},
+                "precision": "bf16-mixed",
+                "loop": {"keeps_outputs": keeps},
+            }
+        )
+        peaks.append(trace_step(spec, batch_size).peak_bytes)
+    return peaks[0], peaks[1]
+
+
+@pytest.mark.slow
+def test_a_loop_that_keeps_its_outputs_holds_the_logits_through_backward() -> None:
+    kept, released = run_in_child(_traced_peaks_by_loop_shape, 8, timeout=600, what="GPT-2 traces")
+    logits = 8 * 1024 * 50257 * 2  # b × seq × vocab, bf16
+    assert kept - released == pytest.approx(logits, rel=0.01)

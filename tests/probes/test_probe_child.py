@@ -148,7 +148,7 @@ def test_a_model_that_cannot_be_built_keeps_its_error_code() -> None:
         run_probe(
             broken,
             backend="estimate",
-            device=DeviceSpec(name="card", total_memory_bytes=1 << 30),
+            device=DeviceSpec(name="card", total_memory_bytes=2 << 30),
             gradient_checkpointing=False,
             timeout=120,
         )
@@ -169,7 +169,7 @@ def test_child_messages_arrive_before_the_result() -> None:
 
 @pytest.mark.slow
 def test_estimate_probe_of_a_tiny_model_is_sane() -> None:
-    device = DeviceSpec(name="Tiny card", total_memory_bytes=1 << 30)
+    device = DeviceSpec(name="Small card", total_memory_bytes=1300 << 20)  # ~220 MiB usable
     seen: list[Trial] = []
     result = run_probe(
         MLP, backend="estimate", device=device, gradient_checkpointing=False, progress=seen.append

@@ -34,7 +34,7 @@ from tuner.results import Plan, ProbeResult
 from tuner.search_types import MemoryLine, Trial
 from tuner.spec import DeviceSpec, PlanRequest, WorkloadSpec, parse_plan_request
 
-DEVICE = DeviceSpec(name="Test GPU 1GiB", total_memory_bytes=1 << 30)
+DEVICE = DeviceSpec(name="Test GPU 2GiB", total_memory_bytes=2 << 30)
 
 
 def fresh_workload() -> WorkloadSpec:

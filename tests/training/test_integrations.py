@@ -204,3 +204,20 @@ def test_a_lightning_fit_runs_with_the_plans_micro_batch_and_accumulation(tmp_pa
     assert data.batch_size == 3 and module.batch_sizes == [3] * (samples // 3)
     assert trainer.accumulate_grad_batches == 4
     assert module.optimizer_steps == trainer.global_step == samples // (3 * 4)
+
+
+@pytest.mark.slow
+def test_plan_for_trainer_plans_the_loop_the_trainer_runs(tmp_path: Any) -> None:
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=128))
+    training = args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=8)
+    plan = hf.plan_for_trainer(
+        model,
+        training,
+        device=DeviceSpec(name="Test GPU 2GiB", total_memory_bytes=2 << 30),
+        inputs=32,
+        policy={"gradient_checkpointing": "off"},
+        local=True,
+    )
+    assert plan.workload.loop.keeps_outputs is False  # compute_loss keeps only the loss
+    assert plan.workload.precision == "fp32" and plan.effective_batch_size == 32
+    assert plan.micro_batch_size * plan.accumulation_steps == 32

@@ -499,3 +499,27 @@ def test_worked_example_of_the_docs() -> None:
     small = make_plan(request(96), {False: off, True: on})
     assert (small.micro_batch_size, small.accumulation_steps) == (48, 2)
     assert has(small, "an effective batch of 49 would need no accumulation")
+
+
+def test_the_plan_says_when_expandable_segments_would_fit_a_larger_micro_batch() -> None:
+    off = probe(False, 46)
+    off = off.model_copy(update={"extra": {"expandable_segments_max_batch_size": 51}})
+    plan = make_plan(request(46, gradient_checkpointing="off"), {False: off})
+    hint = next(h for h in plan.hints if "expandable_segments:True" in h)
+    assert "would be 51 instead of 46" in hint
+    same = off.model_copy(update={"extra": {"expandable_segments_max_batch_size": 46}})
+    assert not any("expandable" in h for h in make_plan(request(46, gradient_checkpointing="off"), {False: same}).hints)
+
+
+def test_the_plan_carries_the_allocator_setting_it_was_asked_for() -> None:
+    planned = parse_plan_request(
+        {
+            "workload": WORKLOAD,
+            "effective_batch_size": 32,
+            "backend": "cuda",
+            "policy": {"gradient_checkpointing": "off"},
+            "alloc_conf": "expandable_segments:true",
+        }
+    )
+    assert planned.alloc_conf == "expandable_segments:True"
+    assert make_plan(planned, {False: probe(False, 40)}).alloc_conf == "expandable_segments:True"

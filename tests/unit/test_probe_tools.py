@@ -51,11 +51,11 @@ def test_synthetic_bench_has_a_row_per_device_and_strategy() -> None:
 def test_probe_command_prints_the_probe_result_as_json(tmp_path: Path) -> None:
     spec_file = tmp_path / "cnn.json"
     spec_file.write_text(json.dumps(TINY_CNN))
-    result = CliRunner().invoke(app, ["probe", str(spec_file), "--device-memory", "1GiB", "--json"])
+    result = CliRunner().invoke(app, ["probe", str(spec_file), "--device-memory", "2GiB", "--json"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["backend"] == "estimate" and document["gradient_checkpointing"] is False
-    assert document["device"]["total_memory_bytes"] == 1 << 30
+    assert document["device"]["total_memory_bytes"] == 2 << 30
     assert document["max_batch_size"] > 0
     passing = [t for t in document["trials"] if t["ok"]]
     assert max(t["batch_size"] for t in passing) == document["max_batch_size"]
@@ -66,11 +66,11 @@ def test_probe_command_prints_the_probe_result_as_json(tmp_path: Path) -> None:
 def test_probe_command_draws_the_memory_curve_under_its_table(tmp_path: Path) -> None:
     spec_file = tmp_path / "cnn.json"
     spec_file.write_text(json.dumps(TINY_CNN))
-    result = CliRunner().invoke(app, ["probe", str(spec_file), "--device-memory", "1GiB"])
+    result = CliRunner().invoke(app, ["probe", str(spec_file), "--device-memory", "2GiB"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("Peak reserved memory by micro-batch"))
-    assert "1.00 GiB" in lines[start]
+    assert "2.00 GiB" in lines[start]
     bars = [line for line in lines[start + 1 :] if line.lstrip().startswith("b=")]
     sizes = [int(line.split()[0].removeprefix("b=")) for line in bars]
     assert len(bars) >= 2 and sizes == sorted(sizes)
@@ -100,3 +100,14 @@ def test_gpu_check_dry_run_imports_everything(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "tests/gpu/test_cuda_probe.py" in (tmp_path / "dry-pytest.log").read_text()
     assert "| gpt2-like linear |" in (tmp_path / "probe_strategies_synthetic.md").read_text()
+
+
+def test_probe_refuses_a_bad_alloc_conf_in_one_line(tmp_path: Path) -> None:
+    spec_file = tmp_path / "cnn.json"
+    spec_file.write_text(json.dumps(TINY_CNN))
+    result = CliRunner().invoke(
+        app, ["probe", str(spec_file), "--device-memory", "2GiB", "--alloc-conf", "expandable:True"]
+    )
+    assert result.exit_code != 0
+    assert "--alloc-conf: unknown option 'expandable'" in result.output
+    assert "Traceback" not in result.output

@@ -382,3 +382,28 @@ def test_nul_characters_are_refused_anywhere(where: str, request_data: dict[str,
     with pytest.raises(SpecError, match="must not contain NUL characters") as caught:
         parse_plan_request({**MLP_REQUEST, **request_data})
     assert where.split(".")[0] in caught.value.message
+
+
+def test_the_loop_shape_is_part_of_the_workload_and_its_fingerprint() -> None:
+    base = {"model": {"family": "builtin", "name": "mlp"}, "inputs": {"kind": "features", "dim": 8}}
+    default = parse_workload(base)
+    keeps = parse_workload({**base, "loop": {"keeps_outputs": True}})
+    releases = parse_workload({**base, "loop": {"keeps_outputs": False}})
+    assert default.loop.keeps_outputs is True and '"loop":{"keeps_outputs":true}' in default.canonical_json()
+    assert default.fingerprint() == keeps.fingerprint() != releases.fingerprint()
+    with pytest.raises(SpecError, match="loop.keeps_outputs"):
+        parse_workload({**base, "loop": {"keeps_outputs": "sometimes"}})
+    with pytest.raises(SpecError, match="loop.keeps_logits"):
+        parse_workload({**base, "loop": {"keeps_logits": True}})
+
+
+def test_a_plan_requests_allocator_setting_is_canonical_or_refused_naming_it() -> None:
+    base = {
+        "workload": {"model": {"family": "builtin", "name": "mlp"}, "inputs": {"kind": "features", "dim": 8}},
+        "effective_batch_size": 8,
+    }
+    assert parse_plan_request(base).alloc_conf is None
+    spelled = parse_plan_request({**base, "alloc_conf": " expandable_segments : TRUE "})
+    assert spelled.alloc_conf == "expandable_segments:True"
+    with pytest.raises(SpecError, match="alloc_conf: unknown option 'expandable'"):
+        parse_plan_request({**base, "alloc_conf": "expandable:True"})

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 
 MAX_TRIALS = 32
 """A probe's trial budget unless `--max-trials` says otherwise."""
+ALLOC_CONF_HELP = (
+    "The PYTORCH_CUDA_ALLOC_CONF the run will use, e.g. expandable_segments:True "
+    "(default: this environment's)."
+)
 
 
 class BackendChoice(StrEnum):
@@ -59,6 +63,17 @@ def target_device(total_memory: int | None, name: str | None) -> DeviceSpec | No
             fail("--device-name needs --device-memory as well.")
         return None
     return DeviceSpec(name=name or f"GPU with {format_bytes(total_memory)}", total_memory_bytes=total_memory)
+
+
+def alloc_conf_option(text: str | None) -> str | None:
+    """`--alloc-conf` in canonical form; a bad setting is a one-line error naming the option."""
+    from tuner.alloc_conf import canonical_alloc_conf
+    from tuner.errors import SpecError
+
+    try:
+        return canonical_alloc_conf(text)
+    except SpecError as exc:
+        fail(f"--alloc-conf: {exc.message.removeprefix('alloc_conf: ')}")
 
 
 def refuse_memory_for_cuda(backend: Backend, total_memory: int | None) -> None:

@@ -13,8 +13,10 @@ import typer
 from tuner.cli._common import clear_errors, fail, on_off, print_json, size_option
 from tuner.cli._memory_chart import PlannedPoint, memory_chart_lines
 from tuner.cli._options import (
+    ALLOC_CONF_HELP,
     MAX_TRIALS,
     BackendChoice,
+    alloc_conf_option,
     refuse_memory_for_cuda,
     resolve_backend,
     target_device,
@@ -69,6 +71,9 @@ def plan(
     ),
     ramp_steps: int | None = typer.Option(None, "--ramp-steps", help="Batch-size ramp: its length in steps."),
     wait: float = typer.Option(300.0, "--wait", help="With --server: seconds to wait for a probe job."),
+    alloc_conf: str | None = typer.Option(
+        None, "--alloc-conf", envvar="PYTORCH_CUDA_ALLOC_CONF", help=ALLOC_CONF_HELP
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Plan micro-batch size, accumulation steps and gradient checkpointing for an effective batch."""
@@ -94,7 +99,8 @@ def plan(
             fail("A ramp needs both --ramp-start and --ramp-steps.")
         if ramp_start is not None:
             policy["ramp"] = {"start_effective_batch_size": ramp_start, "ramp_steps": ramp_steps}
-        request = _request(workload, effective_batch_size, world_size, device, chosen_backend, policy)
+        conf = alloc_conf_option(alloc_conf)
+        request = _request(workload, effective_batch_size, world_size, device, chosen_backend, policy, conf)
         if server_url is not None:
             result, trials = _plan_on_server(server_url, request, wait, with_trials=not as_json)
         else:
@@ -138,6 +144,7 @@ def _request(
     device: DeviceSpec | None,
     backend: Backend,
     policy: dict[str, Any],
+    alloc_conf: str | None = None,
 ) -> PlanRequest:
     from tuner.spec import parse_plan_request
 
@@ -149,6 +156,7 @@ def _request(
             "device": device.model_dump(mode="json") if device else None,
             "backend": backend,
             "policy": policy,
+            "alloc_conf": alloc_conf,
         }
     )
 
@@ -173,6 +181,7 @@ def _plan_locally(request: PlanRequest, *, show_progress: bool) -> tuple[Plan, d
                 max_batch_size=request.policy.max_micro_batch_size or 65536,
                 max_trials=MAX_TRIALS,
                 progress=bar.advance,
+                alloc_conf=request.alloc_conf,
             )
             bar.done(probes[checkpointing])
     return make_plan(request, probes), probes

@@ -14,8 +14,10 @@ import typer
 from tuner.cli._common import clear_errors, on_off, print_json, size_option
 from tuner.cli._memory_chart import memory_chart_lines
 from tuner.cli._options import (
+    ALLOC_CONF_HELP,
     MAX_TRIALS,
     BackendChoice,
+    alloc_conf_option,
     local_gpu,
     refuse_memory_for_cuda,
     resolve_backend,
@@ -62,6 +64,9 @@ def probe(
         help="cuda: run the answer this many steps in a fresh process, stepping down on failure.",
     ),
     timeout: float | None = typer.Option(None, "--timeout", help="Seconds before the probe is stopped."),
+    alloc_conf: str | None = typer.Option(
+        None, "--alloc-conf", envvar="PYTORCH_CUDA_ALLOC_CONF", help=ALLOC_CONF_HELP
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the probe result as JSON."),
 ) -> None:
     """Find the largest micro-batch that fits, with a progress bar on a terminal."""
@@ -86,6 +91,7 @@ def probe(
             verify_steps=verify_steps,
             timeout=timeout,
             show_progress=sys.stderr.isatty(),
+            alloc_conf=alloc_conf_option(alloc_conf),
         )
     if as_json:
         print_json(result)
@@ -105,6 +111,7 @@ def _run(
     verify_steps: int,
     timeout: float | None,
     show_progress: bool,
+    alloc_conf: str | None = None,
 ) -> ProbeResult:
     from probes.probe import run_probe
 
@@ -120,6 +127,7 @@ def _run(
             verify_steps=verify_steps,
             timeout=timeout,
             progress=bar.advance,
+            alloc_conf=alloc_conf,
         )
         bar.done(result)
     return result

@@ -1,4 +1,8 @@
-"""Apply a plan to `transformers.TrainingArguments`.
+"""Plan for the Hugging Face Trainer and apply a plan to `transformers.TrainingArguments`.
+
+`plan_for_trainer` asks for the plan of the loop the Trainer runs: its `compute_loss` keeps only
+the loss of the forward's output (`loop.keeps_outputs: false`, the logits die before backward),
+in the precision the arguments name.
 
 The plan gives the per-device micro-batch, the accumulation steps and whether to checkpoint
 activations; `apply_plan` returns a new `TrainingArguments` with those three set (the original is
@@ -15,9 +19,35 @@ from typing import Any
 from tuner.errors import PlanError
 from tuner.results import Plan
 
-__all__ = ["apply_plan", "training_arguments_update"]
+__all__ = ["apply_plan", "plan_for_trainer", "training_arguments_update"]
 
 _CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
+def plan_for_trainer(
+    model: Any, args: Any, *, effective_batch_size: int | None = None, **plan_for_kwargs: Any
+) -> Plan:
+    """`tuner.plan_for` for `model` trained by a `Trainer` with `args` (`TrainingArguments`): the
+    Trainer's loop shape, its precision (`bf16` → bf16-mixed, `fp16` → fp16-mixed, else fp32) and
+    world size; the effective batch defaults to the one `args` gives now (per-device batch ×
+    accumulation × world size). Other keywords go to `plan_for`."""
+    from tuner.integration import plan_for
+
+    world_size = getattr(args, "world_size", 1)
+    world_size = world_size if isinstance(world_size, int) and world_size > 0 else 1
+    if effective_batch_size is None:
+        effective_batch_size = (
+            int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * world_size
+        )
+    if getattr(args, "bf16", False):
+        precision = "bf16-mixed"
+    elif getattr(args, "fp16", False):
+        precision = "fp16-mixed"
+    else:
+        precision = "fp32"
+    plan_for_kwargs.setdefault("precision", precision)
+    plan_for_kwargs.setdefault("world_size", world_size)
+    return plan_for(model, effective_batch_size=effective_batch_size, keeps_outputs=False, **plan_for_kwargs)
 
 
 def training_arguments_update(plan: Plan, args: Any) -> dict[str, Any]:

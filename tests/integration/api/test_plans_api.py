@@ -150,6 +150,7 @@ def test_an_uncached_request_without_a_worker_queues_a_job(server: Server) -> No
         "backend": "estimate",
         "gradient_checkpointing": [False, True],
         "torch_minor": "2.13",
+        "alloc_conf": None,
     }
     assert len(repository.list_waiters(server.engine, job_id=job["id"])) == 2
 

@@ -29,7 +29,7 @@ from tests.servers import (
     wait_until,
 )
 
-TEST_DEVICE = {"name": "Test GPU 1GiB", "total_memory_bytes": 1 << 30}
+TEST_DEVICE = {"name": "Test GPU 2GiB", "total_memory_bytes": 2 << 30}
 FACTORIES = "tests.integration.e2e.factories"
 
 # Short leases and polls so that recovery happens in seconds; at most two attempts per job.

@@ -34,7 +34,7 @@ def test_plan_is_probed_once_then_served_from_the_cache(workers: Service) -> Non
         assert finished["plan_id"] is not None and finished["attempts"] == 1
         plan = client.get(f"/v1/plans/{finished['plan_id']}").json()
         assert plan["micro_batch_size"] * plan["accumulation_steps"] == 512
-        assert plan["backend"] == "estimate" and plan["device"]["name"] == "Test GPU 1GiB"
+        assert plan["backend"] == "estimate" and plan["device"]["name"] == "Test GPU 2GiB"
 
         again = client.post("/v1/plans", json=request)
         assert again.status_code == 200 and again.json()["cache_hit"] is True
@@ -53,7 +53,7 @@ def test_plan_is_probed_once_then_served_from_the_cache(workers: Service) -> Non
         page = client.get("/v1/plans", params={"fingerprint": plan["fingerprint"], "limit": 1, "offset": 1})
         assert [item["id"] for item in page.json()["items"]] == [plan["id"]]
         assert page.json()["total"] == 2
-        by_device = client.get("/v1/plans", params={"device_name": "Test GPU 1GiB", "model": "mlp"}).json()
+        by_device = client.get("/v1/plans", params={"device_name": "Test GPU 2GiB", "model": "mlp"}).json()
         assert {item["id"] for item in listed["items"]} <= {item["id"] for item in by_device["items"]}
         other_device = client.get("/v1/plans", params={"device_name": "No Such GPU"}).json()
         assert other_device == {"items": [], "total": 0}

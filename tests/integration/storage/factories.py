@@ -34,6 +34,7 @@ def probe_result(
     torch_version: str = "2.13.0+cu126",
     gradient_checkpointing: bool = False,
     max_batch_size: int = 51,
+    alloc_conf: str | None = "expandable_segments:True",
 ) -> ProbeResult:
     workload = workload or gpt2_workload()
     return ProbeResult(
@@ -71,7 +72,7 @@ def probe_result(
         capacity_bytes=80 << 30,
         seconds=4.0,
         versions={"torch": torch_version, "transformers": "5.0.0", "tuner": "0.1.0"},
-        allocator_conf="expandable_segments:True",
+        alloc_conf=alloc_conf,
         facts=WorkloadFacts(parameter_count=124_439_808, has_batchnorm=False),
         verified_steps=5,
         extra={"categories": {"params": 497_759_232}},

@@ -171,6 +171,7 @@ def test_concurrent_saves_of_one_probe_key_store_one_row(database: Database) -> 
         backend="cuda",
         torch_minor="2.13",
         gradient_checkpointing=False,
+        alloc_conf="expandable_segments:True",
     )
     assert hit is not None and hit.id == stored.id
 
@@ -202,6 +203,7 @@ def _seed_duplicates_at_0001(engine: Engine) -> dict[str, Any]:
                 update={"created_at": START + timedelta(minutes=minutes)}
             )
         )
+        values["allocator_conf"] = values.pop("alloc_conf") or None  # its 0001 name
         probe_ids.append(_insert(engine, probes, values))
 
     request = plan_request(workload)
@@ -276,6 +278,8 @@ def test_migration_0002_backfills_keeps_the_oldest_and_downgrades(empty_database
             seeded["other"]: plan_request_hash(seeded["other_request"], {"off": oldest_probe}),
         }
         assert statuses == {probe_ids[0]: "superseded", oldest_probe: "complete", probe_ids[2]: "superseded"}
+        # What the repository reads and writes is the newest schema's.
+        upgrade_schema(engine)
         found = find_plan_by_request(engine, request_hash=identity)
         assert found is not None and found.id == seeded["oldest"]
         assert get_plan(engine, plan_id=seeded["younger"]).micro_batch_size == 32
@@ -287,6 +291,7 @@ def test_migration_0002_backfills_keeps_the_oldest_and_downgrades(empty_database
             backend="cuda",
             torch_minor="2.13",
             gradient_checkpointing=False,
+            alloc_conf="expandable_segments:True",
         )
         assert hit is not None and hit.id == oldest_probe and hit.max_batch_size == 51
         assert get_probe(engine, probe_id=probe_ids[2]).max_batch_size == 52  # superseded, still readable
@@ -315,6 +320,50 @@ def test_migration_0002_backfills_keeps_the_oldest_and_downgrades(empty_database
             ).scalar_one()
             assert waiter_plan == seeded["younger"]
 
+        upgrade_schema(engine)
+        assert _schema_diff(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_migration_0003_puts_the_allocator_setting_in_the_key_and_downgrades(empty_database_url: str) -> None:
+    engine = make_engine(empty_database_url)
+    workload = gpt2_workload()
+    key = {
+        "fingerprint": workload.fingerprint(),
+        "device_name": H100.name,
+        "device_memory_bytes": H100.total_memory_bytes,
+        "backend": "cuda",
+        "torch_minor": "2.13",
+        "gradient_checkpointing": False,
+    }
+    try:
+        upgrade_schema(engine, "0002")
+        tables = MetaData()
+        tables.reflect(engine)
+        values = _probe_values(probe_result(workload=workload, alloc_conf="expandable_segments:True"))
+        values["allocator_conf"] = values.pop("alloc_conf")
+        expandable = _insert(engine, tables.tables["probe_results"], values)
+
+        upgrade_schema(engine, "0003")
+        assert _schema_diff(engine) == []
+        hit = find_cached_probe(engine, **key, alloc_conf="expandable_segments:True")
+        assert hit is not None and hit.id == expandable and hit.alloc_conf == "expandable_segments:True"
+        assert find_cached_probe(engine, **key) is None  # the default allocator is another key
+        default_result = probe_result(workload=workload, alloc_conf=None, max_batch_size=50)
+        default = save_probe(engine, result=default_result)
+        assert default != expandable
+        assert find_cached_probe(engine, **key, alloc_conf=None).id == default  # type: ignore[union-attr]
+
+        downgrade_schema(engine, "0002")
+        with engine.connect() as connection:
+            rows = dict(
+                connection.exec_driver_sql("SELECT id, allocator_conf FROM probe_results").all()
+            )
+            statuses = dict(connection.exec_driver_sql("SELECT id, status FROM probe_results").all())
+        assert rows == {expandable: "expandable_segments:True", default: None}
+        # One old key, two results: the older stays the answer, the younger is superseded.
+        assert statuses == {expandable: "complete", default: "superseded"}
         upgrade_schema(engine)
         assert _schema_diff(engine) == []
     finally:

@@ -49,6 +49,7 @@ def test_cache_lookup_matches_every_part_of_the_key(database: Database) -> None:
         "backend": "cuda",
         "torch_minor": "2.13",
         "gradient_checkpointing": False,
+        "alloc_conf": "expandable_segments:True",
     }
     with database.sessions() as session:
         assert find_cached_probe(session, **key) is None
@@ -58,6 +59,7 @@ def test_cache_lookup_matches_every_part_of_the_key(database: Database) -> None:
         save_probe(session, result=probe_result(workload=workload, gradient_checkpointing=True))
         save_probe(session, result=probe_result(workload=workload, device=A100))
         save_probe(session, result=probe_result(workload=workload, torch_version="2.12.1"))
+        default_allocator = save_probe(session, result=probe_result(workload=workload, alloc_conf=None))
 
         hit = find_cached_probe(session, **key)
         assert hit is not None and hit.id == first == again and hit.max_batch_size == 50
@@ -67,9 +69,13 @@ def test_cache_lookup_matches_every_part_of_the_key(database: Database) -> None:
             {"device_memory_bytes": H100.total_memory_bytes - 1},
             {"backend": "estimate"},
             {"torch_minor": "2.14"},
+            {"alloc_conf": "expandable_segments:True,max_split_size_mb:128"},
         ]
         for change in misses:
             assert find_cached_probe(session, **{**key, **change}) is None, change
+        other_allocator = find_cached_probe(session, **{**key, "alloc_conf": None})
+        assert other_allocator is not None and other_allocator.id == default_allocator != first
+        assert other_allocator.alloc_conf is None
         checkpointed = find_cached_probe(session, **{**key, "gradient_checkpointing": True})
         assert checkpointed is not None and checkpointed.gradient_checkpointing
         on_a100 = find_cached_probe(

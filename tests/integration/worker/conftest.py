@@ -17,7 +17,7 @@ from storage.db import ensure_schema, make_engine
 from storage.records import JobRecord
 from tuner.spec import parse_plan_request
 
-TEST_DEVICE = {"name": "Test GPU 1GiB", "total_memory_bytes": 1 << 30}
+TEST_DEVICE = {"name": "Test GPU 2GiB", "total_memory_bytes": 2 << 30}
 TORCH_MINOR = "2.13"  # replaced by the installed minor in `enqueue`
 
 
