@@ -508,7 +508,8 @@ def test_the_plan_says_when_expandable_segments_would_fit_a_larger_micro_batch()
     hint = next(h for h in plan.hints if "expandable_segments:True" in h)
     assert "would be 51 instead of 46" in hint
     same = off.model_copy(update={"extra": {"expandable_segments_max_batch_size": 46}})
-    assert not any("expandable" in h for h in make_plan(request(46, gradient_checkpointing="off"), {False: same}).hints)
+    hints = make_plan(request(46, gradient_checkpointing="off"), {False: same}).hints
+    assert not any("expandable" in h for h in hints)
 
 
 def test_the_plan_carries_the_allocator_setting_it_was_asked_for() -> None:

@@ -391,9 +391,9 @@ def test_the_loop_shape_is_part_of_the_workload_and_its_fingerprint() -> None:
     releases = parse_workload({**base, "loop": {"keeps_outputs": False}})
     assert default.loop.keeps_outputs is True and '"loop":{"keeps_outputs":true}' in default.canonical_json()
     assert default.fingerprint() == keeps.fingerprint() != releases.fingerprint()
-    with pytest.raises(SpecError, match="loop.keeps_outputs"):
+    with pytest.raises(SpecError, match=r"loop\.keeps_outputs"):
         parse_workload({**base, "loop": {"keeps_outputs": "sometimes"}})
-    with pytest.raises(SpecError, match="loop.keeps_logits"):
+    with pytest.raises(SpecError, match=r"loop\.keeps_logits"):
         parse_workload({**base, "loop": {"keeps_logits": True}})
 
 
