@@ -19,6 +19,8 @@ CALIBRATION = REPO.parent / "shared" / "calibration" / "h100-gpt2.json"
 
 pytestmark = [
     pytest.mark.slow,
+    # The fit traces every calibration trial (about a minute alone, more on a busy machine).
+    pytest.mark.timeout(1500),
     pytest.mark.skipif(not CALIBRATION.exists(), reason=f"{CALIBRATION} is not present"),
 ]
 

