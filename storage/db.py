@@ -9,7 +9,7 @@ with a small pre-pinged pool.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import QueuePool, StaticPool
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long an SQLite writer waits for the lock before giving up."""
@@ -93,6 +93,32 @@ def _sqlite_engine(url: URL, *, echo: bool) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def connection_capacity(engine: Engine) -> int:
+    """How many connections `engine`'s pool hands out at once: its size plus its overflow (15
+    for the engines `make_engine` builds; 1 for an in-memory SQLite database's one connection)."""
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        overflow = pool._max_overflow
+        return pool.size() + (overflow if overflow >= 0 else _UNBOUNDED_POOL_THREADS)
+    if isinstance(pool, StaticPool):
+        return 1
+    return _UNBOUNDED_POOL_THREADS
+
+
+_UNBOUNDED_POOL_THREADS = 40
+"""For a pool without a bound: anyio's default thread count."""
+
+
+def count_statements(engine: Engine, on_statement: Callable[[], None]) -> None:
+    """Call `on_statement` for every SQL statement `engine` sends (queries, writes, `BEGIN`): what
+    the API's `tuner_db_statements_total` counts, so that a change in how often it asks shows."""
+
+    def _counted(*_args: Any) -> None:
+        on_statement()
+
+    event.listen(engine, "before_cursor_execute", _counted)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

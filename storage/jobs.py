@@ -7,6 +7,10 @@ concurrent workers never wait on each other's rows. SQLite has no row locks (and
 `FOR UPDATE`); there the same statement runs inside `BEGIN IMMEDIATE`, which serializes writers.
 Every write function is a transaction of its own and commits (`storage.db.write_transaction`).
 
+The transactions that end a job (`complete_job`, a final `fail_job`, `requeue_expired` of a last
+attempt) signal it to waiters (`storage.job_events`): a PostgreSQL `NOTIFY` delivered at their
+commit, and this process's subscribers after it.
+
 Times come from the calling process's clock (UTC): leases are tens of seconds, and the nodes of a
 fleet are expected to keep their clocks in sync (NTP).
 """
@@ -26,8 +30,10 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage.db import Bind, bound_session, is_postgresql, write_transaction
+from storage.job_events import notify_finished, publish_finished
 from storage.models import (
     ACTIVE_JOB_STATUSES,
+    FINISHED_JOB_STATUSES,
     JOB_FAILED,
     JOB_QUEUED,
     JOB_RUNNING,
@@ -78,6 +84,34 @@ def probe_cache_key(
 # ---------------------------------------------------------------------------------------- enqueue
 
 
+def enqueue_waiters(
+    session: Bind,
+    *,
+    key: str,
+    payload: dict[str, Any],
+    max_attempts: int,
+    requests: Sequence[dict[str, Any]],
+    backend: str | None = None,
+    device_name: str | None = None,
+    device_memory_bytes: int | None = None,
+) -> tuple[JobRecord, bool, list[int]]:
+    """`enqueue_or_join` with many waiting plan requests stored in its one transaction: `(job,
+    created, waiter_ids)`, the ids in the order of `requests`. The API stores the requests of a
+    herd that arrived together this way (one transaction, not one per request), and keeps each
+    waiter's id to resolve it itself if the job's worker did not (a waiter that joined after the
+    worker had read the job's waiters)."""
+    return _enqueue_or_join(
+        session,
+        key=key,
+        payload=payload,
+        max_attempts=max_attempts,
+        backend=backend,
+        device_name=device_name,
+        device_memory_bytes=device_memory_bytes,
+        waiters=list(requests),
+    )
+
+
 def enqueue_or_join(
     session: Bind,
     *,
@@ -102,6 +136,30 @@ def enqueue_or_join(
     `waiter`, when given, is a plan request stored on the job in the same transaction (see
     `add_waiter`): joining a job and waiting on it cannot miss the job's completion.
     """
+    job, created, _waiter_ids = _enqueue_or_join(
+        session,
+        key=key,
+        payload=payload,
+        max_attempts=max_attempts,
+        backend=backend,
+        device_name=device_name,
+        device_memory_bytes=device_memory_bytes,
+        waiters=[] if waiter is None else [waiter],
+    )
+    return job, created
+
+
+def _enqueue_or_join(
+    session: Bind,
+    *,
+    key: str,
+    payload: dict[str, Any],
+    max_attempts: int,
+    backend: str | None,
+    device_name: str | None,
+    device_memory_bytes: int | None,
+    waiters: list[dict[str, Any]],
+) -> tuple[JobRecord, bool, list[int]]:
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
     device = payload.get("device")
@@ -149,9 +207,7 @@ def enqueue_or_join(
                 break
         else:
             raise ConflictError(f"Could not enqueue or join the job for key {key!r}: it kept changing.")
-        if waiter is not None:
-            _insert_waiter(db, job_id=job.id, request=waiter)
-        return job, was_created
+        return job, was_created, _insert_waiters(db, job_id=job.id, requests=waiters)
 
 
 def _active_job(key: str) -> Select[Any]:
@@ -174,13 +230,20 @@ def add_waiter(session: Bind, *, job_id: int, request: dict[str, Any]) -> int:
 
 
 def _insert_waiter(db: Session, *, job_id: int, request: dict[str, Any]) -> int:
+    return _insert_waiters(db, job_id=job_id, requests=[request])[0]
+
+
+def _insert_waiters(db: Session, *, job_id: int, requests: list[dict[str, Any]]) -> list[int]:
+    """One INSERT for all the rows (SQLAlchemy batches them); the ids in the requests' order."""
+    if not requests:
+        return []
     now = utcnow()
-    waiter_id = db.execute(
-        WAITERS.insert()
-        .values(job_id=job_id, request=request, status=WAITER_PENDING, created_at=now)
-        .returning(WAITERS.c.id)
-    ).scalar_one()
-    return int(waiter_id)
+    rows = [
+        {"job_id": job_id, "request": request, "status": WAITER_PENDING, "created_at": now}
+        for request in requests
+    ]
+    ids = db.execute(WAITERS.insert().returning(WAITERS.c.id, sort_by_parameter_order=True), rows).scalars()
+    return [int(waiter_id) for waiter_id in ids]
 
 
 # ------------------------------------------------------------------------------------------ claim
@@ -287,8 +350,9 @@ def heartbeat(
 
 
 def complete_job(session: Bind, *, job_id: int, worker_id: str, probe_id: int) -> bool:
-    """Mark the job `succeeded` with the probe result it stored. False when the lease was lost
-    (the probe result is stored all the same, and serves the cache)."""
+    """Mark the job `succeeded` with the probe result it stored, and signal its end to waiters
+    (`storage.job_events`). False when the lease was lost (the probe result is stored all the
+    same, and serves the cache)."""
     with write_transaction(session) as db:
         now = utcnow()
         result = db.execute(
@@ -303,7 +367,12 @@ def complete_job(session: Bind, *, job_id: int, worker_id: str, probe_id: int) -
                 updated_at=now,
             )
         )
-        return _rowcount(result) == 1
+        completed = _rowcount(result) == 1
+        if completed:
+            notify_finished(db, [job_id])
+    if completed:
+        publish_finished([job_id])
+    return completed
 
 
 def fail_job(
@@ -317,9 +386,9 @@ def fail_job(
 ) -> JobRecord | None:
     """Record a failed attempt. While attempts remain (and `retry`), the job goes back to the
     queue, due after `retry_backoff_seconds × 2^(attempts − 1)`; otherwise it ends `failed` with
-    `error`, and its pending waiters fail with it. Returns the job as updated, or None when the
-    lease was lost. Pass `retry=False` for errors that another attempt cannot fix (a spec that
-    does not build)."""
+    `error`, its pending waiters fail with it, and its end is signalled to waiters. Returns the
+    job as updated, or None when the lease was lost. Pass `retry=False` for errors that another
+    attempt cannot fix (a spec that does not build)."""
     with write_transaction(session) as db:
         held = select(JOBS).where(*_held_by(job_id, worker_id)).with_for_update()
         row = db.execute(held).mappings().first()
@@ -341,7 +410,10 @@ def fail_job(
         )
         if final:
             _fail_waiters(db, job_ids=[job_id], error=error)
-        return JobRecord.from_row(updated)
+            notify_finished(db, [job_id])
+    if final:
+        publish_finished([job_id])
+    return JobRecord.from_row(updated)
 
 
 def release_job(session: Bind, *, job_id: int, worker_id: str) -> bool:
@@ -366,7 +438,8 @@ def release_job(session: Bind, *, job_id: int, worker_id: str) -> bool:
 
 def requeue_expired(session: Bind, *, now: datetime | None = None) -> int:
     """Put running jobs whose lease expired before `now` back in the queue, or end them `failed`
-    when they had their last attempt (their waiters fail too). Returns how many jobs it touched.
+    when they had their last attempt (their waiters fail too, and their end is signalled).
+    Returns how many jobs it touched.
 
     Safe to run from every worker at once: the update re-checks the expiry under the row lock.
     """
@@ -387,10 +460,12 @@ def requeue_expired(session: Bind, *, now: datetime | None = None) -> int:
             )
             .returning(JOBS.c.id, JOBS.c.status)
         ).all()
-        failed = [row.id for row in rows if row.status == JOB_FAILED]
+        failed = [int(row.id) for row in rows if row.status == JOB_FAILED]
         if failed:
             _fail_waiters(db, job_ids=failed, error=LEASE_EXPIRED_ERROR)
-        return len(rows)
+            notify_finished(db, failed)
+    publish_finished(failed)
+    return len(rows)
 
 
 def _held_by(job_id: int, worker_id: str) -> tuple[Any, ...]:
@@ -440,6 +515,16 @@ def list_jobs(
         return [JobRecord.from_row(row) for row in db.execute(query).mappings()]
 
 
+def finished_jobs(session: Bind, *, job_ids: Sequence[int]) -> list[JobRecord]:
+    """Those of `job_ids` that have ended (`succeeded` or `failed`), in one query: what a process
+    watching many jobs reads when it is told, or its poll says, that some may have ended."""
+    if not job_ids:
+        return []
+    query = select(JOBS).where(JOBS.c.id.in_(list(job_ids)), JOBS.c.status.in_(FINISHED_JOB_STATUSES))
+    with bound_session(session) as db:
+        return [JobRecord.from_row(row) for row in db.execute(query).mappings()]
+
+
 def job_counts(session: Bind) -> dict[str, int]:
     """How many jobs are in each status (every status present, zero included)."""
     with bound_session(session) as db:
@@ -483,6 +568,33 @@ def resolve_waiter(session: Bind, *, waiter_id: int, plan_id: int) -> bool:
             .values(status=WAITER_RESOLVED, plan_id=plan_id, resolved_at=utcnow())
         )
         return _rowcount(result) == 1
+
+
+def resolve_waiters(session: Bind, *, waiter_ids: Sequence[int], plan_id: int) -> int:
+    """`resolve_waiter` for many waiters in one statement; returns how many were still pending
+    (a waiter already resolved keeps its plan)."""
+    if not waiter_ids:
+        return 0
+    with write_transaction(session) as db:
+        result = db.execute(
+            update(WAITERS)
+            .where(WAITERS.c.id.in_(list(waiter_ids)), WAITERS.c.status == WAITER_PENDING)
+            .values(status=WAITER_RESOLVED, plan_id=plan_id, resolved_at=utcnow())
+        )
+        return _rowcount(result)
+
+
+def fail_waiters(session: Bind, *, waiter_ids: Sequence[int], error: str) -> int:
+    """`fail_waiter` for many waiters in one statement; returns how many were still pending."""
+    if not waiter_ids:
+        return 0
+    with write_transaction(session) as db:
+        result = db.execute(
+            update(WAITERS)
+            .where(WAITERS.c.id.in_(list(waiter_ids)), WAITERS.c.status == WAITER_PENDING)
+            .values(status=WAITER_FAILED, error=error, resolved_at=utcnow())
+        )
+        return _rowcount(result)
 
 
 def fail_waiter(session: Bind, *, waiter_id: int, error: str) -> bool:

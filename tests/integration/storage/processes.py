@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from storage.db import make_engine
-from storage.jobs import claim_job, complete_job, heartbeat
+from storage.jobs import claim_job, complete_job, fail_job, heartbeat
 
 
 def claim_until_empty(url: str, worker_id: str, probe_id: int, start: Any, results: Any) -> None:
@@ -36,3 +36,30 @@ def claim_and_hang(url: str, worker_id: str, lease_seconds: float, claimed: Any)
         )
     claimed.put(None if job is None else job.id)
     time.sleep(600)
+
+
+def end_jobs(url: str, worker_id: str, succeeds: int, fails: int, probe_id: int) -> None:
+    """End two claimed jobs as their worker: one completed, one failed for good."""
+    engine = make_engine(url)
+    try:
+        if not complete_job(engine, job_id=succeeds, worker_id=worker_id, probe_id=probe_id):
+            raise RuntimeError(f"{worker_id} does not hold job {succeeds}")
+        if (
+            fail_job(
+                engine, job_id=fails, worker_id=worker_id, error="boom", retry_backoff_seconds=0, retry=False
+            )
+            is None
+        ):
+            raise RuntimeError(f"{worker_id} does not hold job {fails}")
+    finally:
+        engine.dispose()
+
+
+def complete_one(url: str, worker_id: str, job_id: int, probe_id: int) -> None:
+    """Complete a claimed job as its worker, from this (other) process."""
+    engine = make_engine(url)
+    try:
+        if not complete_job(engine, job_id=job_id, worker_id=worker_id, probe_id=probe_id):
+            raise RuntimeError(f"{worker_id} does not hold job {job_id}")
+    finally:
+        engine.dispose()
