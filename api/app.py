@@ -8,6 +8,8 @@ replicas start at once: migrations hold a lock). Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,7 +26,7 @@ from api.metrics import ApiMetrics, DatabaseFigures, MetricsMiddleware
 from api.plan_service import PlanService, installed_torch_minor
 from api.routers import health, jobs, metrics, plans, probes, ui
 from storage import repository
-from storage.db import ensure_schema, make_engine, session_factory
+from storage.db import count_statements, ensure_schema, make_engine, session_factory
 from tuner.settings import Settings, get_settings
 from tuner.spec import PlanRequest
 
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     sessions = session_factory(engine)
     cache = ResponseCache()
     api_metrics = ApiMetrics()
+    count_statements(engine, api_metrics.db_statements.inc)
     api_metrics.add_database_figures(
         DatabaseFigures(
             queue_depth=lambda: _active_job_counts(sessions),
@@ -48,7 +51,27 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     torch_minor = settings.torch_minor or installed_torch_minor()
     token = settings.api_token.get_secret_value().encode() if settings.api_token else None
 
+    plans_service = PlanService(
+        engine,
+        sessions,
+        cache=cache,
+        metrics=api_metrics,
+        torch_minor=torch_minor,
+        max_attempts=settings.max_attempts,
+        job_poll_seconds=settings.job_poll_seconds,
+    )
+    api_metrics.add_wait_figures(
+        waiting_requests=lambda: plans_service.watcher.waiting_requests,
+        watched_jobs=lambda: plans_service.watcher.watched_jobs,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await plans_service.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="tuner",
         version=API_VERSION,
         summary="Memory-budget plans for PyTorch training: micro-batch, accumulation, checkpointing.",
@@ -59,13 +82,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         sessions=sessions,
         cache=cache,
         metrics=api_metrics,
-        plans=PlanService(
-            sessions,
-            cache=cache,
-            metrics=api_metrics,
-            torch_minor=torch_minor,
-            max_attempts=settings.max_attempts,
-        ),
+        plans=plans_service,
         torch_minor=torch_minor,
         api_token=token,
     )

@@ -10,7 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -77,6 +84,19 @@ class ApiMetrics:
             ["result", "layer"],
             registry=self.registry,
         )
+        self.db_statements = Counter(
+            "tuner_db_statements",
+            "SQL statements this API process sent to the database (queries, writes, BEGIN).",
+            registry=self.registry,
+        )
+        self.job_watch_checks = Counter(
+            "tuner_job_watch_checks",
+            "Looks at the watched jobs' state (one query each), by what prompted it: watch (a job "
+            "newly watched), local (ended in this process), notify (PostgreSQL NOTIFY), listening "
+            "(LISTEN re-established), poll.",
+            ["reason"],
+            registry=self.registry,
+        )
         self._hit_memory = self.plan_cache.labels("hit", "memory")
         self._hit_database = self.plan_cache.labels("hit", "database")
         self._miss = self.plan_cache.labels("miss", "none")
@@ -85,6 +105,24 @@ class ApiMetrics:
 
     def add_database_figures(self, figures: DatabaseFigures) -> None:
         self.registry.register(figures)
+
+    def add_wait_figures(
+        self, *, waiting_requests: Callable[[], int], watched_jobs: Callable[[], int]
+    ) -> None:
+        """Gauges of the plan requests waiting on probe jobs, and of the jobs they wait on."""
+        Gauge(
+            "tuner_plan_requests_waiting",
+            "Plan requests waiting for a probe job (each one a coroutine, no thread).",
+            registry=self.registry,
+        ).set_function(waiting_requests)
+        Gauge(
+            "tuner_jobs_watched",
+            "Probe jobs this process's waiting requests wait on (one watch each, however many wait).",
+            registry=self.registry,
+        ).set_function(watched_jobs)
+
+    def job_watch_check(self, reason: str) -> None:
+        self.job_watch_checks.labels(reason).inc()
 
     def cache_hit(self, *, memory: bool) -> None:
         (self._hit_memory if memory else self._hit_database).inc()

@@ -12,8 +12,18 @@
    workload is therefore planned without probing.
 5. Otherwise enqueue ONE job per (cache key, set of checkpointing choices), joined by every
    request that needs the same probes, add the request as a waiter, and wait up to `wait` seconds
-   for the job (polling the database every 100 ms): succeeded → derive the plan; failed → the
-   job's error; still running → 202 with the job.
+   for the job: succeeded → the plan; failed → the job's error; still running → 202 with the job.
+   Waiting costs O(jobs), not O(requests): every request of this process waiting on one job
+   awaits one future of the process's `JobWatcher` (`api.job_watch`), woken when the job ends,
+   holding neither a thread nor a database connection; once it ends, identical requests share
+   one derivation of their plan, which also resolves their waiter rows still pending.
+
+Identical requests arriving together (the ranks of one fleet job) are also looked up and queued
+together: one cache lookup and one transaction storing all their waiters per batch, however
+many ranks the batch holds.
+
+Database work runs in worker threads, at most as many at once as the engine's pool has
+connections: a herd larger than the pool queues on the event loop, not on the pool.
 
 A `cuda` request without a device cannot be looked up (the device is only known once a worker
 claims the job): it always goes through a job that any cuda worker may claim; the worker finds
@@ -26,28 +36,30 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar
 
+import anyio
 import anyio.to_thread
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.cache import ResponseCache, body_key
 from api.errors import CLIENT_FAULT_CODES, STATUS_BY_CODE, JobFailedError, MalformedJSONError
+from api.job_watch import JobWatcher
 from api.metrics import ApiMetrics
 from api.schemas import JobOut
 from storage import repository
+from storage.db import connection_capacity
+from storage.models import FINISHED_JOB_STATUSES
 from storage.records import JobRecord
 from tuner.errors import DeviceRequiredError, TunerError
 from tuner.planner import make_plan, per_rank_batch
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest, parse_plan_request
 
-POLL_SECONDS = 0.1
-"""How often a waiting request looks at its job."""
 MAX_WAIT_SECONDS = 300.0
 
 T = TypeVar("T")
@@ -229,26 +241,74 @@ class Answer:
     headers: Mapping[str, str] | None = None
 
 
+_Arrived = tuple[Plan | None, JobRecord | None, list[int]]
+"""What a batch of identical arrivals found: the cached plan, or the job and their waiter ids."""
+
+
+@dataclass
+class _Arrival:
+    """Identical plan requests that arrived together, looked up and queued in one go."""
+
+    request: PlanRequest
+    future: asyncio.Future[_Arrived]
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A plan derived after its job, serialized once for all the requests that share it."""
+
+    plan: Plan
+    waited_body: bytes
+    """What a request that waited for the probe gets (`cache_hit` false)."""
+    cached_body: bytes
+    """What the in-memory cache answers later identical bodies with (`cache_hit` true)."""
+
+
+@dataclass
+class _SharedDerivation:
+    """The plan of one request after its job, derived once for every identical waiting request
+    of this process: the task, and the waiter rows it resolves when it starts."""
+
+    waiter_ids: list[int]
+    started: bool = False
+    task: asyncio.Task[_Planned | None] | None = None
+
+
 class PlanService:
     """The `POST /v1/plans` flow of one API process."""
 
     def __init__(
         self,
+        engine: Engine,
         sessions: sessionmaker[Session],
         *,
         cache: ResponseCache,
         metrics: ApiMetrics,
         torch_minor: str,
         max_attempts: int,
+        job_poll_seconds: float | None = None,
     ) -> None:
         self.sessions = sessions
         self.cache = cache
         self.metrics = metrics
         self.torch_minor = torch_minor
         self.max_attempts = max_attempts
-        # Identical requests in flight in this process are planned once; the others then find
-        # the stored plan instead of deriving a duplicate.
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # No more threads on the database at once than the pool has connections: the rest of a
+        # herd waits on the event loop, holding nothing, instead of on the pool's timeout.
+        self._database_threads = anyio.CapacityLimiter(connection_capacity(engine))
+        self.watcher = JobWatcher(
+            engine,
+            sessions,
+            run_sync=self._in_thread,
+            poll_seconds=job_poll_seconds,
+            on_check=metrics.job_watch_check,
+        )
+        # Identical requests arriving together are looked up and queued in one go, and planned
+        # once after their job (below); later ones find the stored plan.
+        self._arrivals: dict[str, _Arrival] = {}
+        self._settling: dict[str, asyncio.Task[None]] = {}
+        self._after_job: dict[tuple[int, str], _SharedDerivation] = {}
 
     def cached_answer(self, raw_body: bytes) -> bytes | None:
         """The stored response of an identical earlier body, without parsing it (the fast path)."""
@@ -266,74 +326,173 @@ class PlanService:
             )
         # An impossible split is the client's mistake: say so before queueing a probe for it.
         per_rank_batch(request.effective_batch_size, request.world_size)
-        async with self._single_flight(request_hash(request)):
-            plan = await self._in_thread(self._derive, request)
-        if plan is not None:
+        key = request_hash(request)
+        arrived = await self._arrive(key, request)
+        if isinstance(arrived, Plan):
             self.metrics.cache_hit(memory=False)
-            body = plan.model_dump_json().encode()
+            body = arrived.model_dump_json().encode()
             self.cache.put(body_key(raw_body), body)
             return Answer(200, body)
         self.metrics.cache_miss()
-        job = await self._in_thread(self._enqueue, request)
-        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_SECONDS)
-        while job.status not in ("succeeded", "failed") and time.monotonic() < deadline:
-            await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
-            job = await self._in_thread(self._get_job, job.id)
+        job, waiter_id = arrived
+        wait = min(max(wait, 0.0), MAX_WAIT_SECONDS)
+        if job.status not in FINISHED_JOB_STATUSES and wait > 0:
+            ended = await self.watcher.wait(job.id, timeout=wait)
+            # Still running: read it once more, for the 202's progress (or an end just now).
+            job = ended if ended is not None else await self._in_thread(self._get_job, job.id)
         if job.status == "succeeded":
-            plan = await self._in_thread(self._derive_after_job, request, job)
-            if plan is not None:
-                self.cache.put(
-                    body_key(raw_body), plan.model_copy(update={"cache_hit": True}).model_dump_json().encode()
-                )
+            planned = await self._plan_after_job(job, request, key, waiter_id)
+            if planned is not None:
+                self.cache.put(body_key(raw_body), planned.cached_body)
                 # A probe ran for this request: not a cache hit for the client that waited.
-                return Answer(200, plan.model_copy(update={"cache_hit": False}).model_dump_json().encode())
+                return Answer(200, planned.waited_body)
         if job.status == "failed":
             raise job_error(job)
         plan_id = await self._in_thread(self._job_plan_id, job.id)
         out = job_out(job, plan_id)
         return Answer(202, out.model_dump_json().encode(), {"Location": out.location})
 
-    @contextlib.asynccontextmanager
-    async def _single_flight(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
+    async def close(self) -> None:
+        """Stop the job watcher (app shutdown)."""
+        await self.watcher.close()
+
+    async def _plan_after_job(
+        self, job: JobRecord, request: PlanRequest, key: str, waiter_id: int
+    ) -> _Planned | None:
+        """The plan of `request` once its job succeeded, derived once for all identical requests
+        of this process that waited on the job (they wake together), each waiter row resolved."""
+        shared = self._after_job.get((job.id, key))
+        if shared is None or (shared.task is not None and shared.task.done()):
+            shared = _SharedDerivation(waiter_ids=[waiter_id])
+            self._after_job[(job.id, key)] = shared
+            shared.task = asyncio.get_running_loop().create_task(self._derive_shared(shared, request, job))
+            shared.task.add_done_callback(lambda _task: self._forget_derivation(job.id, key, shared))
+            joined = True
+        else:
+            joined = not shared.started
+            if joined:
+                shared.waiter_ids.append(waiter_id)
+        assert shared.task is not None
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
+            planned = await asyncio.shield(shared.task)
+        except TunerError as exc:
+            if not joined:
+                await self._in_thread(self._fail_waiters, [waiter_id], f"{exc.code}: {exc.message}")
+            raise
+        if not joined and planned is not None and planned.plan.id is not None:
+            # Came after the shared derivation had started: resolve this waiter on its own.
+            await self._in_thread(self._resolve_waiters, [waiter_id], planned.plan.id)
+        return planned
+
+    def _forget_derivation(self, job_id: int, key: str, shared: _SharedDerivation) -> None:
+        if self._after_job.get((job_id, key)) is shared:
+            del self._after_job[(job_id, key)]
+
+    async def _derive_shared(
+        self, shared: _SharedDerivation, request: PlanRequest, job: JobRecord
+    ) -> _Planned | None:
+        # The requests that woke with this one join before this first step runs.
+        await asyncio.sleep(0)
+        shared.started = True
+        return await self._in_thread(self._derive_after_job, request, job, list(shared.waiter_ids))
+
+    async def _arrive(self, key: str, request: PlanRequest) -> Plan | tuple[JobRecord, int]:
+        """The cached plan of `request`, or the job it now waits on and its waiter's id.
+
+        Identical requests (same `key`) that arrive together are handled together: one look at
+        the cache and, on a miss, one transaction that joins the job and stores all their
+        waiters. One batch per key is in flight at a time; requests arriving meanwhile form the
+        next, which therefore finds whatever the previous one stored (a plan is derived once)."""
+        batch = self._arrivals.get(key)
+        if batch is None:
+            batch = _Arrival(request=request, future=asyncio.get_running_loop().create_future())
+            self._arrivals[key] = batch
+            asyncio.get_running_loop().create_task(self._settle(key, batch))
+        index = batch.count
+        batch.count += 1
+        plan, job, waiter_ids = await asyncio.shield(batch.future)
+        if plan is not None:
+            return plan
+        assert job is not None
+        return job, waiter_ids[index]
+
+    async def _settle(self, key: str, batch: _Arrival) -> None:
+        """Look up or enqueue one batch of identical arrivals, after the key's previous batch."""
+        this = asyncio.current_task()
+        previous = self._settling.get(key)
+        assert this is not None
+        self._settling[key] = this
+        try:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous
             else:
-                self._locks[key] = (lock, users - 1)
+                await asyncio.sleep(0)  # requests read in the same turn of the loop join
+            if self._arrivals.get(key) is batch:
+                del self._arrivals[key]  # later arrivals form the next batch
+            result = await self._in_thread(self._plan_or_enqueue, batch.request, batch.count)
+        except BaseException as exc:
+            batch.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            batch.future.set_result(result)
+        finally:
+            if self._settling.get(key) is this:
+                del self._settling[key]
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(fn, *args)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._database_threads)
 
-    def _derive(self, request: PlanRequest) -> Plan | None:
+    def _plan_or_enqueue(self, request: PlanRequest, count: int) -> _Arrived:
+        """The cached plan of `request`; else join (or create) its job with `count` waiters,
+        stored in the same transaction as the join, so that the job cannot finish between the
+        two and leave a request unplanned."""
         with self.sessions() as session:
-            return derive_plan(session, request=request, torch_minor=self.torch_minor)
+            plan = derive_plan(session, request=request, torch_minor=self.torch_minor)
+            if plan is not None:
+                return plan, None, []
+            job, _created, waiter_ids = repository.enqueue_waiters(
+                session,
+                key=job_key(request, self.torch_minor),
+                payload=job_payload(request, self.torch_minor),
+                max_attempts=self.max_attempts,
+                requests=[canonical_request(request)] * count,
+            )
+            return None, job, waiter_ids
 
-    def _derive_after_job(self, request: PlanRequest, job: JobRecord) -> Plan | None:
+    def _derive_after_job(
+        self, request: PlanRequest, job: JobRecord, waiter_ids: list[int]
+    ) -> _Planned | None:
+        """The plan after the job, with the waiters resolved to it (those the job's worker did not
+        resolve already: a waiter that joined after the worker read them), or failed with the
+        reason when the probes allow no plan."""
         with self.sessions() as session:
             if request.device is None and job.probe_id is not None:
                 # A device-less cuda request: plan for the device the worker probed.
                 probe = repository.get_probe(session, probe_id=job.probe_id)
                 request = request.model_copy(update={"device": probe.device})
-            return derive_plan(session, request=request, torch_minor=self.torch_minor, cache_hit=False)
-
-    def _enqueue(self, request: PlanRequest) -> JobRecord:
-        with self.sessions() as session:
-            # The waiter is stored in the same transaction as the join: the job cannot finish
-            # between the two and leave this request unplanned.
-            job, _created = repository.enqueue_or_join(
-                session,
-                key=job_key(request, self.torch_minor),
-                payload=job_payload(request, self.torch_minor),
-                max_attempts=self.max_attempts,
-                waiter=canonical_request(request),
+            try:
+                plan = derive_plan(session, request=request, torch_minor=self.torch_minor, cache_hit=False)
+            except TunerError as exc:
+                repository.fail_waiters(session, waiter_ids=waiter_ids, error=f"{exc.code}: {exc.message}")
+                raise
+            if plan is None or plan.id is None:
+                return None
+            repository.resolve_waiters(session, waiter_ids=waiter_ids, plan_id=plan.id)
+            return _Planned(
+                plan=plan,
+                waited_body=plan.model_copy(update={"cache_hit": False}).model_dump_json().encode(),
+                cached_body=plan.model_copy(update={"cache_hit": True}).model_dump_json().encode(),
             )
-            return job
+
+    def _resolve_waiters(self, waiter_ids: list[int], plan_id: int) -> None:
+        with self.sessions() as session:
+            repository.resolve_waiters(session, waiter_ids=waiter_ids, plan_id=plan_id)
+
+    def _fail_waiters(self, waiter_ids: list[int], error: str) -> None:
+        with self.sessions() as session:
+            repository.fail_waiters(session, waiter_ids=waiter_ids, error=error)
 
     def _get_job(self, job_id: int) -> JobRecord:
         with self.sessions() as session:

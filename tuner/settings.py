@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     estimate_timeout_seconds: float = Field(default=300.0, gt=0)
     """Wall-clock limit of one estimate trace's child process."""
 
+    job_poll_seconds: float | None = Field(default=None, gt=0)
+    """How often an API process looks at the jobs its requests wait on, besides being told that
+    they ended: default 0.5 s on SQLite (workers in other processes cannot notify it), 5 s on
+    PostgreSQL (where workers notify, and the poll only covers a lost notification)."""
+
     max_body_bytes: int = Field(default=1_000_000, gt=0)
     """Largest request body the API accepts."""
 

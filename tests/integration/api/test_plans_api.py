@@ -6,7 +6,9 @@ repository's queue functions where a job must finish.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,7 @@ from typing import Any
 import httpx
 
 from storage import repository
+from storage.db import connection_capacity
 from storage.records import Accepts
 from tests.integration.api.conftest import Server, error_of
 from tests.integration.api.seeding import (
@@ -25,6 +28,7 @@ from tests.integration.api.seeding import (
     probe_result,
     seed_probes,
 )
+from tests.servers import wait_until
 from tuner.planner import make_plan
 from tuner.spec import parse_plan_request
 
@@ -235,6 +239,56 @@ def test_a_waiting_request_gets_its_plan_as_soon_as_the_job_finishes(server: Ser
         job_id = jobs_with_fingerprint(server, workload.fingerprint())[0].id
         job = client.get(f"/v1/jobs/{job_id}").json()
         assert job["status"] == "succeeded" and job["finished_at"] is not None
+
+
+def _metric(client: httpx.Client, name: str) -> float:
+    found = re.search(rf"^{name} (\S+)$", client.get("/metrics").text, re.M)
+    assert found is not None, f"no {name} in /metrics"
+    return float(found.group(1))
+
+
+def test_a_herd_larger_than_the_connection_pool_waits_on_one_watch(server: Server) -> None:
+    workload = mlp_workload(hidden_dim=75)
+    body = plan_request(workload, device=OTHER_DEVICE)
+    ranks = 4 * connection_capacity(server.engine)  # the server's engine is built the same way
+
+    async def herd() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=ranks)
+        headers = {"Authorization": f"Bearer {server.token}"}
+        async with httpx.AsyncClient(
+            base_url=server.base_url, headers=headers, limits=limits, timeout=120
+        ) as client:
+            return list(
+                await asyncio.gather(
+                    *(client.post("/v1/plans", params={"wait": 60}, json=body) for _ in range(ranks))
+                )
+            )
+
+    with ThreadPoolExecutor(max_workers=1) as pool, server.client() as client:
+        answers = pool.submit(asyncio.run, herd())
+        wait_until(
+            lambda: _metric(client, "tuner_plan_requests_waiting") == ranks,
+            timeout=60,
+            what=f"{ranks} waiting requests",
+        )
+        assert _metric(client, "tuner_jobs_watched") == 1
+        # Waiting costs the API a look per poll for the one job, not a query per request: a
+        # poll loop per request (every 100 ms) would send hundreds of statements a second.
+        before = _metric(client, "tuner_db_statements_total")
+        scrape = _metric(client, "tuner_db_statements_total") - before
+        time.sleep(2.0)
+        during = _metric(client, "tuner_db_statements_total") - before - 2 * scrape
+        assert during <= 20, f"{during:.0f} statements in 2 s of waiting"
+        _work_the_job(server, workload.fingerprint(), succeed=True)
+        responses = answers.result(timeout=120)
+    assert [r.status_code for r in responses] == [200] * ranks, responses[0].text
+    plan_ids = {r.json()["id"] for r in responses}
+    assert len(plan_ids) == 1 and {r.json()["cache_hit"] for r in responses} == {False}
+    [job] = jobs_with_fingerprint(server, workload.fingerprint())
+    waiters = repository.list_waiters(server.engine, job_id=job.id)
+    # The test's worker derived no plan: the API resolved every waiter row, each once, to the plan.
+    assert len(waiters) == ranks
+    assert {(w.status, w.plan_id) for w in waiters} == {("resolved", plan_ids.pop())}
 
 
 def test_a_failed_job_answers_with_its_error(server: Server) -> None:
