@@ -14,6 +14,7 @@ A worker whose lease was lost (a heartbeat refused) abandons its result: another
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import signal
@@ -32,7 +33,7 @@ from sqlalchemy.orm import Session
 from probes.child import ChildFailed
 from storage import repository
 from storage.db import session_factory
-from storage.records import Accepts, JobRecord
+from storage.records import Accepts, JobRecord, WaiterRecord
 from tuner.errors import TunerError
 from tuner.results import ProbeResult
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec, parse_plan_request, parse_workload
@@ -339,13 +340,14 @@ class Worker:
         return self.device
 
     def _derive_waiting_plans(self, active: _ActiveJob) -> list[int]:
-        """Plan every request waiting on the job from the probes now cached."""
+        """Plan every request waiting on the job from the probes now cached. Identical requests
+        (the ranks of one fleet job) are planned once and their waiters resolved together."""
         from api.plan_service import derive_plan  # torch-free; imported when first needed
 
         plan_ids: list[int] = []
         with self._session() as session:
             waiters = repository.list_waiters(session, job_id=active.id, pending_only=True)
-        for waiter in waiters:
+        for waiter, same in _identical_requests(waiters):
             if active.abandoned:
                 raise _LeaseGone
             try:
@@ -364,10 +366,14 @@ class Worker:
                 # The probe is stored and serves the cache; this one request cannot be planned.
                 log.info("Job %d: waiter %d cannot be planned: %s", active.id, waiter.id, exc.message)
                 with self._session() as session:
-                    repository.fail_waiter(session, waiter_id=waiter.id, error=f"{exc.code}: {exc.message}")
+                    repository.fail_waiters(
+                        session, waiter_ids=[waiter.id, *same], error=f"{exc.code}: {exc.message}"
+                    )
                 continue
             if plan is not None and plan.id is not None:
-                plan_ids.append(plan.id)
+                with self._session() as session:
+                    repository.resolve_waiters(session, waiter_ids=same, plan_id=plan.id)
+                plan_ids.extend([plan.id] * (1 + len(same)))
         return plan_ids
 
     def _fail(self, active: _ActiveJob, error: Exception, *, seconds: float) -> None:
@@ -489,6 +495,19 @@ class _NoDevice(TunerError):
 
 class _BadJob(TunerError):
     code = "invalid_spec"
+
+
+def _identical_requests(waiters: list[WaiterRecord]) -> list[tuple[WaiterRecord, list[int]]]:
+    """The waiters grouped by identical request, oldest first: each group's first waiter and the
+    ids of the others, which get the same plan (a plan is a function of its request and probes)."""
+    groups: dict[str, tuple[WaiterRecord, list[int]]] = {}
+    for waiter in waiters:
+        text = json.dumps(waiter.request, sort_keys=True, separators=(",", ":"))
+        if text in groups:
+            groups[text][1].append(waiter.id)
+        else:
+            groups[text] = (waiter, [])
+    return list(groups.values())
 
 
 def _message(error: BaseException) -> str:
