@@ -59,6 +59,9 @@ def test_a_cuda_worker_needs_its_gpu(queue: Queue) -> None:
 @pytest.mark.slow
 def test_a_job_is_probed_stored_planned_and_completed(queue: Queue) -> None:
     job = queue.enqueue(mlp_request(effective_batch_size=512, checkpointing="off"))
+    # Two more ranks: one asking the same (planned once with the first), one another batch.
+    assert queue.enqueue(mlp_request(effective_batch_size=512, checkpointing="off")).id == job.id
+    assert queue.enqueue(mlp_request(effective_batch_size=256, checkpointing="off")).id == job.id
     worker = make_worker(queue.engine, "one")
 
     assert worker.run_once() is True
@@ -71,9 +74,13 @@ def test_a_job_is_probed_stored_planned_and_completed(queue: Queue) -> None:
     probe = repository.get_probe(queue.engine, probe_id=done.probe_id)
     assert probe.backend == "estimate" and probe.device.name == TEST_DEVICE["name"]
     assert probe.gradient_checkpointing is False and probe.max_batch_size > 0 and probe.trials
-    # The waiting request got its plan, derived from the stored probe.
-    (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
-    assert waiter.status == "resolved" and waiter.plan_id is not None
+    # The waiting requests got their plans, derived from the stored probe: identical requests
+    # the same plan.
+    waiter, same, other = repository.list_waiters(queue.engine, job_id=job.id)
+    assert {waiter.status, same.status, other.status} == {"resolved"} and waiter.plan_id is not None
+    assert same.plan_id == waiter.plan_id and other.plan_id not in (None, waiter.plan_id)
+    assert other.plan_id is not None
+    assert repository.get_plan(queue.engine, plan_id=other.plan_id).effective_batch_size == 256
     plan = repository.get_plan(queue.engine, plan_id=waiter.plan_id)
     assert plan.micro_batch_size * plan.accumulation_steps == 512
     assert plan.cache_hit is False and plan.probe_id == done.probe_id
