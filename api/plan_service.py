@@ -431,10 +431,11 @@ class PlanService:
             if self._arrivals.get(key) is batch:
                 del self._arrivals[key]  # later arrivals form the next batch
             result = await self._in_thread(self._plan_or_enqueue, batch.request, batch.count)
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            batch.future.cancel()  # the app is shutting down: so are the requests waiting here
+            raise
+        except Exception as exc:
             batch.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
         else:
             batch.future.set_result(result)
         finally:
