@@ -74,6 +74,11 @@ def test_fifty_identical_requests_share_one_probe(workers: Service) -> None:
     assert len({answer.json()["id"] for answer in answers}) == 1  # every client, the same plan
     assert workers.job_rows(fingerprint(request)) == 1
     assert workers.probe_rows(fingerprint(request)) == 1
+    # The worker, another process, told the API: NOTIFY on PostgreSQL, the API's poll on SQLite.
+    with workers.client() as client:
+        metrics = client.get("/metrics").text
+    woken_by = "notify" if workers.database_url.startswith("postgresql") else "poll"
+    assert f'tuner_job_watch_checks_total{{reason="{woken_by}"}}' in metrics
 
 
 def test_a_job_whose_worker_is_killed_is_finished_by_another(workers: Service) -> None:
