@@ -15,10 +15,10 @@ job ended found the plan cached and waited on nothing: the table says how many w
 
     python bench/plan_herd.py [--ranks 512] [--repeat 1] [--no-postgres] [--json]
 
-`--repeat R` measures R rounds (lone, then herd, per database) and reports the median of each
-cell; the ratio is the median of the rounds' ratios (lone and herd run back to back). The API's
-CPU seconds are reported too: on a machine shared with other work they move far less than wall
-time does.
+`--repeat R` measures R rounds (lone and herd back to back per database, the order alternating
+between rounds) and reports the median of each cell; the ratio is the median of the rounds'
+ratios. CPU seconds are reported too, of the API process and of the worker with its probes: on a
+machine shared with other work they move far less than wall time does.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class Measurement:
     api_cpu_seconds: float
     """CPU the API process used meanwhile (the worker and its probes are other processes): what
     the herd costs the cores the probe runs on, steadier than wall time on a shared machine."""
+    worker_cpu_seconds: float
+    """CPU the local worker and its probe processes used meanwhile: the probe's own work."""
     statements: int
     """SQL statements the API process sent, from the first request to the last answer."""
     statements_per_second_waiting: float | None
@@ -119,10 +121,25 @@ def tuner_serve(database_url: str, log_dir: Path) -> Iterator[tuple[str, int]]:
         server.stop(timeout=60)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds process `pid` has used so far (its own, not its children's)."""
+def cpu_seconds(pid: int, *, with_children: bool = False) -> float:
+    """User + system CPU seconds process `pid` has used so far: its own, plus with
+    `with_children` those of its children that have ended (a worker's probe processes)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(field) for field in fields[11 : 15 if with_children else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pid(api_pid: int) -> int:
+    """The local worker: the `tuner serve` process's child."""
+    # Any of its threads may have started it (`tuner serve` supervises it from a thread).
+    children = [
+        child
+        for task in Path(f"/proc/{api_pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    if len(children) != 1:
+        raise RuntimeError(f"expected one local worker under pid {api_pid}, found {children}")
+    return int(children[0])
 
 
 def statements(client: httpx.Client) -> int:
@@ -258,10 +275,13 @@ def measure(database: str, database_url: str, ranks: int, log_dir: Path) -> Meas
         before = statements(client)
         scrape_cost = statements(client) - before
         before += scrape_cost
+        worker = worker_pid(api_pid)
         with StatementSampler(base_url) as sampler:
             started, cpu_before = time.monotonic(), cpu_seconds(api_pid)
+            probe_before = cpu_seconds(worker, with_children=True)
             answers, arrived, last_sent = asyncio.run(ask_all(base_url, ranks))
             cpu = cpu_seconds(api_pid) - cpu_before
+            probe_cpu = cpu_seconds(worker, with_children=True) - probe_before
         seconds = max(arrived) - started
         total = statements(client) - before - (len(sampler.samples) + 1) * scrape_cost
         waited = check_answers(database_url, answers)
@@ -269,10 +289,11 @@ def measure(database: str, database_url: str, ranks: int, log_dir: Path) -> Meas
         rate = sampler.rate_between(last_sent + 1.0, min(arrived), scrape_cost)
     print(
         f"  {database:10} {ranks:4} rank(s), {waited:4} waited: {seconds:6.1f} s, API CPU {cpu:5.2f} s, "
+        f"worker CPU {probe_cpu:5.1f} s, "
         f"{total:6d} statements" + (f", {rate:.1f}/s while waiting" if rate is not None else ""),
         file=sys.stderr,
     )
-    return Measurement(database, ranks, waited, seconds, cpu, total, rate)
+    return Measurement(database, ranks, waited, seconds, cpu, probe_cpu, total, rate)
 
 
 @contextmanager
@@ -295,6 +316,7 @@ def median_of(runs: list[Measurement]) -> Measurement:
         round(statistics.median(run.waited for run in runs)),
         statistics.median(run.seconds for run in runs),
         statistics.median(run.api_cpu_seconds for run in runs),
+        statistics.median(run.worker_cpu_seconds for run in runs),
         round(statistics.median(run.statements for run in runs)),
         statistics.median(rates) if rates else None,
     )
@@ -317,15 +339,15 @@ def round_ratios(runs: dict[tuple[str, int], list[Measurement]]) -> dict[tuple[s
 def table(cells: list[Measurement], ratios: dict[tuple[str, int], float]) -> str:
     lines = [
         "| database | ranks | waited on the job | seconds to plan (last rank) | × one rank "
-        "| API CPU s | API SQL statements | statements/s while waiting |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| API CPU s | worker CPU s | API SQL statements | statements/s while waiting |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in cells:
         ratio = ratios.get((c.database, c.ranks), 1.0)
         rate = "–" if c.statements_per_second_waiting is None else f"{c.statements_per_second_waiting:,.1f}"
         lines.append(
             f"| {c.database} | {c.ranks} | {c.waited} | {c.seconds:.1f} | {ratio:.2f}× "
-            f"| {c.api_cpu_seconds:.2f} | {c.statements:,} | {rate} |"
+            f"| {c.api_cpu_seconds:.2f} | {c.worker_cpu_seconds:.1f} | {c.statements:,} | {rate} |"
         )
     return "\n".join(lines)
 
@@ -356,9 +378,12 @@ def main() -> int:
     runs: dict[tuple[str, int], list[Measurement]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for _ in range(args.repeat):
+        for round_index in range(args.repeat):
+            # Lone first in even rounds, herd first in odd ones: a machine that grows busier
+            # during the run does not always fall on the same one.
+            order = (1, args.ranks) if round_index % 2 == 0 else (args.ranks, 1)
             for database in databases:
-                for ranks in (1, args.ranks):
+                for ranks in order:
                     with fresh_database(database, workdir) as url:
                         runs.setdefault((database, ranks), []).append(measure(database, url, ranks, workdir))
     cells = [median_of(found) for found in runs.values()]
