@@ -1,6 +1,8 @@
 """Write `tuner/transformers_defaults.json`: the constant defaults and alias names of the
 transformers config classes of every text model type (causal-lm, masked-lm and
-seq-classification heads), read from the installed transformers.
+seq-classification heads), the keys each of them accepts, the model types transformers knows
+(and which have each head), and where a parameter-count floor holds, read from the installed
+transformers.
 
 The API process validates and fingerprints specs without importing torch, and transformers 5
 imports torch with any config class; this table lets it fill a config's defaults anyway, so that
@@ -20,6 +22,20 @@ What goes in, and why it is safe:
   config transformers builds from the original, bare and with small sizes given. Types with
   nested sub-configs (multimodal models) are left out.
 
+The intake checks (`tuner/config_keys.py`) read the rest:
+- `known_model_types` and `task_model_types`: a `model_type` transformers does not know, or that
+  has no head for the spec's task, is refused before a job is queued.
+- Per model type, `keys`: the fields of its config class that are neither defaults nor aliases;
+  with `base_keys` (what every config accepts: the base class's fields, the keyword arguments its
+  `__post_init__` consumes, the generation parameters it drops, and the base keys of
+  transformers 4 that configs saved on the hub still carry) that is every key the type accepts.
+  Any other key would be set as a stray attribute and ignored: refused, naming the nearest key.
+- `parameter_floor`: true where `V·H + L·H·I` (vocabulary × hidden size, plus layers × hidden
+  × intermediate size: the input embedding and half of a dense MLP per layer) was checked here
+  to stay below the parameter count of the base model, for the type's default config and for
+  small sizes. The API then refuses at intake a card whose budget cannot hold those parameters'
+  weights, gradients and optimizer state, before any probe.
+
 Run: `.venv/bin/python scripts/transformers_defaults.py` after upgrading transformers, and commit
 the file; `tests/probes/test_transformers_defaults.py` fails while it is stale.
 """
@@ -37,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 TABLE_PATH = REPO / "tuner" / "transformers_defaults.json"
 sys.path.insert(0, str(REPO))
 
+from tuner.config_keys import FLOOR_ROLES, floor_by_entry  # noqa: E402
 from tuner.spec import CONFIG_BOUNDS, POSITION_KEYS  # noqa: E402
 from tuner.transformers_config import apply_entry  # noqa: E402
 
@@ -44,6 +61,49 @@ SMALL_SIZES = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 
 """The sizes a verification build gives (alias names are renamed for classes that use others)."""
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
+
+TASK_MAPPINGS = {
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "seq-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+}
+"""`tuner.spec.Task` → the transformers auto mapping of that head."""
+BASE_KWARGS = (
+    "attn_implementation",
+    "experts_implementation",
+    "name_or_path",
+    "num_labels",
+    "output_attentions",
+    "per_layer_config",
+    "torch_dtype",
+    "_commit_hash",
+    "_name_or_path",
+)
+"""Keys `PreTrainedConfig.__post_init__` (transformers 5) takes from its keyword arguments."""
+LEGACY_BASE_KEYS = (
+    "add_cross_attention",
+    "bos_token_id",
+    "cross_attention_hidden_size",
+    "decoder_start_token_id",
+    "eos_token_id",
+    "finetuning_task",
+    "is_decoder",
+    "pad_token_id",
+    "prefix",
+    "pruned_heads",
+    "sep_token_id",
+    "task_specific_params",
+    "tf_legacy_loss",
+    "tie_encoder_decoder",
+    "tie_word_embeddings",
+    "tokenizer_class",
+    "torchscript",
+    "use_bfloat16",
+)
+"""Base-config keys of transformers 4 that configs saved on the hub still carry; transformers 5
+keeps the token ids and tying on each model's class and accepts the rest as plain attributes."""
+ROPE_KWARGS = ("rope_scaling", "rope_theta", "partial_rotary_factor")
+"""Older rotary keys a config with `rope_parameters` converts into it."""
 
 
 def _signature(config_class: type) -> dict[str, inspect.Parameter]:
@@ -100,6 +160,63 @@ def entry_for(config_class: type, base_fields: set[str]) -> dict[str, Any]:
     return {"defaults": dict(sorted(defaults.items())), "aliases": aliases}
 
 
+def base_keys() -> list[str]:
+    """Keys every config accepts, whatever its model type."""
+    from transformers import GenerationConfig
+    from transformers.configuration_utils import PreTrainedConfig
+
+    names = set(_signature(PreTrainedConfig)) - {"self", "kwargs"}
+    names.update(BASE_KWARGS, LEGACY_BASE_KEYS, GenerationConfig._get_default_generation_params())
+    return sorted(names)
+
+
+def own_keys(config_class: type, entry: dict[str, Any], base: set[str]) -> list[str]:
+    """The keys a config class accepts beyond `base` and its entry's defaults and aliases: its
+    fields, every name of its `attribute_map` (the entry renames only some), older rotary keys."""
+    fields = set(_signature(config_class)) - {"self", "kwargs"}
+    fields.update(getattr(config_class, "attribute_map", {}))
+    if "rope_parameters" in fields:
+        fields.update(ROPE_KWARGS)
+    return sorted(fields - base - set(entry["defaults"]) - set(entry["aliases"]))
+
+
+def task_model_types() -> dict[str, list[str]]:
+    """The model types with each head `tuner.spec.Task` names."""
+    from transformers.models.auto import modeling_auto
+
+    return {task: sorted(getattr(modeling_auto, name)) for task, name in TASK_MAPPINGS.items()}
+
+
+def has_floor_sizes(entry: dict[str, Any], config_class: type) -> bool:
+    """Whether the class names the vocabulary, hidden size and layer count the floor reads."""
+    fields = set(_signature(config_class))
+    return all(entry["aliases"].get(role, role) in fields for role in FLOOR_ROLES[:3])
+
+
+def floor_holds(model_type: str, entry: dict[str, Any], config_class: type) -> bool:
+    """Whether the floor stays at or below the base model's parameter count (built on the meta
+    device) for the type's default config and for small sizes."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    if not has_floor_sizes(entry, config_class):
+        return False
+    for given in ({"model_type": model_type}, {"model_type": model_type, **SMALL_SIZES}):
+        config = apply_entry(entry, given)
+        floor = floor_by_entry(entry, config)
+        if floor is None:
+            return False
+        try:
+            built = AutoConfig.for_model(**config)
+            with torch.device("meta"):
+                model = AutoModel.from_config(built)
+        except Exception:
+            return False
+        if floor > sum(parameter.numel() for parameter in model.parameters()):
+            return False
+    return True
+
+
 def _built(config: dict[str, Any]) -> dict[str, Any] | None:
     """The config transformers builds from `config`, or None where it refuses it."""
     from transformers import AutoConfig
@@ -133,6 +250,7 @@ def build_table() -> dict[str, Any]:
 
     logging.getLogger("transformers").setLevel(logging.ERROR)  # the checks' size warnings
     base_fields = set(_signature(PreTrainedConfig))
+    base = set(base_keys())
     model_types: dict[str, Any] = {}
     for model_type in text_model_types():
         if model_type not in CONFIG_MAPPING:
@@ -142,8 +260,16 @@ def build_table() -> dict[str, Any]:
             continue  # nested sub-configs: filled only at their top level, so left as given
         entry = entry_for(config_class, base_fields)
         if fills_faithfully(model_type, entry):
+            entry["keys"] = own_keys(config_class, entry, base)
+            entry["parameter_floor"] = floor_holds(model_type, entry, config_class)
             model_types[model_type] = entry
-    return {"transformers_version": transformers.__version__, "model_types": model_types}
+    return {
+        "transformers_version": transformers.__version__,
+        "model_types": model_types,
+        "base_keys": sorted(base),
+        "known_model_types": sorted(CONFIG_MAPPING.keys()),
+        "task_model_types": task_model_types(),
+    }
 
 
 def render(table: dict[str, Any]) -> str:

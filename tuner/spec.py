@@ -12,10 +12,19 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tuner.alloc_conf import canonical_alloc_conf
 from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS, refuse_bool_for_number
+from tuner.config_keys import check_keys, check_model_type, check_task
 from tuner.errors import SpecError
 from tuner.settings import get_settings
 from tuner.transformers_config import canonical_config
@@ -51,6 +60,17 @@ POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
 _CONFIG_IRRELEVANT = frozenset({"transformers_version", "_name_or_path", "architectures"})
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _CONFIG_MAX_BYTES = 64_000
+
+
+INTAKE: dict[str, Any] = {"intake": True}
+"""Validation context of what a user sends (`parse_workload`, `parse_plan_request`): a
+transformers config is then also checked against what transformers knows (`tuner.config_keys`).
+Stored rows are read without it, so that what was accepted once stays readable."""
+
+
+def at_intake(info: ValidationInfo) -> bool:
+    """Whether this validation checks a user's input (the `INTAKE` context)."""
+    return bool(info.context and info.context.get("intake"))
 
 
 def refuse_nul_characters(data: Any, path: str = "") -> Any:
@@ -97,11 +117,14 @@ class ModelSpec(_Spec):
 
     @field_validator("config")
     @classmethod
-    def _check_config(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _check_config(cls, config: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         if config is None:
             return None
         if not isinstance(config.get("model_type"), str) or not config["model_type"]:
             raise ValueError('needs a \'model_type\' string, e.g. {"model_type": "gpt2"}')
+        if at_intake(info):
+            check_model_type(config["model_type"])
+            check_keys(config)
         if len(json.dumps(config, default=str)) > _CONFIG_MAX_BYTES:
             raise ValueError(f"is larger than {_CONFIG_MAX_BYTES} bytes of JSON")
         for key, bound in CONFIG_BOUNDS.items():
@@ -124,12 +147,14 @@ class ModelSpec(_Spec):
         return kwargs
 
     @model_validator(mode="after")
-    def _check_family(self) -> ModelSpec:
+    def _check_family(self, info: ValidationInfo) -> ModelSpec:
         if self.family == "transformers":
             if self.config is None:
                 raise ValueError(
                     'model.config is required for family \'transformers\' (e.g. {"model_type": "gpt2"})'
                 )
+            if at_intake(info):
+                check_task(str(self.config["model_type"]), self.task)
         elif self.family == "torchvision":
             if self.name is None:
                 raise ValueError("model.name is required for family 'torchvision' (e.g. 'resnet50')")
@@ -339,7 +364,7 @@ _UNION_TAGS = frozenset({"tokens", "image", "features"})
 
 def _parse(model: type[_Spec], data: Any, what: str) -> Any:
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=INTAKE)
     except ValidationError as exc:
         raise SpecError(f"Invalid {what}: {format_validation_error(exc)}") from None
 

@@ -170,18 +170,52 @@ def test_the_allowlist_is_by_top_level_package(monkeypatch: pytest.MonkeyPatch) 
         )
 
 
-def test_an_unknown_model_type_passes_validation_for_the_builder_to_refuse() -> None:
-    # The API process validates without transformers; tests/probes/test_workloads.py shows the
-    # builder's ModelBuildError for the same spec.
-    spec = parse_workload(
-        gpt2() | {"model": {"family": "transformers", "config": {"model_type": "no-such-model"}}}
+def test_an_unknown_model_type_is_refused_naming_the_nearest_known_one() -> None:
+    with pytest.raises(SpecError, match=r"model_type 'gpt-2' is not a model type .*did you mean 'gpt2'\?"):
+        parse_workload(gpt2() | {"model": {"family": "transformers", "config": {"model_type": "gpt-2"}}})
+
+
+def test_a_config_key_the_model_type_does_not_know_is_refused_naming_the_nearest_key() -> None:
+    # transformers would set `n_layers` as a stray attribute and build GPT-2's 12-layer default.
+    with pytest.raises(SpecError) as caught:
+        parse_workload(gpt2(n_layers=48))
+    assert (
+        "model.config: 'n_layers' is not a key of 'gpt2' configs; did you mean 'n_layer'?"
+        in caught.value.message
     )
-    assert spec.describe() == "no-such-model"
+    with pytest.raises(SpecError, match=r"'my_extra_setting' and 'n_layers' are not keys"):
+        parse_plan_request({"workload": gpt2(my_extra_setting="x", n_layers=4), "effective_batch_size": 8})
 
 
-def test_unknown_transformers_config_keys_are_passed_through() -> None:
-    spec = parse_workload(gpt2(scale_attn_weights=False, my_extra_setting="x"))
-    assert spec.model.config is not None and spec.model.config["my_extra_setting"] == "x"
+def test_a_task_the_model_type_has_no_head_for_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"model\.task: 'gpt2' has no masked-lm head .*causal-lm"):
+        parse_workload(
+            gpt2()
+            | {"model": {"family": "transformers", "config": {"model_type": "gpt2"}, "task": "masked-lm"}}
+        )
+
+
+def test_keys_every_config_accepts_stay_accepted() -> None:
+    spec = parse_workload(
+        gpt2(
+            vocab_size=1000,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            bos_token_id=0,
+            embd_pdrop=0.0,
+            torch_dtype="float32",
+            architectures=["GPT2LMHeadModel"],
+            max_position_embeddings=1024,
+            num_hidden_layers=2,
+        )
+    )
+    assert spec.model.config is not None and spec.model.config["n_layer"] == 2
+
+
+def test_a_stored_spec_with_a_key_refused_now_stays_readable() -> None:
+    # Rows are read back without the intake checks: what was accepted once is never unreadable.
+    stored = WorkloadSpec.model_validate(gpt2(my_extra_setting="x"))
+    assert stored.model.config is not None and stored.model.config["my_extra_setting"] == "x"
 
 
 def test_validating_a_spec_does_not_import_torch() -> None:

@@ -14,9 +14,15 @@ from tuner.transformers_config import canonical_config, defaults_table, known_mo
 
 def workload(config: dict[str, object], seq_len: int = 64) -> dict[str, object]:
     return {
-        "model": {"family": "transformers", "config": config},
+        "model": {"family": "transformers", "config": config, "task": a_task_of(str(config["model_type"]))},
         "inputs": {"kind": "tokens", "seq_len": seq_len},
     }
+
+
+def a_task_of(model_type: str) -> str:
+    """A head the model type has (masked-lm-only types exist: BERT's relatives)."""
+    heads = defaults_table()["task_model_types"]
+    return next((task for task, types in heads.items() if model_type in types), "causal-lm")
 
 
 def test_missing_fields_take_the_model_types_defaults() -> None:
