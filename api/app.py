@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import Engine
 
 from api import storage_adapter
@@ -31,6 +32,8 @@ from tuner.settings import Settings, get_settings
 from tuner.spec import PlanRequest
 
 API_VERSION = "1"
+DOCS_STATIC_URL = "/docs/static"
+"""Where the interactive docs' own scripts, styles and icon are served."""
 
 
 def create_app(settings: Settings | None = None, *, engine: Engine | None = None) -> FastAPI:
@@ -70,11 +73,13 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         yield
         await plans_service.close()
 
-    app = FastAPI(
+    # `/docs` (Swagger UI) and `/redoc` load their scripts and styles from this package, not a CDN.
+    app = FastAPIOffline(
         lifespan=lifespan,
         title="tuner",
         version=API_VERSION,
         summary="Memory-budget plans for PyTorch training: micro-batch, accumulation, checkpointing.",
+        static_url=DOCS_STATIC_URL,
     )
     app.state.context = ApiContext(
         settings=settings,

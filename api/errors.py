@@ -47,6 +47,13 @@ class DatabaseUnavailableError(TunerError):
     code = "database_unavailable"
 
 
+class NoWorkerError(TunerError):
+    """No live worker could run the probe a plan request needs (and the request did not ask to be
+    queued anyway with `queue_without_worker=true`)."""
+
+    code = "no_worker"
+
+
 class JobFailedError(TunerError):
     """The probe job a plan request waited on failed for a reason that is not the client's."""
 
@@ -66,16 +73,13 @@ STATUS_BY_CODE: dict[str, int] = {
     "not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
+    "no_worker": 409,
     "unauthorized": 401,
     "body_too_large": 413,
     "probe_failed": 503,
     "service_error": 503,
     "database_unavailable": 503,
 }
-# Job errors that name a mistake in the client's spec (the worker stores them as "<code>: ...").
-CLIENT_FAULT_CODES = frozenset(
-    {"invalid_spec", "model_build_failed", "estimate_failed", "nothing_fits", "plan_impossible"}
-)
 
 
 def error_body(detail: str, code: str) -> dict[str, str]:

@@ -3,9 +3,10 @@
 A repeated plan request is the hot path of the service (every training run asks at start-up), and
 its answer is immutable: the serialized plan kept under the hash of the raw body (`api.cache`).
 This pure ASGI layer reads the body, and when the cache has it and the request is authorized (the
-bearer token is checked exactly as on every write) and its `wait` parameter is valid, sends the
-stored bytes. Everything else — a miss, a bad token, a bad `wait` — goes on to the app with the
-body replayed, where the router answers it (the 401 and 422 included) in the usual way.
+bearer token is checked exactly as on every write) and its query parameters are valid, sends the
+stored bytes. Everything else — a miss, a bad token, a bad `wait` or `queue_without_worker` —
+goes on to the app with the body replayed, where the router answers it (the 401 and 422
+included) in the usual way.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import ApiContext, check_write_token
 from api.errors import BodyTooLargeError, error_body
 from api.plan_service import MAX_WAIT_SECONDS
+from api.worker_availability import FLAG_VALUES, QUEUE_WITHOUT_WORKER
 from tuner.errors import AuthError
 
 PLANS_PATH = "/v1/plans"
@@ -42,7 +44,7 @@ class CachedPlanMiddleware:
             await _send(send, 413, json.dumps(error_body(exc.message, exc.code)).encode())
             return
         cached = self.context.plans.cached_answer(body) if _authorized(self.context, scope) else None
-        if cached is not None and _valid_wait(scope):
+        if cached is not None and _valid_query(scope):
             scope[ROUTE_KEY] = PLANS_PATH
             await _send(send, 200, cached)
             return
@@ -85,11 +87,16 @@ def _authorized(context: ApiContext, scope: Scope) -> bool:
     return True
 
 
-def _valid_wait(scope: Scope) -> bool:
+def _valid_query(scope: Scope) -> bool:
+    """Whether `wait` and `queue_without_worker` are valid (the router answers them otherwise)."""
     query = scope.get("query_string", b"")
     if not query:
         return True
-    values = parse_qs(query.decode("latin-1")).get("wait")
+    parameters = parse_qs(query.decode("latin-1"))
+    flags = parameters.get(QUEUE_WITHOUT_WORKER)
+    if flags and flags[-1].strip().lower() not in FLAG_VALUES:
+        return False
+    values = parameters.get("wait")
     if not values:
         return True
     try:

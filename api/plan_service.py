@@ -47,15 +47,17 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.cache import ResponseCache, body_key
-from api.errors import CLIENT_FAULT_CODES, STATUS_BY_CODE, JobFailedError, MalformedJSONError
+from api.errors import STATUS_BY_CODE, JobFailedError, MalformedJSONError
 from api.job_watch import JobWatcher
 from api.metrics import ApiMetrics
 from api.schemas import JobOut
+from api.worker_availability import job_worker_available, require_live_worker
 from storage import repository
 from storage.db import connection_capacity
 from storage.models import FINISHED_JOB_STATUSES
 from storage.records import JobRecord
-from tuner.errors import DeviceRequiredError, TunerError
+from tuner.errors import DeviceRequiredError, TunerError, client_fault_error, job_error_text, parse_job_error
+from tuner.intake import refuse_what_cannot_fit
 from tuner.planner import make_plan, per_rank_batch
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest, parse_plan_request
@@ -189,13 +191,14 @@ def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
 
 
 def job_plan_id(session: Session, *, job_id: int) -> int | None:
-    """The plan derived for the job's first waiting request, once there is one."""
+    """The plan derived for the job's first request that got one, once there is one."""
     waiters = repository.list_waiters(session, job_id=job_id)
-    return waiters[0].plan_id if waiters else None
+    return next((waiter.plan_id for waiter in waiters if waiter.plan_id is not None), None)
 
 
-def job_out(job: JobRecord, plan_id: int | None) -> JobOut:
-    """The API's view of a job record."""
+def job_out(job: JobRecord, plan_id: int | None, worker_available: bool | None = None) -> JobOut:
+    """The API's view of a job record (`worker_available`: for a queued job, whether a live worker
+    could claim it)."""
     payload = job.payload or {}
     return JobOut(
         id=job.id,
@@ -203,8 +206,10 @@ def job_out(job: JobRecord, plan_id: int | None) -> JobOut:
         attempts=job.attempts,
         max_attempts=job.max_attempts,
         error=job.error,
+        error_code=job_error_code(job),
         plan_id=plan_id,
         probe_id=job.probe_id,
+        worker_available=worker_available,
         progress=job.progress,
         backend=job.backend,
         device_name=job.device_name,
@@ -219,17 +224,27 @@ def job_out(job: JobRecord, plan_id: int | None) -> JobOut:
     )
 
 
+def job_view(session: Session, job: JobRecord) -> JobOut:
+    """`job_out` with what only the database knows: the job's plan and whether a worker is live."""
+    return job_out(job, job_plan_id(session, job_id=job.id), job_worker_available(session, job))
+
+
 def job_error(job: JobRecord) -> TunerError:
     """The error a failed job gives its waiters: the client's own mistake (the worker stores such
-    errors as `<code>: <sentence>`, e.g. `model_build_failed: ...`) keeps its code and is a 4xx;
+    errors as `<code>: <sentence>`, e.g. `nothing_fits: ...`) keeps its code and is a 4xx;
     anything else is the service's failure (503)."""
-    text = job.error or "The probe job failed without a message."
-    code, sep, message = text.partition(": ")
-    if sep and code in CLIENT_FAULT_CODES:
-        error = TunerError(message)
-        error.code = code
-        return error
-    return JobFailedError(f"The probe job {job.id} failed after {job.attempts} attempt(s): {text}")
+    code, message = parse_job_error(job.error)
+    if code is not None:
+        return client_fault_error(code, message)
+    return JobFailedError(f"The probe job {job.id} failed after {job.attempts} attempt(s): {message}")
+
+
+def job_error_code(job: JobRecord) -> str | None:
+    """The machine code of a failed job's error (`nothing_fits`, or `probe_failed` for a failure
+    of the service); None unless the job failed."""
+    if job.status != "failed":
+        return None
+    return job_error(job).code
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,8 @@ class _Arrival:
 
     request: PlanRequest
     future: asyncio.Future[_Arrived]
+    queue_without_worker: bool = False
+    """Queue the job even when no live worker can run it (`?queue_without_worker=true`)."""
     count: int = 0
 
 
@@ -317,17 +334,19 @@ class PlanService:
             self.metrics.cache_hit(memory=True)
         return found
 
-    async def create(self, raw_body: bytes, *, wait: float) -> Answer:
+    async def create(self, raw_body: bytes, *, wait: float, queue_without_worker: bool = False) -> Answer:
         request = parse_body(raw_body)
         if request.backend == "estimate" and request.device is None:
             raise DeviceRequiredError(
                 "The estimate backend needs a device: give device.name and device.total_memory_bytes "
                 '(e.g. {"name": "NVIDIA H100 80GB HBM3", "total_memory_bytes": 85017493504}).'
             )
-        # An impossible split is the client's mistake: say so before queueing a probe for it.
+        # An impossible split, or a card too small for the parameters alone, is the client's
+        # mistake: say so before queueing a probe for it.
         per_rank_batch(request.effective_batch_size, request.world_size)
+        refuse_what_cannot_fit(request)
         key = request_hash(request)
-        arrived = await self._arrive(key, request)
+        arrived = await self._arrive(key, request, queue_without_worker=queue_without_worker)
         if isinstance(arrived, Plan):
             self.metrics.cache_hit(memory=False)
             body = arrived.model_dump_json().encode()
@@ -348,8 +367,7 @@ class PlanService:
                 return Answer(200, planned.waited_body)
         if job.status == "failed":
             raise job_error(job)
-        plan_id = await self._in_thread(self._job_plan_id, job.id)
-        out = job_out(job, plan_id)
+        out = await self._in_thread(self._job_view, job)
         return Answer(202, out.model_dump_json().encode(), {"Location": out.location})
 
     async def close(self) -> None:
@@ -377,7 +395,7 @@ class PlanService:
             planned = await asyncio.shield(shared.task)
         except TunerError as exc:
             if not joined:
-                await self._in_thread(self._fail_waiters, [waiter_id], f"{exc.code}: {exc.message}")
+                await self._in_thread(self._fail_waiters, [waiter_id], job_error_text(exc))
             raise
         if not joined and planned is not None and planned.plan.id is not None:
             # Came after the shared derivation had started: resolve this waiter on its own.
@@ -396,16 +414,25 @@ class PlanService:
         shared.started = True
         return await self._in_thread(self._derive_after_job, request, job, list(shared.waiter_ids))
 
-    async def _arrive(self, key: str, request: PlanRequest) -> Plan | tuple[JobRecord, int]:
+    async def _arrive(
+        self, key: str, request: PlanRequest, *, queue_without_worker: bool = False
+    ) -> Plan | tuple[JobRecord, int]:
         """The cached plan of `request`, or the job it now waits on and its waiter's id.
 
         Identical requests (same `key`) that arrive together are handled together: one look at
         the cache and, on a miss, one transaction that joins the job and stores all their
         waiters. One batch per key is in flight at a time; requests arriving meanwhile form the
-        next, which therefore finds whatever the previous one stored (a plan is derived once)."""
+        next, which therefore finds whatever the previous one stored (a plan is derived once).
+        Requests that may queue without a live worker batch apart from those that may not."""
+        if queue_without_worker:
+            key = f"{key}|queue_without_worker"
         batch = self._arrivals.get(key)
         if batch is None:
-            batch = _Arrival(request=request, future=asyncio.get_running_loop().create_future())
+            batch = _Arrival(
+                request=request,
+                future=asyncio.get_running_loop().create_future(),
+                queue_without_worker=queue_without_worker,
+            )
             self._arrivals[key] = batch
             asyncio.get_running_loop().create_task(self._settle(key, batch))
         index = batch.count
@@ -430,7 +457,9 @@ class PlanService:
                 await asyncio.sleep(0)  # requests read in the same turn of the loop join
             if self._arrivals.get(key) is batch:
                 del self._arrivals[key]  # later arrivals form the next batch
-            result = await self._in_thread(self._plan_or_enqueue, batch.request, batch.count)
+            result = await self._in_thread(
+                self._plan_or_enqueue, batch.request, batch.count, batch.queue_without_worker
+            )
         except asyncio.CancelledError:
             batch.future.cancel()  # the app is shutting down: so are the requests waiting here
             raise
@@ -445,14 +474,19 @@ class PlanService:
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._database_threads)
 
-    def _plan_or_enqueue(self, request: PlanRequest, count: int) -> _Arrived:
+    def _plan_or_enqueue(
+        self, request: PlanRequest, count: int, queue_without_worker: bool = False
+    ) -> _Arrived:
         """The cached plan of `request`; else join (or create) its job with `count` waiters,
         stored in the same transaction as the join, so that the job cannot finish between the
-        two and leave a request unplanned."""
+        two and leave a request unplanned. A job no live worker would claim is refused
+        (`NoWorkerError`) unless `queue_without_worker`: it would wait forever, silently."""
         with self.sessions() as session:
             plan = derive_plan(session, request=request, torch_minor=self.torch_minor)
             if plan is not None:
                 return plan, None, []
+            if not queue_without_worker:
+                require_live_worker(session, request)
             job, _created, waiter_ids = repository.enqueue_waiters(
                 session,
                 key=job_key(request, self.torch_minor),
@@ -476,7 +510,7 @@ class PlanService:
             try:
                 plan = derive_plan(session, request=request, torch_minor=self.torch_minor, cache_hit=False)
             except TunerError as exc:
-                repository.fail_waiters(session, waiter_ids=waiter_ids, error=f"{exc.code}: {exc.message}")
+                repository.fail_waiters(session, waiter_ids=waiter_ids, error=job_error_text(exc))
                 raise
             if plan is None or plan.id is None:
                 return None
@@ -499,9 +533,9 @@ class PlanService:
         with self.sessions() as session:
             return repository.get_job(session, job_id=job_id)
 
-    def _job_plan_id(self, job_id: int) -> int | None:
+    def _job_view(self, job: JobRecord) -> JobOut:
         with self.sessions() as session:
-            return job_plan_id(session, job_id=job_id)
+            return job_view(session, job)
 
 
 def parse_body(raw_body: bytes) -> PlanRequest:

@@ -40,10 +40,16 @@ class JobOut(BaseModel):
     attempts: int
     max_attempts: int
     error: str | None = None
-    """Why the last attempt failed."""
+    """Why the last attempt failed (`<code>: <sentence>` where the request is at fault)."""
+    error_code: str | None = None
+    """Once the job failed: the machine code its waiters get, the request's own mistake
+    (`nothing_fits`, `model_build_failed`, ... answered 422) or `probe_failed` (503)."""
     plan_id: int | None = None
-    """The plan derived for the job's first waiting request, once the job succeeded."""
+    """The plan derived for the job's first request that got one, once the job succeeded."""
     probe_id: int | None = None
+    worker_available: bool | None = None
+    """While queued: whether a live worker could claim the job (false: none can yet; it was
+    queued with `queue_without_worker=true` and waits until one starts). None once claimed."""
     progress: dict[str, Any] | None = None
     """Trials so far, last batch size, ... as the worker reports them."""
     backend: str

@@ -6,9 +6,13 @@ whatever device it names. Many workers on many machines share one database: clai
 (`storage.jobs`), renewed by a heartbeat thread while the probe runs in a child process.
 
 Failures: an error the client's spec causes (a model that does not build, an estimate that
-cannot trace it) fails the job at once; a crash or hang of the probe child is retried with
-backoff until the job's attempts are spent. The worker itself lives on. On SIGTERM/SIGINT it
-stops claiming, lets the current job finish within a grace period, else releases it to the queue.
+cannot trace it, a workload of which not even one sample fits the card) fails the job at once,
+stored as `<code>: <sentence>` (`tuner.errors.CLIENT_FAULT_CODES`), which the API gives its waiters
+as a 422; a job whose probes succeeded but none of whose requests could be planned fails the same
+way, with the first request's reason, so that nobody polls a job that names no plan. A crash or
+hang of the probe child is retried with backoff until the job's attempts are spent. The worker
+itself lives on. On SIGTERM/SIGINT it stops claiming, lets the current job finish within a grace
+period, else releases it to the queue.
 A worker whose lease was lost (a heartbeat refused) abandons its result: another worker owns it.
 """
 
@@ -34,17 +38,11 @@ from probes.child import ChildFailed
 from storage import repository
 from storage.db import session_factory
 from storage.records import Accepts, JobRecord, WaiterRecord
-from tuner.errors import TunerError
+from tuner.errors import CLIENT_FAULT_CODES, NothingFitsError, TunerError, job_error_text
 from tuner.results import ProbeResult
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec, parse_plan_request, parse_workload
 
 log = logging.getLogger("tuner.worker")
-
-CLIENT_FAULT_CODES = frozenset(
-    {"invalid_spec", "model_build_failed", "estimate_failed", "nothing_fits", "device_required"}
-)
-"""Error codes another attempt cannot fix: the spec itself is at fault. The job fails at once and
-its error is stored as `<code>: <sentence>`, which the API turns back into a 4xx for waiters."""
 
 
 class ProbeRunner(Protocol):
@@ -144,6 +142,7 @@ class Worker:
         self._sessions = session_factory(engine)
         self._probe_runner = probe_runner
         self._stopping = threading.Event()
+        self._announced_at: float | None = None
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -171,16 +170,40 @@ class Worker:
         self._install_signal_handlers()
         device = f" for {self.device.name}" if self.device else ""
         log.info("Worker %s serving %s jobs%s.", self.worker_id, self.backend, device)
-        while not self._stopping.is_set():
-            try:
-                worked = self.run_once()
-            except Exception:
-                # The database may be restarting or unreachable: keep the worker alive and retry.
-                log.exception("Worker %s could not reach the job queue; retrying.", self.worker_id)
-                worked = False
-            if not worked:
-                self._stopping.wait(self.poll_seconds)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self.announce()
+                    worked = self.run_once()
+                except Exception:
+                    # The database may be restarting or unreachable: keep the worker alive and retry.
+                    log.exception("Worker %s could not reach the job queue; retrying.", self.worker_id)
+                    worked = False
+                if not worked:
+                    self._stopping.wait(self.poll_seconds)
+        finally:
+            self.retire()
         log.info("Worker %s stopped.", self.worker_id)
+
+    def announce(self, *, force: bool = False) -> None:
+        """Tell the database this worker is up (`storage.workers`), at most once per heartbeat
+        interval unless `force`: the API refuses jobs that no live worker could run."""
+        now = time.monotonic()
+        if not force and self._announced_at is not None and now - self._announced_at < self.heartbeat_seconds:
+            return
+        with self._session() as session:
+            repository.announce_worker(
+                session, worker_id=self.worker_id, accepts=self.accepts, ttl_seconds=self.lease_seconds
+            )
+        self._announced_at = now
+
+    def retire(self) -> None:
+        """Remove this worker from the live ones (it stops); a failure only logs: the row expires."""
+        try:
+            with self._session() as session:
+                repository.retire_worker(session, worker_id=self.worker_id)
+        except Exception as exc:
+            log.warning("Worker %s could not retire its row (it expires by itself): %s", self.worker_id, exc)
 
     def run_once(self) -> bool:
         """Claim one job and run it to the end (or give it up); False when none was due."""
@@ -235,10 +258,14 @@ class Worker:
         """Probe every checkpointing choice not yet cached, derive the waiting plans, complete."""
         started = time.monotonic()
         try:
-            probe_ids = self._probe_all(active)
-            if not probe_ids:
+            probes = self._probe_all(active)
+            if not probes:
                 raise _BadJob("The job names no gradient-checkpointing choice to probe.")
-            plan_ids = self._derive_waiting_plans(active)
+            plan_ids, refusals = self._derive_waiting_plans(active)
+            refusal = _job_refusal(probes, plan_ids, refusals)
+            if refusal is not None:
+                raise refusal
+            probe_ids = [probe.id for probe in probes if probe.id is not None]
             with self._writing(active) as session:
                 repository.complete_job(
                     session, job_id=active.id, worker_id=self.worker_id, probe_id=probe_ids[-1]
@@ -258,7 +285,8 @@ class Worker:
                 return
             self._fail(active, exc, seconds=time.monotonic() - started)
 
-    def _probe_all(self, active: _ActiveJob) -> list[int]:
+    def _probe_all(self, active: _ActiveJob) -> list[ProbeResult]:
+        """The probe of every checkpointing choice the job names, each stored (with its id)."""
         payload = active.job.payload
         workload = parse_workload(payload["workload"])
         device = self._job_device(payload)
@@ -271,7 +299,7 @@ class Worker:
                 torch_minor,
                 self.torch_minor,
             )
-        probe_ids: list[int] = []
+        probes: list[ProbeResult] = []
         for checkpointing in payload["gradient_checkpointing"]:
             with self._session() as session:
                 cached = repository.find_cached_probe(
@@ -286,7 +314,7 @@ class Worker:
                 )
             if cached is not None and cached.id is not None:
                 # A worker that lost this job earlier may have stored some choices already.
-                probe_ids.append(cached.id)
+                probes.append(cached)
                 continue
             alloc_conf = payload.get("alloc_conf")
             result = self._run_probe(active, workload, device, bool(checkpointing), alloc_conf)
@@ -297,8 +325,8 @@ class Worker:
                 ):
                     active.abandoned = True
                     raise _LeaseGone
-                probe_ids.append(repository.save_probe(session, result=result))
-        return probe_ids
+                probes.append(result.model_copy(update={"id": repository.save_probe(session, result=result)}))
+        return probes
 
     def _run_probe(
         self,
@@ -339,12 +367,14 @@ class Worker:
             raise _NoDevice("The job names no device and this estimate worker has none to offer.")
         return self.device
 
-    def _derive_waiting_plans(self, active: _ActiveJob) -> list[int]:
-        """Plan every request waiting on the job from the probes now cached. Identical requests
-        (the ranks of one fleet job) are planned once and their waiters resolved together."""
+    def _derive_waiting_plans(self, active: _ActiveJob) -> tuple[list[int], list[TunerError]]:
+        """Plan every request waiting on the job from the probes now cached: the plans made, and
+        why each request that could not be planned could not. Identical requests (the ranks of
+        one fleet job) are planned once and their waiters resolved together."""
         from api.plan_service import derive_plan  # torch-free; imported when first needed
 
         plan_ids: list[int] = []
+        refusals: list[TunerError] = []
         with self._session() as session:
             waiters = repository.list_waiters(session, job_id=active.id, pending_only=True)
         for waiter, same in _identical_requests(waiters):
@@ -366,21 +396,20 @@ class Worker:
                 # The probe is stored and serves the cache; this one request cannot be planned.
                 log.info("Job %d: waiter %d cannot be planned: %s", active.id, waiter.id, exc.message)
                 with self._session() as session:
-                    repository.fail_waiters(
-                        session, waiter_ids=[waiter.id, *same], error=f"{exc.code}: {exc.message}"
-                    )
+                    repository.fail_waiters(session, waiter_ids=[waiter.id, *same], error=job_error_text(exc))
+                refusals.append(exc)
                 continue
             if plan is not None and plan.id is not None:
                 with self._session() as session:
                     repository.resolve_waiters(session, waiter_ids=same, plan_id=plan.id)
                 plan_ids.extend([plan.id] * (1 + len(same)))
-        return plan_ids
+        return plan_ids, refusals
 
     def _fail(self, active: _ActiveJob, error: Exception, *, seconds: float) -> None:
         client_fault = is_client_fault(error)
         if client_fault:
             assert isinstance(error, TunerError)
-            text = f"{error.code}: {error.message}"
+            text = job_error_text(error)
         else:
             text = _message(error)
             if not isinstance(error, TunerError):
@@ -425,6 +454,8 @@ class Worker:
                             lease_seconds=self.lease_seconds,
                             progress=dict(active.progress),
                         )
+                    # A long probe keeps the worker itself alive too.
+                    self.announce()
             except Exception as exc:
                 # A database hiccup: keep trying; the lease outlives a few missed beats.
                 log.warning("Heartbeat for job %d failed: %s", active.id, _message(exc))
@@ -487,6 +518,28 @@ class Worker:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+
+
+def _job_refusal(
+    probes: list[ProbeResult], plan_ids: list[int], refusals: list[TunerError]
+) -> TunerError | None:
+    """The error the job must fail with although its probes succeeded, or None to complete it.
+
+    A job that completes names a plan (`GET /v1/jobs/{id}`'s `plan_id`), which is what pollers
+    wait for. When no waiting request could be planned, the first one's reason (`nothing_fits`,
+    `plan_impossible`) becomes the job's; a job of which not one sample fits, whoever waits on
+    it, fails with `nothing_fits` saying what a micro-batch of 1 needs against what the card
+    offers."""
+    if plan_ids:
+        return None
+    if refusals:
+        return refusals[0] if refusals[0].code in CLIENT_FAULT_CODES else None
+    if all(probe.max_batch_size == 0 for probe in probes):
+        from tuner.planner import nothing_fits_message
+
+        by_choice = {probe.gradient_checkpointing: probe for probe in probes}
+        return NothingFitsError(nothing_fits_message(by_choice))
+    return None
 
 
 class _NoDevice(TunerError):

@@ -305,3 +305,25 @@ class JobWaiterRow(Base):
         CheckConstraint("status IN ('pending', 'resolved', 'failed')", name="status"),
         Index("ix_job_waiters_job_id_status", "job_id", "status"),
     )
+
+
+class WorkerRow(Base):
+    """A worker that is up: what it serves, and until when it counts as alive.
+
+    Each worker renews its row while it runs (idle or busy) and deletes it when it stops; a row
+    whose `expires_at` has passed is a worker that died. The API reads these rows to tell a request
+    that no live worker could run it, instead of queueing it silently."""
+
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    backend: Mapped[str] = mapped_column(String(16))
+    device_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    """The worker's GPU (cuda); None: jobs for any device (estimate)."""
+    device_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    """Alive until then, unless renewed."""
+
+    __table_args__ = (Index("ix_workers_backend_expires_at", "backend", "expires_at"),)

@@ -3,8 +3,8 @@
 Every function takes a `Session` first (or an `Engine`, on which it opens a short session). Reads
 return domain types (`tuner.results.ProbeResult`, `tuner.results.Plan`) or frozen records
 (`JobRecord`, `WaiterRecord`), never ORM rows. Writes are transactions of their own and commit
-(`storage.db.write_transaction`). The job queue lives in `storage.jobs` and is re-exported here,
-so that callers import from one place.
+(`storage.db.write_transaction`). The job queue lives in `storage.jobs` and the live workers in
+`storage.workers`; both are re-exported here, so that callers import from one place.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from storage.models import (
     utcnow,
 )
 from storage.records import Accepts, JobRecord, WaiterRecord
+from storage.workers import WorkerRecord, announce_worker, live_workers, retire_worker
 from tuner.errors import ConflictError, NotFoundError
 from tuner.results import Plan, ProbeResult, WorkloadFacts
 from tuner.search_types import MemoryLine, Trial
@@ -67,7 +68,9 @@ __all__ = [
     "Accepts",
     "JobRecord",
     "WaiterRecord",
+    "WorkerRecord",
     "add_waiter",
+    "announce_worker",
     "claim_job",
     "complete_job",
     "enqueue_or_join",
@@ -88,6 +91,7 @@ __all__ = [
     "list_jobs",
     "list_plans",
     "list_waiters",
+    "live_workers",
     "new_worker_id",
     "plan_request_hash",
     "probe_cache_key",
@@ -96,6 +100,7 @@ __all__ = [
     "requeue_expired",
     "resolve_waiter",
     "resolve_waiters",
+    "retire_worker",
     "save_plan",
     "save_plan_or_existing",
     "save_probe",

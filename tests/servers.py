@@ -204,14 +204,46 @@ def running_api_server(database_url: str, log_dir: Path, **options: Any) -> Iter
 
 
 def start_worker(
-    database_url: str, log_path: Path, *, env: Mapping[str, str] | None = None, backend: str = "estimate"
+    database_url: str,
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    backend: str = "estimate",
+    wait_live: bool = True,
+    timeout: float = 90.0,
 ) -> subprocess.Popen[bytes]:
-    """A `tuner worker --backend <backend>` on `database_url`; stop it with `stop_process`."""
-    return launch(
+    """A `tuner worker --backend <backend>` on `database_url`; stop it with `stop_process`. With
+    `wait_live`, returns once the worker has announced itself (the API refuses plan requests that
+    no live worker can run), or fails with its log."""
+    process = launch(
         [*TUNER, "worker", "--backend", backend, "--db", database_url],
         env=clean_env({**(env or {}), "TUNER_DATABASE_URL": database_url}),
         log_path=log_path,
     )
+    if wait_live:
+        wait_for_live_worker(database_url, process, log_path=log_path, timeout=timeout)
+    return process
+
+
+def wait_for_live_worker(
+    database_url: str, process: subprocess.Popen[bytes], *, log_path: Path, timeout: float = 90.0
+) -> None:
+    """Wait until the worker process `process` is among the database's live workers."""
+    from storage import repository
+    from storage.db import make_engine
+
+    engine = make_engine(database_url)
+
+    def announced() -> bool:
+        if process.poll() is not None:
+            log = log_path.read_text(errors="replace") if log_path.exists() else ""
+            raise AssertionError(f"the worker exited with {process.returncode} before going live:\n{log}")
+        return any(f":{process.pid}:" in worker.worker_id for worker in repository.live_workers(engine))
+
+    try:
+        wait_until(announced, timeout=timeout, what=f"worker {process.pid} to go live", interval=0.2)
+    finally:
+        engine.dispose()
 
 
 # ----------------------------------------------------------------------------------- PostgreSQL

@@ -18,7 +18,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuner import __version__
-from tuner.errors import ServiceError
+from tuner.errors import ServiceError, parse_job_error
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest
 
@@ -36,8 +36,13 @@ class Job(BaseModel):
     attempts: int = 0
     error: str | None = None
     """Why the job failed (only when `status` is `failed`)."""
+    error_code: str | None = None
+    """The failed job's machine code: the request's own mistake (`nothing_fits`, ...) or
+    `probe_failed`."""
     plan_id: int | str | None = None
-    """The plan the job produced (once `succeeded`)."""
+    """The plan the job produced for its first request (once `succeeded`)."""
+    probe_id: int | str | None = None
+    """The probe result the job stored (once `succeeded`)."""
     progress: Any = None
     """What the worker reports while running (a fraction, a count of trials, or a text)."""
 
@@ -100,13 +105,22 @@ class TunerClient:
         body: dict[str, Any] = self._request("GET", "/healthz").json()
         return body
 
-    def submit_plan(self, request: PlanRequest, *, wait: float = 0) -> Plan | Job:
+    def submit_plan(
+        self, request: PlanRequest, *, wait: float = 0, queue_without_worker: bool = False
+    ) -> Plan | Job:
         """`POST /v1/plans?wait=S` without polling: the Plan when the server has it within `wait`
-        seconds (a cache hit answers at once), else the queued `Job` of the 202."""
+        seconds (a cache hit answers at once), else the queued `Job` of the 202.
+
+        A request no live worker of the service could probe is refused (`ServiceError` with code
+        `no_worker`, status 409) unless `queue_without_worker`, which queues it for a worker that
+        starts later."""
+        params = {"wait": _format_wait(wait)}
+        if queue_without_worker:
+            params["queue_without_worker"] = "true"
         response = self._request(
             "POST",
             "/v1/plans",
-            params={"wait": _format_wait(wait)},
+            params=params,
             json=request.model_dump(mode="json", exclude_none=True),
             timeout=self._timeout + wait,
         )
@@ -121,22 +135,39 @@ class TunerClient:
         wait: float = 0,
         max_seconds: float | None = None,
         progress: bool | None = None,
+        queue_without_worker: bool = False,
     ) -> Plan:
         """`POST /v1/plans`, then, on a 202, poll `GET /v1/jobs/{id}` until the job finishes.
 
         `wait`: seconds the server may hold the first request (0–300). `max_seconds`: give up
         polling after this long (None: wait for the job however long it takes). `progress`: show a
-        progress bar on stderr (None: only when stderr is a terminal). A failed job raises
-        `ServiceError` with the job's error.
+        progress bar on stderr (None: only when stderr is a terminal). `queue_without_worker`: as
+        in `submit_plan`. A failed job raises `ServiceError` with the job's error and code
+        (`nothing_fits`, ...).
+
+        A job is shared by every request for the same probes, so once it succeeds the request is
+        sent again: the server answers it from the probes now cached, with this request's own
+        plan (or the reason it has none).
         """
-        submitted = self.submit_plan(request, wait=wait)
+        submitted = self.submit_plan(request, wait=wait, queue_without_worker=queue_without_worker)
         if isinstance(submitted, Plan):
             return submitted
         show = sys.stderr.isatty() if progress is None else progress
         with _JobProgress(request.workload.describe(), enabled=show) as bar:
             job = self.wait_for_job(submitted, max_seconds=max_seconds, on_update=bar.update)
-        assert job.plan_id is not None  # wait_for_job checked it
-        return self.get_plan(job.plan_id)
+        if request.device is None and job.probe_id is not None:
+            # A request for whichever GPU a worker has: plan it for the device that was probed.
+            request = request.model_copy(update={"device": self.get_probe(job.probe_id).device})
+        answered = self.submit_plan(request, wait=0, queue_without_worker=queue_without_worker)
+        if isinstance(answered, Plan):
+            # A probe ran for this request: not a cache hit for the caller that waited.
+            return answered.model_copy(update={"cache_hit": False})
+        if job.plan_id is not None:
+            return self.get_plan(job.plan_id)
+        raise ServiceError(
+            f"Job {job.id} succeeded, but the plan request is still waiting on job {answered.id}.",
+            code="bad_response",
+        )
 
     def wait_for_job(
         self,
@@ -145,21 +176,18 @@ class TunerClient:
         max_seconds: float | None = None,
         on_update: Callable[[Job], None] | None = None,
     ) -> Job:
-        """Poll a job until it succeeds (returned) or fails (`ServiceError`)."""
+        """Poll a job until it succeeds (returned) or fails (`ServiceError` with the job's error
+        code: `nothing_fits`, `model_build_failed`, ... for the request's own mistakes, with
+        status 422; `probe_failed` otherwise)."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         interval = min(0.2, self.poll_interval)
         while True:
             if on_update is not None:
                 on_update(job)
             if job.status == "succeeded":
-                if job.plan_id is None:
-                    raise ServiceError(f"Job {job.id} succeeded but names no plan.", code="bad_response")
                 return job
             if job.status == "failed":
-                raise ServiceError(
-                    f"Job {job.id} failed after {job.attempts} attempt(s): {job.error or 'no reason given'}",
-                    code="job_failed",
-                )
+                raise _job_failure(job)
             if deadline is not None and time.monotonic() + interval > deadline:
                 raise ServiceError(
                     f"Job {job.id} was still {job.status} after {max_seconds:g} s.", code="job_timeout"
@@ -291,6 +319,19 @@ def _describe_progress(progress: Any) -> tuple[float | None, str]:
         text = ", ".join(f"{k} {v}" for k, v in progress.items() if k != "fraction")
         return (float(fraction) if isinstance(fraction, int | float) else None), text
     return None, str(progress)
+
+
+def _job_failure(job: Job) -> ServiceError:
+    """The error of a failed job: its own sentence and code where the request was at fault (as
+    `POST /v1/plans?wait=` answers it: 422), else `probe_failed` with what the job last said."""
+    code, message = parse_job_error(job.error)
+    if code is not None:
+        return ServiceError(message, status_code=422, code=code)
+    return ServiceError(
+        f"Job {job.id} failed after {job.attempts} attempt(s): {job.error or 'no reason given'}",
+        status_code=503,
+        code=job.error_code or "probe_failed",
+    )
 
 
 def _format_wait(wait: float) -> str:

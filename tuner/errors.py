@@ -88,3 +88,42 @@ class ServiceError(TunerError):
         self.status_code = status_code
         if code is not None:
             self.code = code
+
+
+_CLIENT_FAULTS: tuple[type[TunerError], ...] = (
+    SpecError,
+    ModelBuildError,
+    EstimateError,
+    NothingFitsError,
+    PlanError,
+    DeviceRequiredError,
+)
+CLIENT_FAULT_CODES: frozenset[str] = frozenset(error.code for error in _CLIENT_FAULTS)
+"""The codes of errors the request itself causes: another attempt fails the same way, so a job that
+fails with one fails at once, without retries, and its waiters get a 422 with that code. Every
+other failure (a crash, a hang, retries spent) is the service's (503 `probe_failed`)."""
+
+
+def job_error_text(error: TunerError) -> str:
+    """How a job stores a client-fault error: `<code>: <sentence>`, read back by `parse_job_error`."""
+    return f"{error.code}: {error.message}"
+
+
+def parse_job_error(text: str | None) -> tuple[str | None, str]:
+    """A job's stored error as (client-fault code or None, sentence): `nothing_fits: Nothing ...`
+    gives `("nothing_fits", "Nothing ...")`; any other text is a failure of the service."""
+    if not text:
+        return None, "The probe job failed without a message."
+    code, sep, message = text.partition(": ")
+    if sep and code in CLIENT_FAULT_CODES:
+        return code, message
+    return None, text
+
+
+def client_fault_error(code: str, message: str) -> TunerError:
+    """A `TunerError` with a client-fault `code` (one of `CLIENT_FAULT_CODES`), e.g. rebuilt from
+    a job's stored error."""
+    for error_class in _CLIENT_FAULTS:
+        if error_class.code == code:
+            return error_class(message)
+    raise ValueError(f"{code!r} is not a client-fault code")

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from tuner.errors import NothingFitsError, PlanError
 from tuner.results import Plan, ProbeResult
 from tuner.search_types import Trial
-from tuner.spec import DeviceSpec, PlanRequest, RampSpec
+from tuner.spec import DeviceSpec, PlanPolicy, PlanRequest, RampSpec
 from tuner.units import format_bytes
 
+DEFAULT_MARGIN = PlanPolicy().memory_margin
+"""The memory margin of a request that names none."""
 THROUGHPUT_TOLERANCE = 0.02
 """Predicted samples/s this close (relative) to the best count as a tie."""
 WELL_FITTING_FRACTION = 0.8
@@ -599,8 +601,61 @@ def _label(checkpointing: bool) -> str:
 def _nothing_fits_message(
     options: Sequence[_Option], device: DeviceSpec, budget: int, request: PlanRequest
 ) -> str:
-    tried = " or ".join(f"checkpointing {_label(o.checkpointing)}" for o in options)
-    return (
-        f"Nothing fits: not even a micro-batch of 1 fits {device.name} within the memory budget of "
-        f"{format_bytes(budget)} ({request.policy.memory_margin:.0%} margin) with {tried}."
+    return nothing_fits_message(
+        {option.checkpointing: option.probe for option in options}, memory_margin=request.policy.memory_margin
     )
+
+
+def nothing_fits_message(probes: Mapping[bool, ProbeResult], *, memory_margin: float = DEFAULT_MARGIN) -> str:
+    """Why no plan fits, in one sentence: what a micro-batch of 1 needs with each checkpointing
+    choice probed, against what the card offers the allocator and the plan's memory budget; for a
+    card whose whole memory the CUDA context takes, that instead."""
+    ordered = [probe for _, probe in sorted(probes.items())]
+    device = ordered[0].device
+    total = device.total_memory_bytes
+    capacities = [probe.capacity_bytes for probe in ordered if probe.capacity_bytes is not None]
+    capacity = min(capacities) if capacities else None
+    if capacity is not None and capacity <= 0:
+        return (
+            f"Nothing fits: {device.name} has {format_bytes(total)} in all, less than the CUDA context, "
+            "libraries and kernels take before the first tensor (nothing is left for the allocator), "
+            "so not even a micro-batch of 1 can train on it."
+        )
+    tried = " or ".join(f"checkpointing {_label(probe.gradient_checkpointing)}" for probe in ordered)
+    needs = [(probe, smallest_batch_need(probe)) for probe in ordered]
+    known = [(probe, need) for probe, need in needs if need is not None]
+    if known:
+        how = "estimated" if all(probe.backend == "estimate" for probe, _ in known) else "measured"
+        amounts = " and ".join(
+            format_bytes(need)
+            + (f" with checkpointing {_label(probe.gradient_checkpointing)}" if len(ordered) > 1 else "")
+            for probe, need in known
+        )
+        needed = f"it needs {amounts} of reserved memory ({how})"
+    else:
+        needed = "it ran out of memory before its peak was measured"
+    if capacity is not None and capacity < total:
+        offered = (
+            f"the {format_bytes(capacity)} the card leaves the allocator after the CUDA context and kernels "
+            f"({format_bytes(total)} in all)"
+        )
+    else:
+        offered = f"the card's {format_bytes(total)}"
+    budget = memory_budget(total, memory_margin)
+    return (
+        f"Nothing fits: not even a micro-batch of 1 fits {device.name} with {tried}: {needed}, against "
+        f"{offered} and a memory budget of {format_bytes(budget)} ({memory_margin:.0%} margin)."
+    )
+
+
+def smallest_batch_need(probe: ProbeResult) -> int | None:
+    """Peak reserved bytes of the probe's smallest micro-batch (a measured or estimated trial, else
+    the memory line at 1); None where it ran out of memory before its peak was known."""
+    smallest = min((trial.batch_size for trial in probe.trials), default=1)
+    peaks = [_peak(trial) for trial in probe.trials if trial.batch_size == smallest]
+    known = [int(peak) for peak in peaks if peak is not None]
+    if known:
+        return max(known)
+    if probe.memory_line is not None:
+        return math.ceil(probe.memory_line.at(smallest))
+    return None

@@ -11,11 +11,14 @@ from api.deps import BEARER_SCHEME, ApiContext, SessionDep, check_write_token
 from api.errors import InvalidRequestError
 from api.plan_service import MAX_WAIT_SECONDS
 from api.schemas import ErrorOut, JobOut, Plan, PlanList, RowId
+from api.worker_availability import FLAG_VALUES, QUEUE_WITHOUT_WORKER
 from storage import repository
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut} for status in (401, 413, 422, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut} for status in (401, 409, 413, 422, 503)
+}
 
 
 @router.post(
@@ -46,7 +49,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorOut} for stat
                 "required": False,
                 "description": "Seconds to wait for a probe job (0 to 300).",
                 "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS, "default": 0},
-            }
+            },
+            {
+                "name": QUEUE_WITHOUT_WORKER,
+                "in": "query",
+                "required": False,
+                "description": "Queue the probe job even when no live worker can run it yet (a fleet "
+                "whose workers start later); without it such a request is refused with 409 `no_worker`.",
+                "schema": {"type": "boolean", "default": False},
+            },
         ],
         "security": [{BEARER_SCHEME: []}],
     },
@@ -57,14 +68,25 @@ async def create_plan(request: Request) -> Response:
     context: ApiContext = request.app.state.context
     check_write_token(context, request.headers.get("authorization"))
     wait = parse_wait(request.query_params.get("wait"))
+    queue_without_worker = parse_flag(QUEUE_WITHOUT_WORKER, request.query_params.get(QUEUE_WITHOUT_WORKER))
     raw_body = await request.body()
     cached = context.plans.cached_answer(raw_body)
     if cached is not None:
         return Response(cached, media_type="application/json")
-    answer = await context.plans.create(raw_body, wait=wait)
+    answer = await context.plans.create(raw_body, wait=wait, queue_without_worker=queue_without_worker)
     return Response(
         answer.body, status_code=answer.status, media_type="application/json", headers=answer.headers
     )
+
+
+def parse_flag(name: str, value: str | None) -> bool:
+    """A boolean query parameter: `true`/`1` or `false`/`0` (absent: false)."""
+    if value is None:
+        return False
+    flag = FLAG_VALUES.get(value.strip().lower())
+    if flag is None:
+        raise InvalidRequestError(f"Invalid request: query.{name} must be true or false, got {value!r}.")
+    return flag
 
 
 def parse_wait(value: str | None) -> float:

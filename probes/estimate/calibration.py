@@ -230,9 +230,7 @@ def replay_set(
     return points
 
 
-def calibrate(
-    data: CalibrationData, tracer: Tracer, base: DeviceModel = DEFAULT_DEVICE_MODEL
-) -> Calibration:
+def calibrate(data: CalibrationData, tracer: Tracer, base: DeviceModel = DEFAULT_DEVICE_MODEL) -> Calibration:
     """Fit the device model on a calibration file (module docstring); `tracer` traces a trial."""
     data = replace(data, sets=tuple(_deciding_trials(s) for s in data.sets))
     traces = {

@@ -155,6 +155,7 @@ def trace_peak(
 ) -> EstimateReport:
     """The estimate of `iterations` train steps of `spec` at `batch_size`, traced in this process
     (see `trace_step`) and replayed through the caching allocator with `alloc_conf`."""
+
     def traced(size: int) -> StepTrace:
         return trace_step(
             spec,

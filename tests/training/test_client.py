@@ -43,7 +43,8 @@ def fresh_workload() -> WorkloadSpec:
 
 
 def unserved_device() -> DeviceSpec:
-    """A GPU no worker of the service has: `cuda` jobs for it stay queued."""
+    """A GPU no worker of the service has: `cuda` jobs for it are refused, or, queued on purpose
+    (`queue_without_worker`, a fleet whose GPU workers start later), stay queued."""
     return DeviceSpec(name=f"Unserved GPU {unique_number()}", total_memory_bytes=1 << 30)
 
 
@@ -95,7 +96,9 @@ def test_create_plan_follows_the_202_job_to_the_plan_then_hits_the_cache(service
 def test_a_failed_job_raises_with_the_servers_reason(service: Service) -> None:
     device = unserved_device()
     with fast_client(service) as client:
-        submitted = client.submit_plan(request_for(fresh_workload(), device=device, backend="cuda"))
+        submitted = client.submit_plan(
+            request_for(fresh_workload(), device=device, backend="cuda"), queue_without_worker=True
+        )
         assert isinstance(submitted, Job)
         # A GPU worker for this device claims the job and its probe child crashes for good.
         claimed = repository.claim_job(
@@ -116,21 +119,26 @@ def test_a_failed_job_raises_with_the_servers_reason(service: Service) -> None:
         assert failed is not None and failed.status == "failed"
         with pytest.raises(ServiceError) as caught:
             client.wait_for_job(submitted, max_seconds=30)
-    assert caught.value.code == "job_failed"
+    assert caught.value.code == "probe_failed" and caught.value.status_code == 503
     assert "SIGSEGV" in caught.value.message and "1 attempt(s)" in caught.value.message
 
 
 def test_the_wait_reaches_the_server_and_polling_gives_up_after_max_seconds(service: Service) -> None:
     queued = request_for(fresh_workload(), device=unserved_device(), backend="cuda")
     with fast_client(service) as client:
-        first = client.submit_plan(queued, wait=0)
+        with pytest.raises(ServiceError) as refused:
+            client.submit_plan(queued, wait=0)
+        assert (refused.value.code, refused.value.status_code) == ("no_worker", 409)
+        assert "a cuda worker on Unserved GPU" in refused.value.message
+        first = client.submit_plan(queued, wait=0, queue_without_worker=True)
         assert isinstance(first, Job)
         started = time.monotonic()
-        held = client.submit_plan(queued, wait=1)  # the server holds it a second, then answers 202
+        # the server holds it a second, then answers 202
+        held = client.submit_plan(queued, wait=1, queue_without_worker=True)
         assert isinstance(held, Job) and held.id == first.id and time.monotonic() - started >= 1.0
         started = time.monotonic()
         with pytest.raises(ServiceError) as caught:
-            client.create_plan(queued, max_seconds=0.5, progress=True)  # progress bar path
+            client.create_plan(queued, max_seconds=0.5, progress=True, queue_without_worker=True)
     assert caught.value.code == "job_timeout" and "still queued" in caught.value.message
     assert 0.3 <= time.monotonic() - started < 5
 
@@ -155,7 +163,7 @@ def test_writes_need_the_token_and_the_client_sends_it(service: Service) -> None
         wrong.submit_plan(request)
     assert caught.value.status_code == 401
     with TunerClient(service.url, token=service.token) as client:
-        assert isinstance(client.submit_plan(request), Job)
+        assert isinstance(client.submit_plan(request, queue_without_worker=True), Job)
         assert client.health()["status"] == "ok"  # reads need no token
 
 

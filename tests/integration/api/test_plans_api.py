@@ -11,10 +11,12 @@ import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
 from storage import repository
 from storage.db import connection_capacity
@@ -32,9 +34,23 @@ from tests.servers import wait_until
 from tuner.planner import make_plan
 from tuner.spec import parse_plan_request
 
+QUEUE_ANYWAY = {"queue_without_worker": "true"}
+"""No worker runs beside these servers: requests that must queue a job say so on purpose."""
+
 
 def jobs_with_fingerprint(server: Server, fingerprint: str) -> list[repository.JobRecord]:
     return [job for job in repository.list_jobs(server.engine, limit=1000) if fingerprint in job.key]
+
+
+@pytest.fixture
+def live_estimate_worker(server: Server) -> Iterator[str]:
+    """The worker the test plays (through the repository), announced as live while the test runs."""
+    worker_id = "test-worker"
+    repository.announce_worker(
+        server.engine, worker_id=worker_id, accepts=Accepts(backend="estimate"), ttl_seconds=120
+    )
+    yield worker_id
+    repository.retire_worker(server.engine, worker_id=worker_id)
 
 
 def test_cached_probes_give_a_plan_at_once_and_the_same_plan_again(server: Server) -> None:
@@ -123,12 +139,43 @@ def test_plans_are_listed_newest_first_with_filters_and_pages(server: Server) ->
         assert too_many.status_code == 422 and "limit" in error_of(too_many)["detail"]
 
 
-def test_an_uncached_request_without_a_worker_queues_a_job(server: Server) -> None:
+def test_a_request_no_live_worker_can_run_is_refused_naming_what_it_needs(server: Server) -> None:
+    workload = mlp_workload(hidden_dim=67)
+    cuda = {**plan_request(workload, device=OTHER_DEVICE), "backend": "cuda"}
+    with server.authorized() as client:
+        refused = client.post(
+            "/v1/plans", params={"wait": 5}, json=plan_request(workload, device=OTHER_DEVICE)
+        )
+        assert refused.status_code == 409, refused.text
+        body = error_of(refused)
+        assert body["code"] == "no_worker"
+        assert "needs an estimate worker" in body["detail"] and "queue_without_worker=true" in body["detail"]
+        repository.announce_worker(
+            server.engine, worker_id="estimate-only", accepts=Accepts(backend="estimate"), ttl_seconds=60
+        )
+        try:
+            # A server whose only worker is `estimate` refuses cuda, saying what is live.
+            on_gpu = error_of(client.post("/v1/plans", json=cuda))
+            assert on_gpu["code"] == "no_worker"
+            assert f"a cuda worker on {OTHER_DEVICE.name}" in on_gpu["detail"]
+            assert "the live workers are: estimate" in on_gpu["detail"]
+        finally:
+            repository.retire_worker(server.engine, worker_id="estimate-only")
+        assert (
+            error_of(client.post("/v1/plans", params={"queue_without_worker": "maybe"}, json=cuda))["code"]
+            == "invalid_request"
+        )
+    assert jobs_with_fingerprint(server, workload.fingerprint()) == []
+
+
+def test_an_uncached_request_queued_on_purpose_waits_for_a_worker(server: Server) -> None:
     workload = mlp_workload(hidden_dim=68)
     with server.authorized() as client:
         started = time.monotonic()
         response = client.post(
-            "/v1/plans", params={"wait": 0.5}, json=plan_request(workload, device=OTHER_DEVICE)
+            "/v1/plans",
+            params={"wait": 0.5, **QUEUE_ANYWAY},
+            json=plan_request(workload, device=OTHER_DEVICE),
         )
         waited = time.monotonic() - started
         assert response.status_code == 202, response.text
@@ -136,6 +183,7 @@ def test_an_uncached_request_without_a_worker_queues_a_job(server: Server) -> No
         job = response.json()
         assert response.headers["location"] == f"/v1/jobs/{job['id']}" == job["location"]
         assert job["status"] == "queued" and job["attempts"] == 0 and job["plan_id"] is None
+        assert job["worker_available"] is False  # machine-readable: no live worker can claim it yet
         assert job["gradient_checkpointing"] == [False, True]
         assert (job["device_name"], job["device_memory_bytes"]) == (
             OTHER_DEVICE.name,
@@ -144,7 +192,9 @@ def test_an_uncached_request_without_a_worker_queues_a_job(server: Server) -> No
         polled = client.get(response.headers["location"])
         assert polled.status_code == 200 and polled.json()["id"] == job["id"]
         # A second ask joins the same job.
-        again = client.post("/v1/plans", json=plan_request(workload, device=OTHER_DEVICE))
+        again = client.post(
+            "/v1/plans", params=QUEUE_ANYWAY, json=plan_request(workload, device=OTHER_DEVICE)
+        )
         assert again.status_code == 202 and again.json()["id"] == job["id"]
     stored = jobs_with_fingerprint(server, workload.fingerprint())
     assert [j.id for j in stored] == [job["id"]]
@@ -165,7 +215,7 @@ def test_fifty_concurrent_identical_requests_make_one_job(server: Server) -> Non
 
     def ask(_: int) -> httpx.Response:
         with server.authorized() as client:
-            return client.post("/v1/plans", json=body)
+            return client.post("/v1/plans", params=QUEUE_ANYWAY, json=body)
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         responses = list(pool.map(ask, range(50)))
@@ -212,7 +262,9 @@ def _work_the_job(server: Server, fingerprint: str, *, succeed: bool, error: str
     )
 
 
-def test_a_waiting_request_gets_its_plan_as_soon_as_the_job_finishes(server: Server) -> None:
+def test_a_waiting_request_gets_its_plan_as_soon_as_the_job_finishes(
+    server: Server, live_estimate_worker: str
+) -> None:
     workload = mlp_workload(hidden_dim=70)
     worker = threading.Thread(
         target=_work_the_job, args=(server, workload.fingerprint()), kwargs={"succeed": True}
@@ -247,7 +299,9 @@ def _metric(client: httpx.Client, name: str) -> float:
     return float(found.group(1))
 
 
-def test_a_herd_larger_than_the_connection_pool_waits_on_one_watch(server: Server) -> None:
+def test_a_herd_larger_than_the_connection_pool_waits_on_one_watch(
+    server: Server, live_estimate_worker: str
+) -> None:
     workload = mlp_workload(hidden_dim=75)
     body = plan_request(workload, device=OTHER_DEVICE)
     ranks = 4 * connection_capacity(server.engine)  # the server's engine is built the same way
@@ -291,7 +345,7 @@ def test_a_herd_larger_than_the_connection_pool_waits_on_one_watch(server: Serve
     assert {(w.status, w.plan_id) for w in waiters} == {("resolved", plan_ids.pop())}
 
 
-def test_a_failed_job_answers_with_its_error(server: Server) -> None:
+def test_a_failed_job_answers_with_its_error(server: Server, live_estimate_worker: str) -> None:
     cases: list[tuple[int, str, str, int]] = [
         (
             71,
@@ -399,7 +453,11 @@ def test_health_metrics_and_page(server: Server) -> None:
         assert client.get("/healthz").json() == {"status": "ok", "database": "ok"}
         client.post("/v1/plans", json=plan_request(workload))
         client.post("/v1/plans", json=plan_request(workload))
-        client.post("/v1/plans", json=plan_request(mlp_workload(hidden_dim=76), device=OTHER_DEVICE))
+        client.post(
+            "/v1/plans",
+            params=QUEUE_ANYWAY,
+            json=plan_request(mlp_workload(hidden_dim=76), device=OTHER_DEVICE),
+        )
         metrics = client.get("/metrics")
         assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text

@@ -23,8 +23,12 @@ def fingerprint(request: dict[str, Any]) -> str:
 def test_plan_is_probed_once_then_served_from_the_cache(workers: Service) -> None:
     request = mlp_request(64)
     with workers.client() as client:
-        queued = client.post("/v1/plans", json=request)
+        # No worker is up yet: refused, unless queued on purpose for a worker that starts later.
+        refused = client.post("/v1/plans", json=request)
+        assert refused.status_code == 409 and refused.json()["code"] == "no_worker", refused.text
+        queued = client.post("/v1/plans", params={"queue_without_worker": "true"}, json=request)
         assert queued.status_code == 202, queued.text
+        assert queued.json()["worker_available"] is False
         job = queued.json()
         assert queued.headers["Location"] == f"/v1/jobs/{job['id']}" and job["status"] == "queued"
 
