@@ -8,17 +8,24 @@ PORT ?= 8000
 # Many tests wait on subprocesses and servers, so three workers keep two cores busy.
 PYTEST_WORKERS ?= 3
 
-.PHONY: run test lint typecheck pytest setup system-packages postgres bench clean
+.PHONY: run runtime test lint typecheck pytest setup system-packages postgres bench clean
 
-$(VENV)/.installed: pyproject.toml
+# `make run` installs what serving needs (.runtime); `make test` adds the dev extras (.installed).
+$(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIN)
+	$(PY) -m pip install -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed
 
-run: setup
+runtime: $(VENV)/.runtime
+
+run: runtime
 	$(VENV)/bin/tuner serve --host $(HOST) --port $(PORT)
 
 # Debian packages some tests use: Chromium for the browser tests, docker-compose to validate

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import typer
 
@@ -26,6 +27,8 @@ log = logging.getLogger("tuner.serve")
 # young is restarted with a growing delay, so that a broken setup does not spin.
 _HEALTHY_RUN_SECONDS = 60.0
 _MAX_RESTART_DELAY_SECONDS = 30.0
+_WORKER_START_SECONDS = 120.0
+"""How long the API waits for the local worker to announce itself before serving anyway."""
 
 
 def serve(
@@ -43,6 +46,8 @@ def serve(
         level=os.environ.get("TUNER_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic logs every plugin and migration step at INFO on each start; its warnings still show.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     with clear_errors():
         from tuner.settings import get_settings
 
@@ -55,6 +60,9 @@ def serve(
         local_worker = None if no_worker else LocalWorker(grace_seconds=settings.shutdown_grace_seconds)
         if local_worker is not None:
             local_worker.start()
+            # The API refuses plan requests no live worker can run: let the worker announce itself
+            # first, so that a request sent as soon as the server answers is not refused.
+            local_worker.wait_until_live(settings.database_url, timeout=_WORKER_START_SECONDS)
         try:
             _run_api(host, port)
         finally:
@@ -83,7 +91,24 @@ def _run_api(host: str, port: int) -> None:
     # it found at start; with these, the re-raise is noted instead of killing the process.
     signal.signal(signal.SIGTERM, _note)
     signal.signal(signal.SIGINT, _note)
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level="info")
+    line = ready_line(host, port)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, saying where the pages and docs are once it listens."""
+
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:  # not when the port is taken
+                print(line, flush=True)
+
+    Server(uvicorn.Config("api.app:create_app", factory=True, host=host, port=port, log_level="info")).run()
+
+
+def ready_line(host: str, port: int) -> str:
+    """The line printed once the server listens: where the pages and the API docs are."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # a wildcard is not a browsable address
+    base = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    return f"tuner is serving {base}: web pages {base}/ui, API docs {base}/docs"
 
 
 class LocalWorker:
@@ -104,6 +129,27 @@ class LocalWorker:
 
     def start(self) -> None:
         self._thread.start()
+
+    def wait_until_live(self, database_url: str, *, timeout: float) -> bool:
+        """Wait until the worker child has announced itself in the database (True), or `timeout`
+        passed or the server is stopping (False, with a warning: the API starts all the same)."""
+        from storage import repository
+        from storage.db import make_engine
+
+        engine = make_engine(database_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and not self._stopping.is_set():
+                pid = self.pid
+                if pid is not None and any(
+                    f":{pid}:" in worker.worker_id for worker in repository.live_workers(engine)
+                ):
+                    return True
+                time.sleep(0.2)
+        finally:
+            engine.dispose()
+        log.warning("The local worker did not start within %g s; serving without it for now.", timeout)
+        return False
 
     def _spawn(self) -> subprocess.Popen[bytes] | None:
         with self._lock:
