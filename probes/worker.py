@@ -84,6 +84,8 @@ class _ActiveJob:
     """True once the job is not ours: no more writes about it."""
     finished: threading.Event = field(default_factory=threading.Event)
     progress: dict[str, Any] = field(default_factory=dict)
+    reported: threading.Event = field(default_factory=threading.Event)
+    """Set when a trial finished: the heartbeat stores the progress now instead of at its next beat."""
 
     @property
     def id(self) -> int:
@@ -250,6 +252,7 @@ class Worker:
                     break
         finally:
             active.finished.set()
+            active.reported.set()  # wakes the heartbeat thread, which then sees `finished`
             beater.join(5)
 
     # ------------------------------------------------------------------------------ one job
@@ -346,6 +349,7 @@ class Worker:
                 "last_batch_size": getattr(trial, "batch_size", None),
                 "ok": getattr(trial, "ok", None),
             }
+            active.reported.set()
 
         if self._probe_runner is None:
             self._probe_runner = _default_probe_runner()
@@ -441,7 +445,13 @@ class Worker:
     # ------------------------------------------------------------------------- lease keeping
 
     def _heartbeat_loop(self, active: _ActiveJob) -> None:
-        while not active.finished.wait(self.heartbeat_seconds):
+        # A beat every `heartbeat_seconds`, and one after each trial, so that pollers of
+        # `GET /v1/jobs/{id}` (and `tuner plan --server`'s bar) see the trials as they finish.
+        while True:
+            active.reported.wait(self.heartbeat_seconds)
+            active.reported.clear()
+            if active.finished.is_set():
+                return
             try:
                 with active.lock:
                     if active.abandoned:

@@ -278,7 +278,6 @@ class _JobProgress:
 
     def __enter__(self) -> _JobProgress:
         if self.enabled:
-            from rich.console import Console
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
@@ -286,7 +285,7 @@ class _JobProgress:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 TimeElapsedColumn(),
-                console=Console(stderr=True),
+                console=progress_console(),
                 transient=True,
             )
             self._progress.start()
@@ -297,7 +296,8 @@ class _JobProgress:
         if self._progress is None:
             return
         fraction, text = _describe_progress(job.progress)
-        description = f"planning {self.what}: job {job.id} {job.status}" + (f" ({text})" if text else "")
+        state = "waiting for a worker" if job.status == "queued" else job.status
+        description = f"planning {self.what}: job {job.id} {state}" + (f" ({text})" if text else "")
         if fraction is None:
             self._progress.update(self._task, description=description)
         else:
@@ -308,10 +308,25 @@ class _JobProgress:
             self._progress.stop()
 
 
+def progress_console() -> Any:
+    """Where the job's progress bar is drawn: stderr (a function, so that a test can look)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def _describe_progress(progress: Any) -> tuple[float | None, str]:
-    """A job's `progress`, whatever shape the server gives it, as (fraction or None, text)."""
+    """A job's `progress`, whatever shape the server gives it, as (fraction or None, text): the
+    worker's trial report reads `checkpointing off: 3 trials, last b=48 fits`."""
     if isinstance(progress, bool) or progress is None:
         return None, ""
+    if isinstance(progress, Mapping) and "trials" in progress and "gradient_checkpointing" in progress:
+        choice = "on" if progress["gradient_checkpointing"] else "off"
+        text = f"checkpointing {choice}: {progress['trials']} trials"
+        if progress.get("last_batch_size") is not None:
+            verdict = "fits" if progress.get("ok") else "does not fit"
+            text += f", last b={progress['last_batch_size']} {verdict}"
+        return None, text
     if isinstance(progress, int | float):
         return (float(progress), "") if 0 <= progress <= 1 else (None, f"{progress:g}")
     if isinstance(progress, Mapping):

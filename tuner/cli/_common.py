@@ -19,7 +19,7 @@ console = Console(stderr=True)
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear error line on stderr and exit."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, unwrapped
     raise typer.Exit(code)
 
 
@@ -61,13 +61,34 @@ def on_off(flag: bool) -> str:
     return "on" if flag else "off"
 
 
-def size_option(value: str | None) -> int | None:
-    """Parse a `--device-memory 80GiB` style option."""
+MIN_DEVICE_BYTES = 1 << 20
+MAX_DEVICE_BYTES = 1 << 44
+"""The device memory a spec accepts (`tuner.spec.DeviceSpec`): 1 MiB to 16 TiB."""
+
+
+def size_option(value: str | None, flag: str = "--device-memory") -> int | None:
+    """Parse a `--device-memory 80GiB` style option; a bad or implausible size is one error line
+    naming the flag and the forms it takes (a bare `24` is 24 bytes, not 24 GiB)."""
     if value is None:
         return None
-    from tuner.units import parse_size
+    from tuner.errors import SpecError
+    from tuner.units import format_bytes, parse_size
 
-    return parse_size(value)
+    forms = "a size with a unit, e.g. 80GiB, 40GB or 512MiB"
+    try:
+        size = parse_size(value)
+    except SpecError:
+        fail(f"{flag} {value!r} is not a size: give {forms}.")
+    if size < MIN_DEVICE_BYTES:
+        fail(
+            f"{flag} {value!r} is {size} bytes, less than any GPU: give {forms} (a bare number counts bytes)."
+        )
+    if size > MAX_DEVICE_BYTES:
+        fail(
+            f"{flag} {value!r} is {format_bytes(size)}, more than {format_bytes(MAX_DEVICE_BYTES)}: "
+            f"give {forms}."
+        )
+    return size
 
 
 Callback = Callable[..., None]

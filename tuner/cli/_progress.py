@@ -28,25 +28,29 @@ class TrialProgress:
         """One trial done: a step on the bar, and its batch size, memory and verdict above it."""
         self._progress.advance(self._task)
         if not self._progress.disable:
-            self._progress.console.log(describe_trial(trial), highlight=False)
+            # print, not log: a log line ends in the caller's file and line number.
+            self._progress.console.print(describe_trial(trial), highlight=False)
 
     def done(self, result: ProbeResult) -> None:
         """The probe finished: the bar's total becomes the trials it took."""
-        self._progress.update(self._task, total=len(result.trials), description=f"Probed {self._title}")
+        taken = len(result.trials)
+        self._progress.update(self._task, total=taken, completed=taken, description=f"Probed {self._title}")
 
 
 @contextmanager
 def trial_progress(
-    workload: WorkloadSpec, backend: Backend, checkpointing: bool, *, max_trials: int, show: bool
+    workload: WorkloadSpec, backend: Backend, checkpointing: bool, *, show: bool
 ) -> Iterator[TrialProgress]:
-    """A bar over the trial budget of one probe, drawn only when `show` (a terminal)."""
+    """A bar of one probe's trials, drawn only when `show` (a terminal). How many trials a search
+    takes is not known before it ends (usually 3–6, at most the search's trial budget): the bar pulses and
+    counts until `done` gives it its total."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} trials"),
+        TextColumn("{task.completed} trials"),
         TimeElapsedColumn(),
         console=console,
         disable=not show,
@@ -54,7 +58,7 @@ def trial_progress(
     )
     title = f"{workload.describe()} ({backend}, checkpointing {on_off(checkpointing)})"
     with progress:
-        yield TrialProgress(progress, progress.add_task(f"Probing {title}", total=max_trials), title)
+        yield TrialProgress(progress, progress.add_task(f"Probing {title}", total=None), title)
 
 
 def describe_trial(trial: Trial) -> str:

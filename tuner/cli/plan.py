@@ -101,8 +101,13 @@ def plan(
             policy["ramp"] = {"start_effective_batch_size": ramp_start, "ramp_steps": ramp_steps}
         conf = alloc_conf_option(alloc_conf)
         request = _request(workload, effective_batch_size, world_size, device, chosen_backend, policy, conf)
+        from tuner.intake import refuse_what_cannot_fit
+
+        refuse_what_cannot_fit(request)  # a card too small for the parameters alone: no probe
         if server_url is not None:
-            result, trials = _plan_on_server(server_url, request, wait, with_trials=not as_json)
+            result, trials = _plan_on_server(
+                server_url, request, wait, with_trials=not as_json, show_progress=sys.stderr.isatty()
+            )
         else:
             result, probes = _plan_locally(request, show_progress=sys.stderr.isatty())
             trials = probes[result.gradient_checkpointing].trials
@@ -169,9 +174,7 @@ def _plan_locally(request: PlanRequest, *, show_progress: bool) -> tuple[Plan, d
     needed = {"off": [False], "on": [True], "auto": [False, True]}[request.policy.gradient_checkpointing]
     probes: dict[bool, ProbeResult] = {}
     for checkpointing in needed:
-        with trial_progress(
-            request.workload, request.backend, checkpointing, max_trials=MAX_TRIALS, show=show_progress
-        ) as bar:
+        with trial_progress(request.workload, request.backend, checkpointing, show=show_progress) as bar:
             probes[checkpointing] = run_probe(
                 request.workload,
                 backend=request.backend,
@@ -188,17 +191,19 @@ def _plan_locally(request: PlanRequest, *, show_progress: bool) -> tuple[Plan, d
 
 
 def _plan_on_server(
-    base_url: str, request: PlanRequest, wait: float, *, with_trials: bool
+    base_url: str, request: PlanRequest, wait: float, *, with_trials: bool, show_progress: bool
 ) -> tuple[Plan, list[Trial]]:
-    """The server's plan and, for the chart, the trials of the probe it was made from."""
+    """The server's plan and, for the chart, the trials of the probe it was made from; while a
+    probe job runs for it, its progress (`show_progress`: on a terminal)."""
     from tuner.client import TunerClient
     from tuner.errors import ServiceError
     from tuner.settings import get_settings
 
     token = get_settings().api_token
     with TunerClient(base_url, token=token.get_secret_value() if token else None) as client:
-        # The server holds the request up to 300 s; longer waits are spent polling the job.
-        result: Plan = client.create_plan(request, wait=min(wait, 300.0), max_seconds=wait)
+        # Asked without holding the request, so that a probe job's progress shows while it runs
+        # (a cached plan still answers at once).
+        result: Plan = client.create_plan(request, wait=0, max_seconds=wait, progress=show_progress)
         probe_id = result.probe_ids.get(on_off(result.gradient_checkpointing), result.probe_id)
         trials: list[Trial] = []
         if with_trials and probe_id is not None:

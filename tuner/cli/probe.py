@@ -115,7 +115,7 @@ def _run(
 ) -> ProbeResult:
     from probes.probe import run_probe
 
-    with trial_progress(workload, backend, checkpointing, max_trials=max_trials, show=show_progress) as bar:
+    with trial_progress(workload, backend, checkpointing, show=show_progress) as bar:
         result = run_probe(
             workload,
             backend=backend,
