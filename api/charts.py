@@ -11,6 +11,7 @@ in a page as is. Elements carry classes (`capacity-line`, `budget-line`, `chosen
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -207,19 +208,28 @@ _HALO = {"stroke": "#ffffff", "stroke_width": "3", "paint_order": "stroke"}
 """Labels drawn over lines get a white outline, so that they stay readable."""
 
 
-def _chosen_marker(frame: _Frame, batch_size: int, label: str) -> list[str]:
-    # The label sits at the foot of the line: the top edge holds the failed trials' crosses.
+def _chosen_marker(
+    frame: _Frame, batch_size: int, label: str, *, top: float, obstacles: Sequence[Segment] = ()
+) -> list[str]:
+    """The chosen micro-batch: a dotted line from the axis up to its predicted peak (`top`; the
+    plot's top edge when none is known), labelled near its foot where no line runs."""
     x = frame.x(batch_size)
+    toward_left = x + 4 > frame.right - 160
+    side = (x - 4, "end") if toward_left else (x + 4, "start")
+    other = (x + 4, "start") if toward_left else (x - 4, "end")
+    candidates = [(side[0], y, side[1]) for y in (frame.bottom - 8, frame.bottom - 24)]
+    candidates += [(other[0], y, other[1]) for y in (frame.bottom - 8, frame.bottom - 24)]
+    label_x, label_y, anchor = _free_place(candidates, label, obstacles)
     return [
         f'<g class="chosen">'
-        f'<line class="chosen-line" data-batch-size="{batch_size}" x1="{_num(x)}" y1="{_num(frame.top)}" '
+        f'<line class="chosen-line" data-batch-size="{batch_size}" x1="{_num(x)}" y1="{_num(top)}" '
         f'x2="{_num(x)}" y2="{_num(frame.bottom)}" stroke="{CHOSEN_COLOUR}" stroke-width="2" '
         f'stroke-dasharray="2 3">{_title(label)}</line>',
         _text(
-            x - 4 if x + 4 > frame.right - 160 else x + 4,
-            frame.bottom - 8,
+            label_x,
+            label_y,
             label,
-            anchor="end" if x + 4 > frame.right - 160 else "start",
+            anchor=anchor,
             size=12,
             fill=CHOSEN_COLOUR,
             class_="chosen-label",
@@ -297,11 +307,17 @@ def memory_chart(
     chart_id: str = "memory-chart",
 ) -> str:
     """Peak allocated (circles) and reserved (squares) bytes of every passing trial against the
-    micro-batch, per series; failed trials as crosses at the capacity line; the fitted memory
-    line dashed; the capacity, the budget and the chosen micro-batch marked."""
-    passing = [t for s in series for t in s.trials if t.ok]
+    micro-batch, per series; failed trials as crosses at the peak they measured (an estimate
+    measures one past the capacity), or on the capacity line where the run stopped before its
+    peak was known; the fitted memory line dashed; the capacity, the budget and the chosen
+    micro-batch marked (its line rises to the predicted peak, and no cross sits on it). Labels
+    are placed where no line of the plot runs through them."""
     peaks = [
-        float(p) for t in passing for p in (t.peak_allocated_bytes, t.peak_reserved_bytes) if p is not None
+        float(p)
+        for s in series
+        for t in s.trials
+        for p in (t.peak_allocated_bytes, t.peak_reserved_bytes)
+        if p is not None
     ]
     sizes = [t.batch_size for s in series for t in s.trials]
     if chosen_batch_size is not None:
@@ -317,17 +333,23 @@ def memory_chart(
         frame, x_ticks, y_ticks, "peak memory", [_tick_label(t / unit_size, unit) for t in y_ticks]
     )
 
+    chosen_span = None
+    if chosen_batch_size is not None:
+        top = frame.top if chosen_peak_bytes is None else frame.y(min(chosen_peak_bytes, frame.y_max))
+        chosen_span = (frame.x(chosen_batch_size), top, frame.bottom)
     parts.append(f'<g clip-path="url(#{escape(chart_id)}-plot)">')
     for index, one in enumerate(series):
-        parts += _memory_series(frame, one, _colour(index))
+        parts += _memory_series(frame, one, _colour(index), capacity_bytes, chosen_span)
     parts.append("</g>")
 
+    obstacles = _plot_lines(frame, series)
     parts += _horizontal(
         frame,
         capacity_bytes,
         "capacity-line",
         CAPACITY_COLOUR,
         f"device capacity {format_bytes(capacity_bytes)}",
+        obstacles=obstacles,
     )
     if budget_bytes is not None:
         parts += _horizontal(
@@ -338,10 +360,11 @@ def memory_chart(
             f"budget {format_bytes(budget_bytes)}",
             dashed=True,
             label_below=True,
+            obstacles=obstacles,
         )
-    if chosen_batch_size is not None:
+    if chosen_batch_size is not None and chosen_span is not None:
         label = f"chosen micro-batch {chosen_batch_size}"
-        parts += _chosen_marker(frame, chosen_batch_size, label)
+        parts += _chosen_marker(frame, chosen_batch_size, label, top=chosen_span[1], obstacles=obstacles)
         if chosen_peak_bytes is not None:
             parts.append(
                 _point(
@@ -358,7 +381,13 @@ def memory_chart(
     return "\n".join(parts)
 
 
-def _memory_series(frame: _Frame, one: ChartSeries, colour: str) -> list[str]:
+def _memory_series(
+    frame: _Frame,
+    one: ChartSeries,
+    colour: str,
+    capacity_bytes: int,
+    chosen_span: tuple[float, float, float] | None,
+) -> list[str]:
     parts = [f'<g class="series" data-label="{escape(one.label)}">']
     if one.memory_line is not None:
         line = one.memory_line
@@ -404,12 +433,99 @@ def _memory_series(frame: _Frame, one: ChartSeries, colour: str) -> list[str]:
     parts += allocated_line + reserved_line + allocated_points + reserved_points
     for trial in one.trials:
         if not trial.ok:
-            why = "out of memory" if trial.error in (None, "out_of_memory") else f"failed: {trial.error}"
-            tip = f"{one.label}: micro-batch {trial.batch_size}, {why}"
-            y = frame.top + 8
-            parts.append(_point(frame.x(trial.batch_size), y, colour, "cross", tip, "trial-point failed"))
+            parts.append(_failed_point(frame, one.label, trial, colour, capacity_bytes, chosen_span))
     parts.append("</g>")
     return parts
+
+
+CROSS_CLEARANCE = 9.0
+"""Pixels between a failed trial's cross and the chosen micro-batch's line it would sit on."""
+
+
+def _failed_point(
+    frame: _Frame,
+    label: str,
+    trial: Trial,
+    colour: str,
+    capacity_bytes: int,
+    chosen_span: tuple[float, float, float] | None,
+) -> str:
+    """A failed trial's cross: at its measured peak (reserved, else allocated), else on the
+    capacity line (it ran out there); moved beside the chosen micro-batch's line rather than onto
+    it, so that the chosen size never looks failed (the tooltip keeps the trial's own size)."""
+    why = "out of memory" if trial.error in (None, "out_of_memory") else f"failed: {trial.error}"
+    peak = trial.peak_reserved_bytes if trial.peak_reserved_bytes is not None else trial.peak_allocated_bytes
+    where = f"peak {format_bytes(peak)}" if peak is not None else "no peak measured"
+    x = frame.x(trial.batch_size)
+    y = frame.y(min(float(peak if peak is not None else capacity_bytes), frame.y_max))
+    if chosen_span is not None:
+        # Beside the line, above its top too: a cross in line with it reads as the chosen size failing.
+        line_x = chosen_span[0]
+        if abs(x - line_x) < CROSS_CLEARANCE:
+            x = line_x + CROSS_CLEARANCE if x >= line_x else line_x - CROSS_CLEARANCE
+    tip = f"{label}: micro-batch {trial.batch_size}, {why} ({where})"
+    measured = "measured" if peak is not None else "unmeasured"
+    return _point(x, y, colour, "cross", tip, f"trial-point failed {measured}")
+
+
+Segment = tuple[tuple[float, float], tuple[float, float]]
+
+
+def _plot_lines(frame: _Frame, series: Sequence[ChartSeries]) -> list[Segment]:
+    """The segments of every fitted and measured line, in pixels: what a label must not cover."""
+    segments: list[Segment] = []
+    for one in series:
+        if one.memory_line is not None:
+            line = one.memory_line
+            segments.append(
+                (
+                    (frame.x(0), frame.y(line.at(0))),
+                    (frame.x(frame.x_max), frame.y(line.at(int(frame.x_max)))),
+                )
+            )
+        ordered = sorted((t for t in one.trials if t.ok), key=lambda t: t.batch_size)
+        for quantity in ("peak_allocated_bytes", "peak_reserved_bytes"):
+            points = [
+                (frame.x(t.batch_size), frame.y(float(getattr(t, quantity))))
+                for t in ordered
+                if getattr(t, quantity) is not None
+            ]
+            segments += list(itertools.pairwise(points))
+    return segments
+
+
+def label_box(
+    x: float, y: float, text: str, anchor: str, size: int = 12
+) -> tuple[float, float, float, float]:
+    """The box (left, top, right, bottom) a label of `size` px drawn at (x, y) covers, estimated
+    from its length (the pages' sans-serif runs about 0.56 em a character)."""
+    width = 0.56 * size * len(text)
+    left = x - width if anchor == "end" else x - width / 2 if anchor == "middle" else x
+    return (left, y - size, left + width, y + 3)
+
+
+def _crosses(box: tuple[float, float, float, float], segment: Segment) -> bool:
+    """Whether a straight segment passes through a box (clipped to the box's columns)."""
+    (x1, y1), (x2, y2) = sorted(segment)
+    left, top, right, bottom = box
+    if x2 < left or x1 > right:
+        return False
+    if x2 == x1:
+        return not (max(y1, y2) < top or min(y1, y2) > bottom)
+    slope = (y2 - y1) / (x2 - x1)
+    ys = [y1 + slope * (min(max(x, x1), x2) - x1) for x in (left, right)]
+    return not (max(ys) < top or min(ys) > bottom)
+
+
+def _free_place(
+    candidates: Sequence[tuple[float, float, str]], text: str, obstacles: Sequence[Segment]
+) -> tuple[float, float, str]:
+    """The first (x, y, anchor) where `text` covers no obstacle, else the first candidate."""
+    for x, y, anchor in candidates:
+        box = label_box(x, y, text, anchor)
+        if not any(_crosses(box, segment) for segment in obstacles):
+            return x, y, anchor
+    return candidates[0]
 
 
 def _measured(
@@ -462,22 +578,26 @@ def _horizontal(
     *,
     dashed: bool = False,
     label_below: bool = False,
+    obstacles: Sequence[Segment] = (),
 ) -> list[str]:
     y = frame.y(value)
     dash = ' stroke-dasharray="8 4"' if dashed else ""
+    near, far = (y + 15, y - 6) if label_below else (y - 6, y + 15)
+    # The right end first (out of the way of the data's start), then the left end, then places
+    # along the line, on its own side first.
+    along = [frame.left + 4 + frame.width * step / 8 for step in range(1, 7)]
+    candidates = [(frame.right - 4, near, "end"), (frame.left + 4, near, "start")]
+    candidates += [(x, near, "start") for x in along]
+    candidates += [(frame.right - 4, far, "end"), (frame.left + 4, far, "start")]
+    candidates += [(x, far, "start") for x in along]
+    x, label_y, anchor = _free_place(
+        [c for c in candidates if label_box(*c[:2], label, c[2])[2] <= frame.right], label, obstacles
+    )
     return [
         f'<line class="{css_class}" data-bytes="{int(value)}" x1="{_num(frame.left)}" y1="{_num(y)}" '
         f'x2="{_num(frame.right)}" y2="{_num(y)}" stroke="{colour}" stroke-width="2"{dash}>'
         f"{_title(label)}</line>",
-        _text(
-            frame.right - 4,
-            y + (15 if label_below else -6),
-            label,
-            anchor="end",
-            size=12,
-            fill=colour,
-            **_HALO,
-        ),
+        _text(x, label_y, label, anchor=anchor, size=12, fill=colour, class_=f"{css_class}-label", **_HALO),
     ]
 
 
@@ -587,7 +707,9 @@ def throughput_chart(
         )
         parts += [f'<g class="series" data-label="{escape(one.label)}">', *line, *markers, "</g>"]
     if chosen_batch_size is not None:
-        parts += _chosen_marker(frame, chosen_batch_size, f"chosen micro-batch {chosen_batch_size}")
+        parts += _chosen_marker(
+            frame, chosen_batch_size, f"chosen micro-batch {chosen_batch_size}", top=frame.top
+        )
         if chosen_samples_per_second is not None:
             tip = f"predicted {chosen_samples_per_second:.1f} samples/s at {chosen_batch_size}"
             parts.append(

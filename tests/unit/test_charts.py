@@ -163,3 +163,81 @@ def test_byte_ticks_are_round_numbers_of_one_unit(high: float, unit: str, top: i
 def test_integer_ticks_never_step_by_less_than_one() -> None:
     assert nice_ticks(2.1, integer=True) == [0.0, 1.0, 2.0, 3.0]
     assert nice_ticks(130, integer=True)[-1] >= 130
+
+
+def _cross_centre(group: ET.Element) -> tuple[float, float]:
+    line = next(group.iter(f"{SVG}line"))
+    x = (float(line.get("x1", "0")) + float(line.get("x2", "0"))) / 2
+    y = (float(line.get("y1", "0")) + float(line.get("y2", "0"))) / 2
+    return x, y
+
+
+def _y_of(root: ET.Element, capacity: ET.Element, value: float) -> float:
+    """The y of `value` bytes, from the capacity line's y (the y axis starts at 0 at the bottom)."""
+    bottom = max(float(el.get("y2", "0")) for el in _by_class(root, "chosen-line"))
+    top_y = float(capacity.get("y1", "0"))
+    return bottom - (bottom - top_y) * value / CAPACITY
+
+
+def test_a_failed_trial_sits_at_its_measured_peak_or_on_the_capacity_line() -> None:
+    measured = Trial(batch_size=60, ok=False, peak_reserved_bytes=88 * GIB, peak_allocated_bytes=85 * GIB)
+    unmeasured = Trial(batch_size=70, ok=False, error="out_of_memory")
+    passing = Trial(batch_size=30, ok=True, peak_reserved_bytes=40 * GIB, peak_allocated_bytes=36 * GIB)
+    root = _parse(
+        memory_chart(
+            [ChartSeries("checkpointing off", [passing, measured, unmeasured])],
+            capacity_bytes=CAPACITY,
+            chosen_batch_size=30,
+        )
+    )
+    (capacity,) = _by_class(root, "capacity-line")
+    crosses = {
+        ("measured" in (g.get("class") or "").split()): _cross_centre(g) for g in _by_class(root, "failed")
+    }
+    assert crosses[True][1] == pytest.approx(_y_of(root, capacity, 88 * GIB), abs=0.2)
+    assert crosses[False][1] == pytest.approx(float(capacity.get("y1", "0")), abs=0.2)
+
+
+def test_no_failed_trial_is_drawn_on_the_chosen_micro_batch_line() -> None:
+    # Checkpointing off ran out at 100; checkpointing on fits 100 and is chosen there.
+    off = [
+        Trial(batch_size=50, ok=True, peak_reserved_bytes=60 * GIB, peak_allocated_bytes=55 * GIB),
+        Trial(batch_size=100, ok=False, error="out_of_memory"),
+        Trial(batch_size=100, ok=False, peak_reserved_bytes=79 * GIB),  # measured, under the top
+    ]
+    on = [Trial(batch_size=100, ok=True, peak_reserved_bytes=70 * GIB, peak_allocated_bytes=64 * GIB)]
+    root = _parse(
+        memory_chart(
+            [ChartSeries("checkpointing off", off), ChartSeries("checkpointing on", on)],
+            capacity_bytes=CAPACITY,
+            chosen_batch_size=100,
+            chosen_peak_bytes=70 * GIB,
+        )
+    )
+    (chosen,) = _by_class(root, "chosen-line")
+    x, top = float(chosen.get("x1", "0")), float(chosen.get("y1", "0"))
+    (capacity,) = _by_class(root, "capacity-line")
+    # The chosen line rises from the axis to the predicted peak, no higher.
+    assert top == pytest.approx(_y_of(root, capacity, 70 * GIB), abs=0.2)
+    for group in _by_class(root, "failed"):
+        cross_x, _ = _cross_centre(group)
+        assert abs(cross_x - x) >= 9 - 0.1
+        assert "micro-batch 100" in "".join(group.itertext())  # the tooltip keeps the trial's size
+
+
+def test_the_line_labels_cover_no_plotted_line() -> None:
+    from api.charts import _crosses, label_box  # the chart's own estimate of a label's box
+
+    svg = memory_chart(_series(), capacity_bytes=CAPACITY, budget_bytes=BUDGET, chosen_batch_size=24)
+    root = _parse(svg)
+    segments = []
+    for css_class in ("fitted-line", "reserved-line", "allocated-line"):
+        for polyline in _by_class(root, css_class):
+            points = [tuple(map(float, p.split(","))) for p in (polyline.get("points") or "").split()]
+            segments += list(itertools.pairwise(points))
+    assert len(segments) > 4
+    for css_class in ("capacity-line-label", "budget-line-label", "chosen-label"):
+        (label,) = _by_class(root, css_class)
+        x, y = float(label.get("x", "0")), float(label.get("y", "0"))
+        box = label_box(x, y, label.text or "", label.get("text-anchor", "start"))
+        assert not any(_crosses(box, segment) for segment in segments), css_class  # type: ignore[arg-type]

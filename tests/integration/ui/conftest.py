@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -98,6 +99,17 @@ def _first_executable(candidates: tuple[str, ...], name: str) -> str | None:
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
     """Headless Chromium with a fresh profile; skipped (with the reason) when it is absent."""
+    with chromium_driver() as driver:
+        yield driver
+
+
+OFFLINE_FLAGS = ("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",)
+"""No host but this machine resolves: a page that needs the network shows it."""
+
+
+@contextmanager
+def chromium_driver(extra_flags: tuple[str, ...] = ()) -> Iterator[Any]:
+    """A headless Chromium session (see `browser`), with `extra_flags` added."""
     chromium = _first_executable(CHROMIUM_CANDIDATES, "chromium")
     chromedriver = _first_executable(CHROMEDRIVER_CANDIDATES, "chromedriver")
     if chromium is None or chromedriver is None:
@@ -110,7 +122,7 @@ def browser() -> Iterator[Any]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
+    for flag in (*CHROMIUM_FLAGS, *extra_flags):
         options.add_argument(flag)
     profile = tempfile.mkdtemp(prefix="tuner-chromium-")
     options.add_argument(f"--user-data-dir={profile}")

@@ -108,11 +108,13 @@ def probe(
     def trial(batch_size: int) -> Trial:
         fits = batch_size <= largest
         reserved = int(line.at(batch_size))
+        # A real OOM stops the step before its peak is known; an estimate traces the whole step.
+        measured = fits or backend == "estimate"
         return Trial(
             batch_size=batch_size,
             ok=fits,
-            peak_allocated_bytes=int(reserved * 0.88) if fits else None,
-            peak_reserved_bytes=reserved if fits else None,
+            peak_allocated_bytes=int(reserved * 0.88) if measured else None,
+            peak_reserved_bytes=reserved if measured else None,
             seconds=1.2 + batch_size / 50,
             num_alloc_retries=0 if fits else None,
             samples_per_second=speed * batch_size / (batch_size + 6) if fits and backend == "cuda" else None,
