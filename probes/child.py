@@ -12,9 +12,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -79,6 +82,33 @@ def _child_main(
         conn.close()
 
 
+_MAIN_LOCK = threading.Lock()
+
+
+@contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """Start a child without it running the caller's script again.
+
+    A spawned child imports the parent's `__main__` (by path or module name) before it runs its
+    target, which re-runs a script's top-level code: a training script that calls `plan_for` at
+    top level, without an `if __name__ == "__main__":` guard, would probe again in every child,
+    recursively. The children only run functions of importable modules, so the script is hidden
+    from the spawn while the child starts."""
+    main = sys.modules.get("__main__")
+    with _MAIN_LOCK:
+        if main is None:
+            yield
+            return
+        saved: dict[str, Any] = {n: main.__dict__[n] for n in ("__file__", "__spec__") if n in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__dict__["__spec__"] = None
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
 def run_in_child(
     fn: Callable[..., Any],
     *args: Any,
@@ -101,7 +131,8 @@ def run_in_child(
     os.environ.update(env or {})  # spawn copies the parent's environment at start
     try:
         process = ctx.Process(target=_child_main, args=(sender, fn, args, kwargs), daemon=True)
-        process.start()
+        with _main_script_hidden():
+            process.start()
     finally:
         for key, value in saved_env.items():
             if value is None:

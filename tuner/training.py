@@ -14,7 +14,7 @@ local sums, so `step()` multiplies by `world_size / global_count` instead of `1 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.distributed import ReduceOp
 
-__all__ = ["GradientAccumulator"]
+__all__ = ["GradientAccumulator", "summed_loss", "windows"]
 
 
 class GradientAccumulator:
@@ -227,3 +227,60 @@ class GradientAccumulator:
             return nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         norms = [torch.linalg.vector_norm(p.grad.detach(), 2.0) for p in params if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+
+
+def windows(
+    samples: Iterable[Any], sizes: Sequence[int], *, collate: Callable[[list[Any]], Any] | None = None
+) -> Iterator[list[Any]]:
+    """One optimizer step's micro-batches at a time: `samples` (a dataset, or any iterable of
+    samples) cut into windows of `sum(sizes)` samples, each window into micro-batches of `sizes`
+    (a plan's `micro_batch_sizes`, or `[micro_batch_size] * accumulation_steps`), each micro-batch
+    collated (default: `torch.utils.data.default_collate`). The last window may be short (the end
+    of an epoch): it keeps the micro-batches it can fill, the last one partial, so that it can
+    still be stepped (`GradientAccumulator` normalises by what the window holds)."""
+    if not sizes or any(size < 1 for size in sizes):
+        raise ValueError(f"sizes must be positive micro-batch sizes, got {list(sizes)}")
+    join = collate or torch.utils.data.default_collate
+    window: list[Any] = []
+    pending: list[Any] = []
+    for sample in samples:
+        pending.append(sample)
+        if len(pending) == sizes[len(window)]:
+            window.append(join(pending))
+            pending = []
+            if len(window) == len(sizes):
+                yield window
+                window = []
+    if pending:
+        window.append(join(pending))
+    if window:
+        yield window
+
+
+def summed_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal language model's next-token cross-entropy *summed* over a micro-batch, and how many
+    tokens it covers: what `GradientAccumulator.backward` takes.
+
+    `batch` has `input_ids` and, optionally, `attention_mask` (padding is not predicted) and
+    `labels` (default: the inputs; `ignore_index` marks tokens not to predict). The model returns
+    logits, or an output with `.logits` (transformers). The mean of the returned sum over the
+    count is the loss transformers computes for the same batch."""
+    input_ids = batch["input_ids"]
+    labels = batch.get("labels")
+    if labels is None:
+        labels = input_ids.clone()
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels[mask == 0] = ignore_index
+    output = model(input_ids=input_ids, attention_mask=batch.get("attention_mask"))
+    logits = output.logits if hasattr(output, "logits") else output
+    targets = labels[:, 1:].reshape(-1)
+    loss_sum = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        targets,
+        ignore_index=ignore_index,
+        reduction="sum",
+    )
+    return loss_sum, (targets != ignore_index).sum()

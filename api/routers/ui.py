@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from api.charts import ChartSeries, memory_chart, throughput_chart
 from api.deps import SessionDep
+from api.worker_availability import job_worker_available
 from storage import repository
 from storage.records import JobRecord
 from tuner.errors import NotFoundError
@@ -336,7 +337,7 @@ def jobs_page(request: Request, session: SessionDep) -> HTMLResponse:
             job=job,
             model=describe_workload_data(job.payload.get("workload")),
             checkpointing=_checkpointing_choices(job.payload.get("gradient_checkpointing")),
-            progress=describe_progress(job),
+            progress=describe_progress(job, job_worker_available(session, job)),
         )
         for job in jobs
     ]
@@ -376,10 +377,15 @@ def _checkpointing_choices(choices: Any) -> str:
     return ", ".join("on" if choice else "off" for choice in choices)
 
 
-def describe_progress(job: JobRecord) -> str:
-    """What the worker last reported, in words."""
+def describe_progress(job: JobRecord, worker_available: bool | None = None) -> str:
+    """What the worker last reported, in words (for a queued job: whether a live worker could
+    claim it, `api.worker_availability`)."""
     if job.status == "queued":
-        waiting = "waiting for a worker"
+        waiting = (
+            f"no live {job.backend} worker can run it yet"
+            if worker_available is False
+            else "waiting for a worker"
+        )
         return f"{waiting} (retry {job.attempts + 1} of {job.max_attempts})" if job.attempts else waiting
     progress = job.progress or {}
     trials = progress.get("trials")

@@ -198,7 +198,8 @@ def test_the_jobs_page_shows_queued_and_running_probes(http: httpx.Client, ui_se
     queued = text.index(f'href="/v1/jobs/{ui_server.jobs.queued_id}"')
     assert running < queued  # running first
     assert "2 trials (checkpointing off); last: micro-batch 48 fit" in text
-    assert "waiting for a worker" in text
+    # No worker runs beside this server: the queued job says so instead of waiting silently.
+    assert "no live cuda worker can run it yet" in text or "no live estimate worker can run it yet" in text
     assert "1 running, 1 queued" in text
     assert "llama" in text and "gpt2" in text
 
