@@ -170,11 +170,16 @@ def base_keys() -> list[str]:
     return sorted(names)
 
 
-def own_keys(config_class: type, entry: dict[str, Any], base: set[str]) -> list[str]:
+def own_keys(model_type: str, config_class: type, entry: dict[str, Any], base: set[str]) -> list[str]:
     """The keys a config class accepts beyond `base` and its entry's defaults and aliases: its
-    fields, every name of its `attribute_map` (the entry renames only some), older rotary keys."""
+    fields, every name of its `attribute_map` (the entry renames only some), older rotary keys,
+    and what its saved form holds (attributes the class derives itself, such as DeepSeek's
+    `qk_head_dim`: a config.json written by transformers carries them)."""
+    from transformers import AutoConfig
+
     fields = set(_signature(config_class)) - {"self", "kwargs"}
     fields.update(getattr(config_class, "attribute_map", {}))
+    fields.update(AutoConfig.for_model(model_type).to_dict())
     if "rope_parameters" in fields:
         fields.update(ROPE_KWARGS)
     return sorted(fields - base - set(entry["defaults"]) - set(entry["aliases"]))
@@ -260,7 +265,7 @@ def build_table() -> dict[str, Any]:
             continue  # nested sub-configs: filled only at their top level, so left as given
         entry = entry_for(config_class, base_fields)
         if fills_faithfully(model_type, entry):
-            entry["keys"] = own_keys(config_class, entry, base)
+            entry["keys"] = own_keys(model_type, config_class, entry, base)
             entry["parameter_floor"] = floor_holds(model_type, entry, config_class)
             model_types[model_type] = entry
     return {

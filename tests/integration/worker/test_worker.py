@@ -176,3 +176,54 @@ def test_a_worker_that_lost_its_lease_drops_its_result(queue: Queue) -> None:
     assert make_worker(queue.engine, "winner").run_once() is True
     assert queue.job(job.id).status == "succeeded"
     assert probe_count(queue.engine) == 1
+
+
+def test_a_running_worker_is_live_until_it_stops(queue: Queue) -> None:
+    worker = make_worker(queue.engine, "live", heartbeat_seconds=0.1, poll_seconds=0.05)
+    thread = threading.Thread(target=worker.run_forever, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not repository.live_workers(queue.engine):
+            assert time.monotonic() < deadline, "the worker never announced itself"
+            time.sleep(0.05)
+        (live,) = repository.live_workers(queue.engine)
+        assert (live.worker_id, live.backend, live.device_name) == (worker.worker_id, "estimate", None)
+        assert live.accepts(backend="estimate", device_name="Any GPU", device_memory_bytes=1 << 30)
+        assert not live.accepts(backend="cuda", device_name=None, device_memory_bytes=None)
+        first_seen = live.seen_at
+        time.sleep(0.4)
+        assert repository.live_workers(queue.engine)[0].seen_at > first_seen  # renewed while idle
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert repository.live_workers(queue.engine) == []  # retired on a clean stop
+
+
+def test_a_worker_that_stops_announcing_expires(queue: Queue) -> None:
+    from storage.records import Accepts
+
+    gpu = Accepts(backend="cuda", device_name="NVIDIA H100 80GB HBM3", device_memory_bytes=85017493504)
+    repository.announce_worker(queue.engine, worker_id="gpu-node:1", accepts=gpu, ttl_seconds=0.3)
+    (live,) = repository.live_workers(queue.engine, backend="cuda")
+    assert live.accepts(backend="cuda", device_name=None, device_memory_bytes=None)  # any GPU will do
+    assert not live.accepts(backend="cuda", device_name="NVIDIA A100-SXM4-40GB", device_memory_bytes=None)
+    time.sleep(0.5)
+    assert repository.live_workers(queue.engine) == []  # it died without retiring
+
+
+@pytest.mark.slow
+def test_a_job_of_which_nothing_fits_fails_with_the_reason(queue: Queue) -> None:
+    request = mlp_request(effective_batch_size=64)
+    request["workload"]["model"]["kwargs"] = {"hidden_dim": 4096, "num_layers": 4}
+    request["workload"]["inputs"]["dim"] = 4096
+    job = queue.enqueue(request)
+    assert make_worker(queue.engine, "nothing-fits").run_once() is True
+    done = queue.job(job.id)
+    assert done.status == "failed" and done.attempts == 1  # a client fault: no retry
+    assert done.error is not None and done.error.startswith(
+        "nothing_fits: Nothing fits: not even a micro-batch of 1"
+    )
+    (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
+    assert waiter.status == "failed" and waiter.error == done.error
+    assert probe_count(queue.engine) == 1  # the probe itself is stored: the next ask is answered from it
