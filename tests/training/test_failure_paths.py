@@ -48,7 +48,7 @@ def request_on(workload: WorkloadSpec, device: DeviceSpec) -> PlanRequest:
 
 
 def test_a_plan_that_cannot_fit_fails_its_job_with_what_one_sample_needs(service: Service) -> None:
-    device = DeviceSpec(name=f"Small GPU {unique_number()}", total_memory_bytes=GIB)
+    device = DeviceSpec(name=f"Small GPU {unique_number()}", total_memory_bytes=2 * GIB)
     request = request_on(wide_mlp(), device)
     with TunerClient(service.url, token=service.token, poll_interval=0.1) as client:
         submitted = client.submit_plan(request)
@@ -141,7 +141,9 @@ def test_plan_with_server_shows_the_jobs_progress_while_it_waits(
             "precision": "fp32",
         }
     )
-    request = request_on(workload, DeviceSpec(name=f"Progress GPU {unique_number()}", total_memory_bytes=GIB))
+    request = request_on(
+        workload, DeviceSpec(name=f"Progress GPU {unique_number()}", total_memory_bytes=4 * GIB)
+    )
     plan, _ = _plan_on_server(service.url, request, 120, with_trials=False, show_progress=True)
     assert plan.effective_batch_size == 64 and plan.cache_hit is False
     drawn = screen.getvalue()
