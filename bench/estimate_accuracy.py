@@ -95,7 +95,7 @@ def _has_cuda() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workloads", type=Path, default=WORKLOADS)
+    parser.add_argument("--workloads", type=Path, default=WORKLOADS, help="A folder of specs, or one spec.")
     parser.add_argument("--batch-sizes", default="1,2,4,8")
     parser.add_argument("--loops", default="keeps,releases", help="loop shapes: keeps, releases or both")
     args = parser.parse_args()
@@ -111,7 +111,8 @@ def main() -> None:
         header += " real allocated MiB | real reserved MiB | alloc ratio | reserved ratio |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    for path in sorted(args.workloads.glob("*.json")):
+    paths = [args.workloads] if args.workloads.is_file() else sorted(args.workloads.glob("*.json"))
+    for path in paths:
         for loop in loops:
             base = load_workload_file(str(path))
             spec = base.model_copy(update={"loop": LoopSpec(keeps_outputs=loop == "keeps")})

@@ -196,7 +196,11 @@ def main() -> None:
     parser.add_argument(
         "--backend", choices=["cuda", "estimate"], default="cuda", help="Trials on this GPU, or traces."
     )
-    parser.add_argument("--device-memory", type=parse_size, help="estimate: the card's memory (e.g. 80GiB).")
+    parser.add_argument(
+        "--device-memory",
+        type=parse_size,
+        help="the card's memory (e.g. 80GiB): the estimate's target, or a smaller card emulated on this GPU.",
+    )
     parser.add_argument("--verify-steps", type=int, default=10, help="cuda: steps in a fresh process.")
     parser.add_argument(
         "--time-budget", type=float, default=300.0, help="Seconds; later searches are skipped."
@@ -209,12 +213,15 @@ def main() -> None:
     else:
         workloads = args.workloads or sorted(DEFAULT_WORKLOADS.glob("*.json"))
         device = None
-        if args.backend == "estimate":
-            if args.device_memory is None:
-                parser.error("--backend estimate needs --device-memory (e.g. 80GiB).")
+        if args.backend == "estimate" and args.device_memory is None:
+            parser.error("--backend estimate needs --device-memory (e.g. 80GiB).")
+        if args.device_memory is not None:
             memory = format_bytes(args.device_memory)
             device = DeviceSpec(name=f"GPU with {memory}", total_memory_bytes=args.device_memory)
+        if args.backend == "estimate":
             machine = f"estimate backend for a {memory} card, traced on {_cpu_name()}"
+        elif device is not None:
+            machine = f"a {memory} card emulated on {_gpu_name()} (the allocator capped at its share)"
         else:
             machine = _gpu_name()
         rows = probe_rows(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,18 +60,61 @@ def local_device() -> DeviceSpec:
     return DeviceSpec(name=str(props.name), total_memory_bytes=int(props.total_memory))
 
 
-def check_requested_device(requested: DeviceSpec | None, local: DeviceSpec) -> None:
-    """A request for another GPU than this one is refused, not silently answered for this one."""
+@dataclass(frozen=True)
+class Emulation:
+    """A smaller card measured on this one: the caching allocator is capped at what the smaller
+    card would leave it (`torch.cuda.set_per_process_memory_fraction`), with the smaller card's
+    CUDA context and kernels modelled (the device model's `context_overhead_bytes`), not this
+    card's, which lie outside the cap."""
+
+    target: DeviceSpec
+    """The card the probe answers for."""
+    host: DeviceSpec
+    """The card it runs on."""
+    allocator_limit_bytes: int
+    """What the allocator may reserve: the target's memory less its modelled context."""
+
+    @property
+    def fraction(self) -> float:
+        return self.allocator_limit_bytes / self.host.total_memory_bytes
+
+    def describe(self) -> str:
+        return (
+            f"{self.target.name} ({self.target.total_memory_bytes} bytes) emulated on {self.host.name} "
+            f"({self.host.total_memory_bytes} bytes): the allocator capped at {self.allocator_limit_bytes} bytes"
+        )
+
+
+def plan_emulation(
+    requested: DeviceSpec | None, local: DeviceSpec, *, context_overhead_bytes: int
+) -> Emulation | None:
+    """None for this machine's own GPU; an `Emulation` for a smaller card. A larger card, or one
+    whose whole memory is less than the CUDA context, is refused: it cannot be measured here."""
     if requested is None:
-        return
+        return None
     same_memory = (
         abs(requested.total_memory_bytes - local.total_memory_bytes) <= 0.01 * local.total_memory_bytes
     )
-    if requested.name != local.name or not same_memory:
+    if same_memory and requested.name == local.name:
+        return None
+    if requested.total_memory_bytes >= 0.99 * local.total_memory_bytes:
         raise ProbeError(
             f"The probe was asked for {requested.name} ({requested.total_memory_bytes} bytes) "
-            f"but this machine's GPU is {local.name} ({local.total_memory_bytes} bytes)."
+            f"but this machine's GPU is {local.name} ({local.total_memory_bytes} bytes): only a "
+            "smaller card can be emulated on it."
         )
+    limit = requested.total_memory_bytes - context_overhead_bytes
+    if limit <= 0:
+        raise ProbeError(
+            f"{requested.name} ({requested.total_memory_bytes} bytes) is smaller than the CUDA "
+            f"context and kernels alone ({context_overhead_bytes} bytes): nothing can train on it."
+        )
+    return Emulation(target=requested, host=local, allocator_limit_bytes=limit)
+
+
+def apply_emulation(emulation: Emulation) -> None:
+    """Cap this process's caching allocator at the emulated card's share of this one."""
+    torch.cuda.set_per_process_memory_fraction(emulation.fraction, 0)
 
 
 def usable_capacity_bytes() -> int:

@@ -68,6 +68,8 @@ class TrialBackend:
     prepare: Callable[[], None] | None = None
     """Work the first trial would do anyway (building the model), done while the prior is traced."""
     versions: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What the result's `extra` should say about how the trials ran (e.g. an emulated card)."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
         # The cuda backend learns the facts when it first builds the model.
         facts = backend.facts if backend.facts is not None else getattr(backend.fits, "facts", None)
         extra = _expandable_alternative(job, search) if job.trial_factory is None else {}
+        extra.update(backend.notes)
     finally:
         if backend.close is not None:
             backend.close()
@@ -380,15 +383,22 @@ def _cuda_backend(job: _Job) -> TrialBackend:
 
     from probes import cuda
 
+    from probes.estimate.device_model import DEFAULT_DEVICE_MODEL
+
     local = cuda.local_device()
-    cuda.check_requested_device(job.device, local)
+    emulation = cuda.plan_emulation(
+        job.device, local, context_overhead_bytes=DEFAULT_DEVICE_MODEL.context_overhead_bytes
+    )
+    if emulation is not None:
+        cuda.apply_emulation(emulation)  # before the first allocation: the cap holds from the start
     trials = cuda.CudaTrials(job.spec, gradient_checkpointing=job.gradient_checkpointing)
-    capacity = cuda.usable_capacity_bytes()
+    capacity = cuda.usable_capacity_bytes() if emulation is None else emulation.allocator_limit_bytes
 
     return TrialBackend(
         fits=trials,
-        device=local,
+        device=local if emulation is None else emulation.target,
         capacity_bytes=capacity,
+        notes={} if emulation is None else {"emulated_on": emulation.describe()},
         verify=trials.verify,
         close=trials.close,
         prepare=trials.prepare,

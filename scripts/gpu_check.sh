@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared run for a machine with a GPU (about 8 minutes on an H100):
-#   scripts/gpu_check.sh            # GPU tests, estimate accuracy, probe strategies → $OUT
+#   scripts/gpu_check.sh            # GPU tests, estimate accuracy, boundaries, strategies → $OUT
 #   scripts/gpu_check.sh --dry-run  # here, without a GPU: every script imports, the GPU tests collect
 # Tables and logs land in $OUT (default ./gpu-out). Wheels in .whl/ (carried to a bare machine)
 # are installed first, without the network: scripts/prepare_device_run.sh downloads them here and
@@ -44,6 +44,7 @@ if [[ $DRY_RUN == 1 ]]; then
   if [[ -f bench/estimate_accuracy.py ]]; then
     step dry-estimate-accuracy 60 "$PY" bench/estimate_accuracy.py --help
   fi
+  step dry-probe-cli 60 "$PY" -m tuner.cli probe --help
   exit $status
 fi
 
@@ -52,22 +53,36 @@ print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))" | t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$OUT/device.txt" 2>/dev/null || true
 
 step pytest-gpu 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu
-if [[ -f bench/estimate_accuracy.py ]]; then
-  step estimate-accuracy 100 "$PY" bench/estimate_accuracy.py
-fi
-# GPT-2 (bf16): every strategy, checkpointing off and on, with fresh-process verification.
-# The shared workloads sit beside the checkout here; on a device machine only a shared/ folder
-# inside the checkout travels (scripts/prepare_device_run.sh copies them there).
-if [[ -z "${WORKLOADS:-}" ]]; then
+# Every measurement below is for an 80 GiB card emulated on this one (the allocator capped at the
+# H100's share less its modelled context: probes.cuda.plan_emulation), so that the numbers compare
+# with the H100 calibration set in ../shared/calibration/.
+CARD="${CARD:-80GiB}"
+if [[ -z "${WORKLOAD_DIR:-}" ]]; then
   for dir in ../shared/bench/workloads shared/bench/workloads; do
-    [[ -f "$dir/gpt2-124m-seq1024.json" ]] && WORKLOADS="$dir/gpt2-124m-seq1024.json" && break
+    [[ -f "$dir/gpt2-124m-seq1024.json" ]] && WORKLOAD_DIR="$dir" && break
   done
 fi
-if [[ -z "${WORKLOADS:-}" ]]; then
-  echo "== probe-strategies skipped: no bench workloads found (see the comment above)"; status=1
-else
-  # shellcheck disable=SC2086  # WORKLOADS may name several files
-  step probe-strategies 260 "$PY" bench/probe_strategies.py --verify-steps 10 --time-budget 230 \
-    --workloads $WORKLOADS --out "$OUT/probe_strategies.md"
+if [[ -z "${WORKLOAD_DIR:-}" ]]; then
+  # The shared workloads sit beside the checkout here; on a device machine only a shared/ folder
+  # inside the checkout travels (scripts/prepare_device_run.sh copies them there).
+  echo "== workload steps skipped: no bench workloads found (see the comment above)"; exit 1
 fi
+GPT2="$WORKLOAD_DIR/gpt2-124m-seq1024.json"
+# Real against estimated allocated and reserved bytes, both loop shapes (GPT-2 bf16).
+if [[ -f bench/estimate_accuracy.py ]]; then
+  step estimate-accuracy 110 "$PY" bench/estimate_accuracy.py --workloads "$GPT2" --batch-sizes 4,16
+fi
+# The fresh-process boundary the estimate predicts below the calibration process's (46 against
+# 51): one fresh process per size, 20 steps each.
+step fresh-boundary 90 "$PY" -m tuner.cli probe "$GPT2" --backend cuda --device-memory "$CARD" \
+  --verify-steps 20 --json
+# Expandable segments on one workload.
+step expandable-segments 60 "$PY" -m tuner.cli probe "$GPT2" --backend cuda --device-memory "$CARD" \
+  --alloc-conf expandable_segments:True --json
+# Every strategy, checkpointing off and on, each answer verified in a fresh process, as many
+# workloads as the time budget allows (GPT-2 first).
+ORDERED=("$GPT2")
+for spec in "$WORKLOAD_DIR"/*.json; do [[ "$spec" != "$GPT2" ]] && ORDERED+=("$spec"); done
+step probe-strategies 260 "$PY" bench/probe_strategies.py --verify-steps 20 --time-budget 230 \
+  --device-memory "$CARD" --workloads "${ORDERED[@]}" --out "$OUT/probe_strategies.md"
 exit $status

@@ -99,3 +99,22 @@ def test_the_guided_answer_survives_verification() -> None:
     assert 0 <= result.extra["prior_wait_seconds"] <= result.extra["prior_seconds"]
     failures = [t.batch_size for t in result.trials if not t.ok]
     assert min(failures) > result.max_batch_size
+
+
+def test_a_smaller_card_is_emulated_on_this_one_and_says_so() -> None:
+    from probes.estimate.device_model import DEFAULT_DEVICE_MODEL
+    from tuner.spec import DeviceSpec
+
+    host = torch.cuda.get_device_properties(0)
+    small = DeviceSpec(name="Emulated 16 GiB", total_memory_bytes=min(16 << 30, host.total_memory // 2))
+    result = run_probe(DECODER, backend="cuda", device=small, gradient_checkpointing=False, timeout=400)
+    limit = small.total_memory_bytes - DEFAULT_DEVICE_MODEL.context_overhead_bytes
+    assert result.device == small and result.capacity_bytes == limit
+    assert host.name in result.extra["emulated_on"] and "Emulated 16 GiB" in result.extra["emulated_on"]
+    assert result.max_batch_size > 0
+    for trial in result.trials:
+        if trial.ok:
+            assert trial.peak_reserved_bytes is not None and trial.peak_reserved_bytes <= limit
+    # The same workload on the whole card fits more.
+    whole = run_probe(DECODER, backend="cuda", gradient_checkpointing=False, timeout=400)
+    assert whole.max_batch_size > result.max_batch_size

@@ -75,8 +75,3 @@ def alloc_conf_option(text: str | None) -> str | None:
     except SpecError as exc:
         fail(f"--alloc-conf: {exc.message.removeprefix('alloc_conf: ')}")
 
-
-def refuse_memory_for_cuda(backend: Backend, total_memory: int | None) -> None:
-    """The cuda backend measures the GPU it runs on: a target memory size makes no sense there."""
-    if backend == "cuda" and total_memory is not None:
-        fail("--device-memory is for the estimate backend; the cuda backend measures this machine's GPU.")

@@ -17,7 +17,6 @@ from tuner.cli._options import (
     MAX_TRIALS,
     BackendChoice,
     alloc_conf_option,
-    refuse_memory_for_cuda,
     resolve_backend,
     target_device,
 )
@@ -53,7 +52,10 @@ def plan(
         show_default=False,
     ),
     device_memory: str | None = typer.Option(
-        None, "--device-memory", help="Target device memory for estimate, e.g. 80GiB or 40GB."
+        None,
+        "--device-memory",
+        help="Target device memory, e.g. 80GiB or 40GB: the estimate's card, or with --backend cuda a "
+        "smaller card emulated on this GPU.",
     ),
     device_name: str | None = typer.Option(None, "--device-name", help="Target device name."),
     checkpointing: CheckpointingChoice = typer.Option(
@@ -137,8 +139,8 @@ def _device(
         raise DeviceRequiredError(
             "The estimate backend needs the target device's memory: pass --device-memory, e.g. 80GiB."
         )
-    if not remote:  # a service's workers check a requested device against their own GPU
-        refuse_memory_for_cuda(backend, total_memory)
+    # With the cuda backend, a --device-memory smaller than this machine's GPU is emulated on it
+    # (probes.cuda.plan_emulation); a service's workers check a requested device against their own.
     return target_device(total_memory, name)
 
 

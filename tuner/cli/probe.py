@@ -19,7 +19,6 @@ from tuner.cli._options import (
     BackendChoice,
     alloc_conf_option,
     local_gpu,
-    refuse_memory_for_cuda,
     resolve_backend,
     target_device,
 )
@@ -51,7 +50,10 @@ def probe(
         show_default=False,
     ),
     device_memory: str | None = typer.Option(
-        None, "--device-memory", help="Target device memory for estimate, e.g. 80GiB or 40GB."
+        None,
+        "--device-memory",
+        help="Target device memory, e.g. 80GiB or 40GB: the estimate's card, or with --backend cuda a "
+        "smaller card emulated on this GPU.",
     ),
     device_name: str | None = typer.Option(None, "--device-name", help="Target device name (estimate)."),
     strategy: StrategyChoice = typer.Option(StrategyChoice.guided, "--strategy", help="Search strategy."),
@@ -79,7 +81,6 @@ def probe(
         chosen = resolve_backend(backend, total_memory)
         if chosen == "estimate" and device is None:
             device = local_gpu()
-        refuse_memory_for_cuda(chosen, total_memory)
         result = _run(
             workload,
             chosen,
