@@ -382,7 +382,6 @@ def _cuda_backend(job: _Job) -> TrialBackend:
     import torch
 
     from probes import cuda
-
     from probes.estimate.device_model import DEFAULT_DEVICE_MODEL
 
     local = cuda.local_device()
