@@ -81,7 +81,8 @@ class Emulation:
     def describe(self) -> str:
         return (
             f"{self.target.name} ({self.target.total_memory_bytes} bytes) emulated on {self.host.name} "
-            f"({self.host.total_memory_bytes} bytes): the allocator capped at {self.allocator_limit_bytes} bytes"
+            f"({self.host.total_memory_bytes} bytes): the allocator capped at "
+            f"{self.allocator_limit_bytes} bytes"
         )
 
 

@@ -25,15 +25,16 @@ def test_a_smaller_card_caps_the_allocator_at_its_memory_less_its_own_context() 
     assert emulation is not None
     assert emulation.target == H100 and emulation.host == H200
     assert emulation.allocator_limit_bytes == H100.total_memory_bytes - CONTEXT
-    assert emulation.fraction == pytest.approx((H100.total_memory_bytes - CONTEXT) / H200.total_memory_bytes)
-    assert "NVIDIA H100 80GB HBM3" in emulation.describe() and "emulated on NVIDIA H200" in emulation.describe()
+    assert emulation.fraction == pytest.approx(emulation.allocator_limit_bytes / H200.total_memory_bytes)
+    described = emulation.describe()
+    assert "NVIDIA H100 80GB HBM3" in described and "emulated on NVIDIA H200" in described
 
 
 @pytest.mark.parametrize(
     ("requested", "message"),
     [
         (DeviceSpec(name="Bigger", total_memory_bytes=200 << 30), "only a smaller card can be emulated"),
-        (DeviceSpec(name="NVIDIA H200 NVL", total_memory_bytes=H200.total_memory_bytes), "only a smaller card"),
+        (DeviceSpec(name="H200 NVL", total_memory_bytes=H200.total_memory_bytes), "only a smaller card"),
         (DeviceSpec(name="Tiny", total_memory_bytes=512 * MIB), "smaller than the CUDA context"),
     ],
 )
