@@ -33,13 +33,13 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 from probes.child import ChildFailed, run_in_child, send_progress
-from tuner import __version__ as tuner_version
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import DeviceRequiredError, ProbeError, SpecError
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
 from tuner.settings import get_settings
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec
+from tuner.version import __version__ as tuner_version
 
 EXPANDABLE_SEGMENTS = "expandable_segments:True"
 PRIOR_BATCH_SIZES = (4, 16)

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 from types import FrameType
 from typing import Any, Protocol
 
@@ -37,6 +36,7 @@ from sqlalchemy.orm import Session
 from probes.child import ChildFailed
 from storage import repository
 from storage.db import session_factory
+from storage.planning import derive_plan, installed_torch_minor
 from storage.records import Accepts, JobRecord, WaiterRecord
 from tuner.errors import CLIENT_FAULT_CODES, NothingFitsError, TunerError, job_error_text
 from tuner.results import ProbeResult
@@ -98,14 +98,6 @@ def is_client_fault(error: BaseException) -> bool:
     if isinstance(error, ChildFailed) and error.failure.kind in ("timeout", "crash"):
         return False
     return isinstance(error, TunerError) and error.code in CLIENT_FAULT_CODES
-
-
-def installed_torch_minor() -> str:
-    """The torch minor this worker probes with (`2.13`), read without importing torch."""
-    try:
-        return repository.torch_minor(metadata.version("torch"))
-    except metadata.PackageNotFoundError:
-        return repository.UNKNOWN_TORCH
 
 
 class Worker:
@@ -375,8 +367,6 @@ class Worker:
         """Plan every request waiting on the job from the probes now cached: the plans made, and
         why each request that could not be planned could not. Identical requests (the ranks of
         one fleet job) are planned once and their waiters resolved together."""
-        from api.plan_service import derive_plan  # torch-free; imported when first needed
-
         plan_ids: list[int] = []
         refusals: list[TunerError] = []
         with self._session() as session:

@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tuner import __version__
 from tuner.errors import SpecError
 from tuner.results import ProbeResult
 from tuner.search_types import MemoryLine, Trial
 from tuner.settings import get_settings
 from tuner.spec import DeviceSpec, WorkloadSpec
+from tuner.version import __version__
 
 __all__ = ["autotune", "out_of_memory_types"]
 

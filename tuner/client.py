@@ -17,10 +17,10 @@ from typing import Any, Literal, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuner import __version__
 from tuner.errors import ServiceError, parse_job_error
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest
+from tuner.version import __version__
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
 _M = TypeVar("_M", bound=BaseModel)
