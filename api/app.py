@@ -28,6 +28,7 @@ from api.plan_service import PlanService, installed_torch_minor
 from api.routers import health, jobs, metrics, plans, probes, ui
 from storage import repository
 from storage.db import count_statements, ensure_schema, make_engine, session_factory
+from tuner.job_status import ACTIVE_JOB_STATUSES
 from tuner.settings import Settings, get_settings
 from tuner.spec import PlanRequest
 
@@ -126,7 +127,7 @@ def _with_session(sessions: Any, read: Any) -> Any:
 
 def _active_job_counts(sessions: Any) -> dict[str, int]:
     counts = _with_session(sessions, repository.job_counts)
-    return {status: counts.get(status, 0) for status in ("queued", "running")}
+    return {status: counts.get(status, 0) for status in ACTIVE_JOB_STATUSES}
 
 
 def __getattr__(name: str) -> Any:

@@ -64,7 +64,7 @@ from storage.planning import (
     job_payload,
 )
 from storage.records import JobRecord
-from tuner.errors import DeviceRequiredError, TunerError, client_fault_error, job_error_text, parse_job_error
+from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, TunerError, client_fault_error
 from tuner.intake import refuse_what_cannot_fit
 from tuner.planner import per_rank_batch
 from tuner.results import Plan
@@ -123,12 +123,11 @@ def job_view(session: Session, job: JobRecord) -> JobOut:
 
 
 def job_error(job: JobRecord) -> TunerError:
-    """The error a failed job gives its waiters: the client's own mistake (the worker stores such
-    errors as `<code>: <sentence>`, e.g. `nothing_fits: ...`) keeps its code and is a 4xx;
-    anything else is the service's failure (503)."""
-    code, message = parse_job_error(job.error)
-    if code is not None:
-        return client_fault_error(code, message)
+    """The error a failed job gives its waiters: the client's own mistake (the job's `error_code`,
+    e.g. `nothing_fits`) keeps its code and is a 4xx; anything else is the service's failure (503)."""
+    message = job.error or "The probe job failed without a message."
+    if job.error_code in CLIENT_FAULT_CODES:
+        return client_fault_error(job.error_code, message)
     return JobFailedError(f"The probe job {job.id} failed after {job.attempts} attempt(s): {message}")
 
 
@@ -288,7 +287,7 @@ class PlanService:
             planned = await asyncio.shield(shared.task)
         except TunerError as exc:
             if not joined:
-                await self._in_thread(self._fail_waiters, [waiter_id], job_error_text(exc))
+                await self._in_thread(self._fail_waiters, [waiter_id], exc)
             raise
         if not joined and planned is not None and planned.plan.id is not None:
             # Came after the shared derivation had started: resolve this waiter on its own.
@@ -403,7 +402,9 @@ class PlanService:
             try:
                 plan = derive_plan(session, request=request, torch_minor=self.torch_minor, cache_hit=False)
             except TunerError as exc:
-                repository.fail_waiters(session, waiter_ids=waiter_ids, error=job_error_text(exc))
+                repository.fail_waiters(
+                    session, waiter_ids=waiter_ids, error=exc.message, error_code=exc.client_fault_code
+                )
                 raise
             if plan is None or plan.id is None:
                 return None
@@ -418,9 +419,11 @@ class PlanService:
         with self.sessions() as session:
             repository.resolve_waiters(session, waiter_ids=waiter_ids, plan_id=plan_id)
 
-    def _fail_waiters(self, waiter_ids: list[int], error: str) -> None:
+    def _fail_waiters(self, waiter_ids: list[int], error: TunerError) -> None:
         with self.sessions() as session:
-            repository.fail_waiters(session, waiter_ids=waiter_ids, error=error)
+            repository.fail_waiters(
+                session, waiter_ids=waiter_ids, error=error.message, error_code=error.client_fault_code
+            )
 
     def _get_job(self, job_id: int) -> JobRecord:
         with self.sessions() as session:

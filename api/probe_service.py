@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from storage import repository
 from tuner.errors import ConflictError, NotFoundError, SpecError
+from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
 
 
@@ -49,22 +50,13 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
         except NotFoundError:
             named = None
         if named is not None:
-            if _key(named) == _key(result) and same_result(named, result):
+            if ProbeKey.of_result(named) == ProbeKey.of_result(result) and same_result(named, result):
                 return named, False
             raise ConflictError(
                 f"Probe result {result.id} is stored with different content; "
                 "leave out 'id' to store a new result."
             )
-    existing = repository.find_cached_probe(
-        session,
-        fingerprint=result.fingerprint,
-        device_name=result.device.name,
-        device_memory_bytes=result.device.total_memory_bytes,
-        backend=result.backend,
-        torch_minor=minor,
-        gradient_checkpointing=result.gradient_checkpointing,
-        alloc_conf=result.alloc_conf,
-    )
+    existing = repository.find_cached_probe(session, ProbeKey.of_result(result))
     if existing is None:
         # Nothing stored a moment ago; another upload may still store first, and then the
         # insert finds its row instead of making a second one.
@@ -81,15 +73,4 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
         f"{minor}, checkpointing {'on' if result.gradient_checkpointing else 'off'} and allocator "
         f"setting {result.alloc_conf or 'default'}, with "
         f"max_batch_size {existing.max_batch_size} (this one: {result.max_batch_size})."
-    )
-
-
-def _key(probe: ProbeResult) -> tuple[object, ...]:
-    return (
-        probe.fingerprint,
-        probe.device,
-        probe.backend,
-        repository.torch_minor(probe.versions.get("torch")),
-        probe.gradient_checkpointing,
-        probe.alloc_conf,
     )

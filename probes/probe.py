@@ -37,6 +37,7 @@ from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import DeviceRequiredError, ProbeError, SpecError
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS
 from tuner.settings import get_settings
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec
 from tuner.version import __version__ as tuner_version
@@ -109,8 +110,8 @@ def run_probe(
     gradient_checkpointing: bool,
     strategy: Strategy = "guided",
     min_batch_size: int = 1,
-    max_batch_size: int = 65536,
-    max_trials: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_trials: int = DEFAULT_MAX_TRIALS,
     verify_steps: int = 0,
     timeout: float | None = None,
     progress: Callable[[Trial], None] | None = None,
@@ -212,7 +213,8 @@ def _in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str, **k
         if exc.failure.error_code is not None:
             raise  # a TunerError from the child (a model that cannot be built...) keeps its code
         if exc.failure.kind == "exception":
-            raise ProbeError(f"The {what} failed: {exc.message}") from None
+            # `from exc`: the child's traceback stays reachable (`probes.child.child_traceback`).
+            raise ProbeError(f"The {what} failed: {exc.message}") from exc
         raise ProbeError(exc.message) from None  # a crash or a timeout: the message names `what`
 
 

@@ -242,11 +242,11 @@ def _build_transformers(spec: WorkloadSpec, dtype: torch.dtype) -> nn.Module:
                 f"model.task {spec.model.task!r} is not available for model_type {model_type!r} "
                 "in transformers."
             ) from None
-        raise ModelBuildError(f"model.config: transformers cannot build {model_type!r}: {exc}") from None
+        raise ModelBuildError(f"model.config: transformers cannot build {model_type!r}: {exc}") from exc
     except Exception as exc:
         raise ModelBuildError(
             f"model.config: transformers cannot build {model_type!r}: {type(exc).__name__}: {exc}"
-        ) from None
+        ) from exc
     return model
 
 
@@ -267,7 +267,7 @@ def _build_torchvision(spec: WorkloadSpec) -> nn.Module:
     except Exception as exc:
         raise ModelBuildError(
             f"model.name/kwargs: torchvision cannot build {spec.model.name!r}: {type(exc).__name__}: {exc}"
-        ) from None
+        ) from exc
     return model
 
 
@@ -290,7 +290,7 @@ def _build_python(spec: WorkloadSpec) -> nn.Module:
     except Exception as exc:
         raise ModelBuildError(
             f"model.factory {factory!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from None
+        ) from exc
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ModelBuildError(
@@ -307,7 +307,8 @@ def _build_python(spec: WorkloadSpec) -> nn.Module:
     except torch.OutOfMemoryError:
         raise
     except Exception as exc:
-        raise ModelBuildError(f"model.factory {factory!r} raised {type(exc).__name__}: {exc}") from None
+        # `from exc`: the factory's own frames reach the traceback a probe child sends its caller.
+        raise ModelBuildError(f"model.factory {factory!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelBuildError(
             f"model.factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module."

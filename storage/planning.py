@@ -15,7 +15,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from storage import repository
+from tuner.checkpointing import checkpointing_choices as choices_of_policy
+from tuner.checkpointing import on_off
 from tuner.planner import make_plan
+from tuner.probe_key import UNKNOWN_TORCH, ProbeKey, torch_minor
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest
 
@@ -26,13 +29,31 @@ def installed_torch_minor() -> str:
     try:
         version = metadata.version("torch")
     except metadata.PackageNotFoundError:
-        return "unknown"
-    return repository.torch_minor(version)
+        return UNKNOWN_TORCH
+    return torch_minor(version)
 
 
 def checkpointing_choices(request: PlanRequest) -> list[bool]:
     """The checkpointing choices the request's policy needs a probe for, off first."""
-    return {"off": [False], "on": [True], "auto": [False, True]}[request.policy.gradient_checkpointing]
+    return list(choices_of_policy(request.policy.gradient_checkpointing))
+
+
+def probe_keys(request: PlanRequest, torch_minor: str) -> dict[bool, ProbeKey] | None:
+    """The cache key of each probe the request needs, by checkpointing choice; None when the
+    request names no device (a cuda request for whichever GPU a worker has)."""
+    if request.device is None:
+        return None
+    return {
+        checkpointing: ProbeKey.of(
+            request.workload,
+            request.device,
+            backend=request.backend,
+            torch_minor=torch_minor,
+            gradient_checkpointing=checkpointing,
+            alloc_conf=request.alloc_conf,
+        )
+        for checkpointing in checkpointing_choices(request)
+    }
 
 
 def canonical_request(request: PlanRequest) -> dict[str, Any]:
@@ -46,20 +67,12 @@ def cached_probes(
 ) -> dict[bool, ProbeResult] | None:
     """The cached probe of every checkpointing choice the request needs, or None if one is missing
     (or the request names no device, so nothing can be looked up)."""
-    if request.device is None:
+    keys = probe_keys(request, torch_minor)
+    if keys is None:
         return None
     probes: dict[bool, ProbeResult] = {}
-    for checkpointing in checkpointing_choices(request):
-        probe = repository.find_cached_probe(
-            session,
-            fingerprint=request.workload.fingerprint(),
-            device_name=request.device.name,
-            device_memory_bytes=request.device.total_memory_bytes,
-            backend=request.backend,
-            torch_minor=torch_minor,
-            gradient_checkpointing=checkpointing,
-            alloc_conf=request.alloc_conf,
-        )
+    for checkpointing, key in keys.items():
+        probe = repository.find_cached_probe(session, key)
         if probe is None:
             return None
         probes[checkpointing] = probe
@@ -91,7 +104,7 @@ def derive_plan(
     if probes is None:
         return None
     canonical = canonical_request(request)
-    probe_ids = {("on" if gc else "off"): probe.id for gc, probe in probes.items() if probe.id is not None}
+    probe_ids = {on_off(gc): probe.id for gc, probe in probes.items() if probe.id is not None}
     earlier = repository.find_plan_by_request(
         session, request_hash=repository.plan_request_hash(canonical, probe_ids)
     )
@@ -116,7 +129,7 @@ def job_key(request: PlanRequest, torch_minor: str) -> str:
         str(device.total_memory_bytes) if device else "*",
         request.backend,
         torch_minor,
-        ",".join("on" if gc else "off" for gc in checkpointing_choices(request)),
+        ",".join(on_off(gc) for gc in checkpointing_choices(request)),
         request.alloc_conf or "",
     ]
     return "|".join(parts)

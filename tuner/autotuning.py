@@ -17,8 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tuner.errors import SpecError
+from tuner.oom import out_of_memory_types
 from tuner.results import ProbeResult
-from tuner.search_types import MemoryLine, Trial
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, MemoryLine, Trial
 from tuner.settings import get_settings
 from tuner.spec import DeviceSpec, WorkloadSpec
 from tuner.version import __version__
@@ -36,9 +37,9 @@ def autotune(
     device: DeviceSpec | None = None,
     server: str | None = None,
     strategy: str = "guided",
-    max_batch_size: int = 65536,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     min_batch_size: int = 1,
-    max_trials: int = 32,
+    max_trials: int = DEFAULT_MAX_TRIALS,
     prior: MemoryLine | None = None,
     upload: bool = True,
     gradient_checkpointing: bool = False,
@@ -110,13 +111,6 @@ def autotune(
         with TunerClient(url, token=bearer) as client:
             return client.upload_probe(result)
     return result
-
-
-def out_of_memory_types(torch: Any) -> tuple[type[BaseException], ...]:
-    """`torch.cuda.OutOfMemoryError`, then `torch.OutOfMemoryError` (the same class in recent
-    torch; either may be missing in older ones)."""
-    found = (getattr(torch.cuda, "OutOfMemoryError", None), getattr(torch, "OutOfMemoryError", None))
-    return tuple(dict.fromkeys(t for t in found if isinstance(t, type)))
 
 
 def _trial_runner(step_fn: StepFn, *, steps_per_trial: int, on_cuda: bool) -> Callable[[int], Trial]:

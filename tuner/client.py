@@ -12,17 +12,17 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuner.errors import ServiceError, parse_job_error
+from tuner.errors import CLIENT_FAULT_CODES, ServiceError
+from tuner.job_status import JobStatus
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest
 from tuner.version import __version__
 
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -339,9 +339,8 @@ def _describe_progress(progress: Any) -> tuple[float | None, str]:
 def _job_failure(job: Job) -> ServiceError:
     """The error of a failed job: its own sentence and code where the request was at fault (as
     `POST /v1/plans?wait=` answers it: 422), else `probe_failed` with what the job last said."""
-    code, message = parse_job_error(job.error)
-    if code is not None:
-        return ServiceError(message, status_code=422, code=code)
+    if job.error_code in CLIENT_FAULT_CODES:
+        return ServiceError(job.error or "The probe job failed.", status_code=422, code=job.error_code)
     return ServiceError(
         f"Job {job.id} failed after {job.attempts} attempt(s): {job.error or 'no reason given'}",
         status_code=503,

@@ -13,13 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
+from tuner.checkpointing import checkpointing_choices
 from tuner.errors import DeviceRequiredError, SpecError
 from tuner.results import Plan, ProbeResult
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, Trial
 from tuner.settings import get_settings
 from tuner.spec import (
     Backend,
@@ -35,7 +37,15 @@ from tuner.spec import (
     parse_workload,
 )
 
-__all__ = ["detect_local_device", "detect_world_size", "plan_for", "plan_locally", "workload_for"]
+__all__ = [
+    "detect_local_device",
+    "detect_world_size",
+    "plan_for",
+    "plan_locally",
+    "probe_locally",
+    "search_ceiling",
+    "workload_for",
+]
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 _TASK_SUFFIXES: tuple[tuple[str, Task], ...] = (
@@ -133,22 +143,37 @@ def plan_for(
     return plan_locally(request)
 
 
+def search_ceiling(request: PlanRequest) -> int:
+    """The largest micro-batch a local probe for `request` tries: no plan can use more than the
+    caller's cap (`policy.max_micro_batch_size`), so searching beyond it is wasted."""
+    return request.policy.max_micro_batch_size or DEFAULT_MAX_BATCH_SIZE
+
+
+def probe_locally(
+    request: PlanRequest, checkpointing: bool, *, progress: Callable[[Trial], None] | None = None
+) -> ProbeResult:
+    """The probe of one checkpointing choice of `request` in this machine, searched up to the
+    request's ceiling: what `plan_locally` and `tuner plan` (without `--server`) both run."""
+    from probes.probe import run_probe
+
+    return run_probe(
+        request.workload,
+        backend=request.backend,
+        device=request.device,
+        gradient_checkpointing=checkpointing,
+        max_batch_size=search_ceiling(request),
+        max_trials=DEFAULT_MAX_TRIALS,
+        progress=progress,
+        alloc_conf=request.alloc_conf,
+    )
+
+
 def plan_locally(request: PlanRequest) -> Plan:
     """Probe each checkpointing choice the policy needs in this machine, then plan (no server)."""
-    from probes.probe import run_probe
     from tuner.planner import make_plan
 
-    choices = {"off": (False,), "on": (True,), "auto": (False, True)}[request.policy.gradient_checkpointing]
-    probes: dict[bool, ProbeResult] = {
-        checkpointing: run_probe(
-            request.workload,
-            backend=request.backend,
-            device=request.device,
-            gradient_checkpointing=checkpointing,
-            alloc_conf=request.alloc_conf,
-        )
-        for checkpointing in choices
-    }
+    choices = checkpointing_choices(request.policy.gradient_checkpointing)
+    probes = {checkpointing: probe_locally(request, checkpointing) for checkpointing in choices}
     return make_plan(request, probes)
 
 

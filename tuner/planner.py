@@ -27,6 +27,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from tuner.checkpointing import checkpointing_choices
+from tuner.checkpointing import on_off as _label
 from tuner.errors import NothingFitsError, PlanError
 from tuner.results import Plan, ProbeResult
 from tuner.search_types import Trial
@@ -172,7 +174,7 @@ def _probes_for_policy(
                 f"{_label(probe.gradient_checkpointing)}."
             )
     policy = request.policy.gradient_checkpointing
-    wanted = {"off": [False], "on": [True], "auto": [False, True]}[policy]
+    wanted = checkpointing_choices(policy)
     chosen = [(gc, probes[gc]) for gc in wanted if gc in probes]
     if not chosen:
         needed = " or ".join(f"checkpointing {_label(gc)}" for gc in wanted)
@@ -593,9 +595,6 @@ def describe_split(split: Split) -> str:
     noun = "micro-batches" if first_count > 1 else "micro-batch"
     return " and ".join([f"{first_count} {noun} of {first}", *(f"{n} of {size}" for size, n in rest)])
 
-
-def _label(checkpointing: bool) -> str:
-    return "on" if checkpointing else "off"
 
 
 def _nothing_fits_message(

@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tuner.errors import ProbeError, SpecError
-from tuner.search_types import MemoryLine, SearchResult, StopReason, Trial
+from tuner.search_types import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_TRIALS,
+    MemoryLine,
+    SearchResult,
+    StopReason,
+    Trial,
+)
 
 __all__ = [
     "STRATEGIES",
@@ -83,8 +90,8 @@ def find_max_batch(
     capacity_bytes: int | None = None,
     prior: MemoryLine | None = None,
     min_batch_size: int = 1,
-    max_batch_size: int = 65536,
-    max_trials: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_trials: int = DEFAULT_MAX_TRIALS,
     tolerance: int = 0,
     on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchResult:

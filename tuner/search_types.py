@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+DEFAULT_MAX_BATCH_SIZE = 65536
+"""The largest micro-batch a search tries unless told otherwise (a plan's caller may cap it lower:
+`PlanPolicy.max_micro_batch_size`)."""
+DEFAULT_MAX_TRIALS = 32
+"""A search's trial budget unless told otherwise."""
+
 StopReason = Literal[
     "exact",  # the largest passing size is one below the smallest failing size
     "tolerance",  # bracket narrower than the policy's tolerance

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tuner.errors import EstimateError, ModelBuildError, SpecError
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE
 from tuner.settings import get_settings
 from tuner.spec import WorkloadSpec
 
@@ -49,7 +50,7 @@ def estimate_max_batch(
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
     strategy: Strategy = "guided",
-    max_batch_size: int = 65536,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     timeout: float | None = None,
     alloc_conf: str | None = None,
 ) -> SearchResult:
@@ -80,11 +81,12 @@ def run_estimate_child(fn: Callable[..., Any], *args: Any, timeout: float | None
     try:
         return run_in_child(fn, *args, timeout=limit, what=what)
     except ChildFailed as exc:
+        # `from exc`: the child's traceback stays reachable (`probes.child.child_traceback`).
         if exc.failure.error_code == ModelBuildError.code:
-            raise ModelBuildError(exc.failure.message) from None
+            raise ModelBuildError(exc.failure.message) from exc
         if exc.failure.error_code == SpecError.code:
-            raise SpecError(exc.failure.message) from None
-        raise EstimateError(exc.failure.message) from None
+            raise SpecError(exc.failure.message) from exc
+        raise EstimateError(exc.failure.message) from exc
 
 
 def _trace_in_child(

@@ -20,7 +20,7 @@ from probes.estimate.trace import WARMUP_BATCH_SIZE, StepTrace, trace_step
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import EstimateError, SpecError
 from tuner.search import Strategy, find_max_batch, fit_line
-from tuner.search_types import MemoryLine, SearchResult, Trial
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, MemoryLine, SearchResult, Trial
 from tuner.spec import WorkloadSpec
 
 LINE_BATCH_SIZES = (1, 2, 4)
@@ -240,8 +240,8 @@ def search_max_batch(
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
     strategy: Strategy = "guided",
-    max_batch_size: int = 65536,
-    max_trials: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_trials: int = DEFAULT_MAX_TRIALS,
     on_trial: Callable[[Trial], None] | None = None,
     alloc_conf: str | None = None,
 ) -> SearchResult:

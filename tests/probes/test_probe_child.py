@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from probes.child import run_in_child, send_progress
+from probes.child import child_traceback, run_in_child, send_progress
 from probes.probe import run_probe
 from tests.probes.tiny_specs import WIDE_CNN
 from tests.unit.synthetic_devices import DEVICES_BY_NAME
@@ -153,6 +153,26 @@ def test_a_model_that_cannot_be_built_keeps_its_error_code() -> None:
             timeout=120,
         )
     assert caught.value.code == ModelBuildError.code
+    # The child's own traceback comes with the failure, for the worker's log: where it failed.
+    trace = child_traceback(caught.value)
+    assert trace is not None and "Traceback (most recent call last)" in trace
+    assert "no-such-model" in trace and "build_workload" in trace
+
+
+def _raise_deep() -> None:
+    raise RuntimeError("from deep inside the child")
+
+
+def test_a_childs_traceback_survives_the_errors_it_causes() -> None:
+    with pytest.raises(ProbeError) as caught:
+        run_in_child(_raise_deep, timeout=60)
+    trace = child_traceback(caught.value)
+    assert trace is not None and "in _raise_deep" in trace and "from deep inside the child" in trace
+    try:
+        raise ProbeError("the parent's own sentence") from caught.value
+    except ProbeError as parents:
+        assert child_traceback(parents) == trace
+    assert child_traceback(ProbeError("no child took part")) is None
 
 
 def _two_messages_then(value: int) -> int:

@@ -23,6 +23,7 @@ from tuner.cli._options import (
     target_device,
 )
 from tuner.cli._progress import trial_progress
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE
 
 if TYPE_CHECKING:
     from tuner.results import ProbeResult
@@ -58,7 +59,9 @@ def probe(
     device_name: str | None = typer.Option(None, "--device-name", help="Target device name (estimate)."),
     strategy: StrategyChoice = typer.Option(StrategyChoice.guided, "--strategy", help="Search strategy."),
     checkpointing: OnOff = typer.Option(OnOff.off, "--checkpointing", help="Gradient checkpointing."),
-    max_batch_size: int = typer.Option(65536, "--max-batch-size", help="Never try a larger micro-batch."),
+    max_batch_size: int = typer.Option(
+        DEFAULT_MAX_BATCH_SIZE, "--max-batch-size", help="Never try a larger micro-batch."
+    ),
     max_trials: int = typer.Option(MAX_TRIALS, "--max-trials", help="Trial budget of the search."),
     verify_steps: int = typer.Option(
         0,
