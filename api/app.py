@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         torch_minor=torch_minor,
         max_attempts=settings.max_attempts,
         job_poll_seconds=settings.job_poll_seconds,
+        allowed_factory_packages=settings.allowed_factory_package_set,
     )
     api_metrics.add_wait_figures(
         waiting_requests=lambda: plans_service.watcher.waiting_requests,

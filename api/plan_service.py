@@ -197,8 +197,11 @@ class PlanService:
         torch_minor: str,
         max_attempts: int,
         job_poll_seconds: float | None = None,
+        allowed_factory_packages: frozenset[str] = frozenset(),
     ) -> None:
         self.sessions = sessions
+        self.allowed_factory_packages = allowed_factory_packages
+        """The packages a `python` factory may come from (the app's setting, checked at intake)."""
         self.cache = cache
         self.metrics = metrics
         self.torch_minor = torch_minor
@@ -227,7 +230,7 @@ class PlanService:
         return found
 
     async def create(self, raw_body: bytes, *, wait: float, queue_without_worker: bool = False) -> Answer:
-        request = parse_body(raw_body)
+        request = parse_body(raw_body, allowed_factory_packages=self.allowed_factory_packages)
         if request.backend == "estimate" and request.device is None:
             raise DeviceRequiredError(
                 "The estimate backend needs a device: give device.name and device.total_memory_bytes "
@@ -434,7 +437,7 @@ class PlanService:
             return job_view(session, job)
 
 
-def parse_body(raw_body: bytes) -> PlanRequest:
+def parse_body(raw_body: bytes, *, allowed_factory_packages: frozenset[str] = frozenset()) -> PlanRequest:
     """The plan request in a raw body: 422 `invalid_json` for what is not JSON, 422
     `invalid_spec` naming every bad field for JSON that does not validate."""
     if not raw_body.strip():
@@ -446,7 +449,7 @@ def parse_body(raw_body: bytes) -> PlanRequest:
         raise MalformedJSONError(f"The request body is not valid JSON{where}.") from None
     if not isinstance(data, dict):
         raise MalformedJSONError(f"The request body must be a JSON object, got {type(data).__name__}.")
-    return parse_plan_request(data)
+    return parse_plan_request(data, allowed_factory_packages=allowed_factory_packages)
 
 
 __all__ = [

@@ -13,12 +13,15 @@ if it had arrived after it (200 or 409).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy.orm import Session
 
 from storage import repository
 from tuner.errors import ConflictError, NotFoundError, SpecError
 from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
+from tuner.spec import refuse_unlisted_factory
 
 
 def same_result(a: ProbeResult, b: ProbeResult) -> bool:
@@ -30,8 +33,12 @@ def same_result(a: ProbeResult, b: ProbeResult) -> bool:
     )
 
 
-def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[ProbeResult, bool]:
-    """The stored result and whether this call created it."""
+def store_uploaded_probe(
+    session: Session, *, result: ProbeResult, allowed_factory_packages: Collection[str]
+) -> tuple[ProbeResult, bool]:
+    """The stored result and whether this call created it. A `python` factory must be in one of
+    `allowed_factory_packages` (the app's setting), as for a plan request."""
+    refuse_unlisted_factory(result.workload, allowed_factory_packages, field="workload.model")
     if result.fingerprint != result.workload.fingerprint():
         raise SpecError(
             f"fingerprint {result.fingerprint!r} is not the workload's fingerprint "

@@ -38,7 +38,7 @@ from tuner.errors import DeviceRequiredError, ProbeError, SpecError
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
 from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS
-from tuner.settings import get_settings
+from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec
 from tuner.version import __version__ as tuner_version
 
@@ -113,7 +113,8 @@ def run_probe(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     max_trials: int = DEFAULT_MAX_TRIALS,
     verify_steps: int = 0,
-    timeout: float | None = None,
+    timeout: float = DEFAULT_PROBE_TIMEOUT_SECONDS,
+    prior_timeout: float = DEFAULT_ESTIMATE_TIMEOUT_SECONDS,
     progress: Callable[[Trial], None] | None = None,
     trial_factory: str | None = None,
     estimate_prior: bool | None = None,
@@ -126,7 +127,9 @@ def run_probe(
     default allocator was probed on the estimate backend, `extra` also says how large a micro-batch
     `expandable_segments:True` would allow (`expandable_segments_max_batch_size`).
     `estimate_prior`: whether a guided cuda search gets the estimator's line as its prior
-    (default: yes, except with a `trial_factory`, whose memory the estimator does not model)."""
+    (default: yes, except with a `trial_factory`, whose memory the estimator does not model).
+    `timeout` bounds the probe's child, `prior_timeout` the prior's trace: the caller passes its
+    settings (`probe_timeout_seconds`, `estimate_timeout_seconds`); nothing here reads them."""
     if backend not in ("cuda", "estimate"):
         raise SpecError(f"Unknown probe backend {backend!r}: use 'cuda' or 'estimate'.")
     if backend == "estimate" and device is None:
@@ -136,16 +139,14 @@ def run_probe(
     if verify_steps < 0:
         raise SpecError(f"verify_steps must not be negative, got {verify_steps}.")
     alloc_conf = canonical_alloc_conf(alloc_conf)
-    settings = get_settings()
-    timeout = settings.probe_timeout_seconds if timeout is None else timeout
     started = time.monotonic()
     notes: dict[str, Any] = {}
     if estimate_prior is None:
         estimate_prior = trial_factory is None
     prior: _PriorInBackground | None = None
     if backend == "cuda" and strategy == "guided" and estimate_prior:
-        prior_timeout = min(timeout, settings.estimate_timeout_seconds)
-        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes, alloc_conf)
+        prior_limit = min(timeout, prior_timeout)
+        prior = _PriorInBackground(spec, gradient_checkpointing, prior_limit, notes, alloc_conf)
     job = _Job(
         spec=spec,
         backend=backend,

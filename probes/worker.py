@@ -44,6 +44,7 @@ from tuner.checkpointing import on_off
 from tuner.errors import DeviceRequiredError, NothingFitsError, SpecError, TunerError
 from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
+from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec, parse_plan_request, parse_workload
 
 log = logging.getLogger("tuner.worker")
@@ -66,7 +67,8 @@ class ProbeRunner(Protocol):
         backend: Backend,
         device: DeviceSpec,
         gradient_checkpointing: bool,
-        timeout: float | None = None,
+        timeout: float = ...,
+        prior_timeout: float = ...,
         progress: Callable[[Any], None] | None = None,
         alloc_conf: str | None = None,
     ) -> ProbeResult: ...
@@ -124,7 +126,8 @@ class Worker:
         poll_seconds: float = 1.0,
         retry_backoff_seconds: float = 10.0,
         grace_seconds: float = 30.0,
-        probe_timeout_seconds: float | None = None,
+        probe_timeout_seconds: float = DEFAULT_PROBE_TIMEOUT_SECONDS,
+        estimate_timeout_seconds: float = DEFAULT_ESTIMATE_TIMEOUT_SECONDS,
         probe_runner: ProbeRunner | None = None,
     ) -> None:
         if backend == "cuda" and device is None:
@@ -141,6 +144,7 @@ class Worker:
         self.retry_backoff_seconds = retry_backoff_seconds
         self.grace_seconds = grace_seconds
         self.probe_timeout_seconds = probe_timeout_seconds
+        self.estimate_timeout_seconds = estimate_timeout_seconds
         self.torch_minor = installed_torch_minor()
         self._sessions = session_factory(engine)
         self._probe_runner = probe_runner
@@ -359,6 +363,7 @@ class Worker:
             device=device,
             gradient_checkpointing=checkpointing,
             timeout=self.probe_timeout_seconds,
+            prior_timeout=self.estimate_timeout_seconds,
             progress=on_trial,
             alloc_conf=alloc_conf,
         )

@@ -156,6 +156,7 @@ def probe_locally(
     request's ceiling: what `plan_locally` and `tuner plan` (without `--server`) both run."""
     from probes.probe import run_probe
 
+    settings = get_settings()
     return run_probe(
         request.workload,
         backend=request.backend,
@@ -163,6 +164,8 @@ def probe_locally(
         gradient_checkpointing=checkpointing,
         max_batch_size=search_ceiling(request),
         max_trials=DEFAULT_MAX_TRIALS,
+        timeout=settings.probe_timeout_seconds,
+        prior_timeout=settings.estimate_timeout_seconds,
         progress=progress,
         alloc_conf=request.alloc_conf,
     )

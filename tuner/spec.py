@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -178,14 +179,26 @@ class ModelSpec(_Spec):
 
 
 def _check_factory(factory: str | None) -> None:
+    # Only the reference's shape: which packages may be imported is the checking process's own
+    # setting, checked at intake (`refuse_unlisted_factory`), so that a stored spec validates
+    # wherever it is read.
     if factory is None or not _FACTORY.match(factory):
         raise ValueError("model.factory must look like 'package.module:function' for family 'python'")
+
+
+def refuse_unlisted_factory(
+    workload: WorkloadSpec, allowed: Collection[str], *, field: str = "model"
+) -> None:
+    """Raise `SpecError` when the workload's `python` factory is in a package not in `allowed`
+    (the `TUNER_ALLOWED_FACTORY_PACKAGES` of the process taking the spec in)."""
+    factory = workload.model.factory
+    if workload.model.family != "python" or factory is None:
+        return
     package = factory.split(":", 1)[0].split(".", 1)[0]
-    allowed = get_settings().allowed_factory_package_set
     if package not in allowed:
-        raise ValueError(
-            f"model.factory package {package!r} is not allowed on this server; "
-            "list it in the TUNER_ALLOWED_FACTORY_PACKAGES setting (comma-separated) to allow it"
+        raise SpecError(
+            f"{field}.factory: package {package!r} is not allowed on this server; "
+            "list it in the TUNER_ALLOWED_FACTORY_PACKAGES setting (comma-separated) to allow it."
         )
 
 
@@ -369,15 +382,27 @@ def _parse(model: type[_Spec], data: Any, what: str) -> Any:
         raise SpecError(f"Invalid {what}: {format_validation_error(exc)}") from None
 
 
-def parse_workload(data: Any) -> WorkloadSpec:
-    """Validate a workload dict; raise `SpecError` naming every bad field."""
+def _allowed(allowed_factory_packages: Collection[str] | None) -> Collection[str]:
+    # The caller's own setting where it passes one (the API passes the app's); else this process's.
+    if allowed_factory_packages is not None:
+        return allowed_factory_packages
+    return get_settings().allowed_factory_package_set
+
+
+def parse_workload(data: Any, *, allowed_factory_packages: Collection[str] | None = None) -> WorkloadSpec:
+    """Validate a workload dict taken in from a user; raise `SpecError` naming every bad field,
+    and for a `python` factory outside `allowed_factory_packages` (default: this process's
+    `TUNER_ALLOWED_FACTORY_PACKAGES`)."""
     result: WorkloadSpec = _parse(WorkloadSpec, data, "workload spec")
+    refuse_unlisted_factory(result, _allowed(allowed_factory_packages))
     return result
 
 
-def parse_plan_request(data: Any) -> PlanRequest:
-    """Validate a plan request dict; raise `SpecError` naming every bad field."""
+def parse_plan_request(data: Any, *, allowed_factory_packages: Collection[str] | None = None) -> PlanRequest:
+    """Validate a plan request dict taken in from a user; raise `SpecError` naming every bad
+    field (and an unlisted factory, as `parse_workload`)."""
     result: PlanRequest = _parse(PlanRequest, data, "plan request")
+    refuse_unlisted_factory(result.workload, _allowed(allowed_factory_packages), field="workload.model")
     return result
 
 

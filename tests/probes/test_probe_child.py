@@ -16,7 +16,6 @@ from tests.unit.synthetic_devices import DEVICES_BY_NAME
 from tuner.errors import DeviceRequiredError, ModelBuildError, ProbeError
 from tuner.results import ProbeResult
 from tuner.search_types import MemoryLine, Trial
-from tuner.settings import get_settings
 from tuner.spec import DeviceSpec, WorkloadSpec, parse_workload
 
 FAKES = "tests.probes.fake_backends"
@@ -71,9 +70,9 @@ def test_verification_steps_down_until_the_answer_holds() -> None:
     assert tried == [true_max, true_max - 1, true_max - 2]
 
 
-def _probe_with_prior(factory: str) -> ProbeResult:
+def _probe_with_prior(factory: str, **kwargs: object) -> ProbeResult:
     """A probe whose prior is traced for real: a wide CNN, whose estimated line has a clear slope."""
-    return _probe(factory, spec=WIDE_CNN, estimate_prior=True, max_batch_size=4096)
+    return _probe(factory, spec=WIDE_CNN, estimate_prior=True, max_batch_size=4096, **kwargs)
 
 
 @pytest.mark.slow
@@ -92,12 +91,9 @@ def test_the_prior_traced_beside_the_search_reaches_it() -> None:
 
 
 @pytest.mark.slow
-def test_a_prior_that_cannot_be_had_in_time_leaves_the_search_without_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("TUNER_ESTIMATE_TIMEOUT_SECONDS", "0.2")
-    get_settings.cache_clear()
-    result = _probe_with_prior("preparing")
+def test_a_prior_that_cannot_be_had_in_time_leaves_the_search_without_one() -> None:
+    # The caller's estimate timeout is passed in (the CLI and the worker pass their setting's).
+    result = _probe_with_prior("preparing", prior_timeout=0.2)
     assert result.extra["prior"].startswith("none: The prior estimate did not finish within 0.2 s")
     assert [t.batch_size for t in result.trials[:2]] == [1, 4]  # the cheap trials pin the line
     assert result.max_batch_size == DEVICES_BY_NAME["gpt2-like linear"].true_max

@@ -118,7 +118,9 @@ def _run(
     alloc_conf: str | None = None,
 ) -> ProbeResult:
     from probes.probe import run_probe
+    from tuner.settings import get_settings
 
+    settings = get_settings()
     with trial_progress(workload, backend, checkpointing, show=show_progress) as bar:
         result = run_probe(
             workload,
@@ -129,7 +131,8 @@ def _run(
             max_batch_size=max_batch_size,
             max_trials=max_trials,
             verify_steps=verify_steps,
-            timeout=timeout,
+            timeout=settings.probe_timeout_seconds if timeout is None else timeout,
+            prior_timeout=settings.estimate_timeout_seconds,
             progress=bar.advance,
             alloc_conf=alloc_conf,
         )

@@ -45,11 +45,9 @@ def worker(
     with clear_errors():
         from tuner.settings import get_settings
 
-        if db is not None:
-            # Set before anything reads the settings, so that every module sees the same database.
-            os.environ["TUNER_DATABASE_URL"] = db
-            get_settings.cache_clear()
         settings = get_settings()
+        if db is not None:  # passed on, not written into the environment
+            settings = settings.model_copy(update={"database_url": db})
         chosen = backend.value if backend is not None else settings.worker_backend
         resolved, device = _resolve_backend(chosen, device_name, size_option(device_memory))
 
@@ -68,6 +66,7 @@ def worker(
             retry_backoff_seconds=settings.retry_backoff_seconds,
             grace_seconds=settings.shutdown_grace_seconds,
             probe_timeout_seconds=settings.probe_timeout_seconds,
+            estimate_timeout_seconds=settings.estimate_timeout_seconds,
         )
         try:
             if once:
