@@ -187,6 +187,8 @@ class TrialRow(Base):
     samples_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
     step_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     """Wall time of the last (steady) iteration (migration 0005; NULL on older trials)."""
+    move: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """Why the guided search ran this size (`tuner.search_types.Move`; migration 0005)."""
     peak_phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 

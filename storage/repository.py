@@ -258,6 +258,7 @@ def _trial_values(probe_id: int, index: int, trial: Trial) -> dict[str, Any]:
         "seconds": trial.seconds,
         "samples_per_second": trial.samples_per_second,
         "step_seconds": trial.step_seconds,
+        "move": trial.move,
         "peak_phase": trial.peak_phase,
         "error": trial.error,
     }
@@ -285,6 +286,7 @@ def _probe_from_row(row: ProbeRow) -> ProbeResult:
                 num_alloc_retries=trial.num_alloc_retries,
                 samples_per_second=trial.samples_per_second,
                 step_seconds=trial.step_seconds,
+                move=trial.move,
                 peak_phase=trial.peak_phase,
                 error=trial.error,
             )

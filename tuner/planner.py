@@ -32,6 +32,7 @@ from tuner.checkpointing import on_off as _label
 from tuner.errors import NothingFitsError, PlanError
 from tuner.results import Plan, ProbeResult
 from tuner.search_types import Trial
+from tuner.search_types import peak_of as _peak
 from tuner.spec import DeviceSpec, PlanPolicy, PlanRequest, RampSpec
 from tuner.units import format_bytes
 
@@ -247,10 +248,6 @@ def predicted_peak_bytes(probe: ProbeResult, batch_size: int) -> int | None:
 
 def _reserved(trial: Trial) -> int:
     return int(trial.peak_reserved_bytes or 0)
-
-
-def _peak(trial: Trial) -> int | None:
-    return trial.peak_reserved_bytes if trial.peak_reserved_bytes is not None else trial.peak_allocated_bytes
 
 
 # --- throughput -------------------------------------------------------------------------------

@@ -14,13 +14,20 @@ from dataclasses import replace
 from probes.estimate import emulation
 from probes.estimate.allocator import AllocationLog, smallest_passing_capacity
 from probes.estimate.calibration import TracedTrial
-from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, SEGMENT_BYTES, DeviceModel
+from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel
 from probes.estimate.report import EstimateReport
 from probes.estimate.trace import WARMUP_BATCH_SIZE, StepTrace, trace_step
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import EstimateError, SpecError
 from tuner.search import Strategy, find_max_batch, fit_line
-from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, MemoryLine, SearchResult, Trial
+from tuner.search_types import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_TRIALS,
+    SEGMENT_BYTES,
+    MemoryLine,
+    SearchResult,
+    Trial,
+)
 from tuner.spec import WorkloadSpec
 
 LINE_BATCH_SIZES = (1, 2, 4)

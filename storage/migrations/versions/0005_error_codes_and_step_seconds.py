@@ -6,7 +6,8 @@ client's. The code now has its column (`error_code`, NULL for a failure of the s
 errors of the client-fault codes of the time are split into the two columns.
 
 `trials.step_seconds` keeps what `Trial.step_seconds` says (the steady iteration's wall time):
-without it a probe read back was not the probe stored.
+without it a probe read back was not the probe stored. `trials.move` keeps why the guided search
+ran each trial (`tuner.search_types.Move`).
 
 Revision ID: 0005
 Revises: 0004
@@ -37,6 +38,7 @@ _TABLES = ("jobs", "job_waiters")
 
 def upgrade() -> None:
     op.add_column("trials", sa.Column("step_seconds", sa.Float(), nullable=True))
+    op.add_column("trials", sa.Column("move", sa.String(length=16), nullable=True))
     for table in _TABLES:
         op.add_column(table, sa.Column("error_code", sa.String(length=64), nullable=True))
         for code in _CODES:
@@ -61,3 +63,4 @@ def downgrade() -> None:
         # the waiters of every job.
         op.drop_column(table, "error_code")
     op.drop_column("trials", "step_seconds")
+    op.drop_column("trials", "move")

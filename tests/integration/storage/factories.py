@@ -57,6 +57,7 @@ def probe_result(
                 samples_per_second=310.5,
                 step_seconds=0.103,
                 peak_phase="backward",
+                move="predict",
             ),
             Trial(batch_size=52, ok=False, seconds=0.9, error="out_of_memory"),
             Trial(

@@ -18,7 +18,7 @@ from tests.integration.storage.factories import mlp_workload
 from tuner.errors import TunerError
 from tuner.planner import make_plan
 from tuner.results import ProbeResult
-from tuner.search_types import MemoryLine, Trial
+from tuner.search_types import MemoryLine, Move, Trial
 from tuner.spec import DeviceSpec, PlanRequest, parse_plan_request
 
 _UNIQUE = itertools.count()
@@ -39,6 +39,7 @@ trials = st.builds(
     step_seconds=st.none() | SECONDS,
     peak_phase=st.none() | st.sampled_from(["forward", "backward", "optimizer"]),
     error=st.none() | st.just("out_of_memory") | TEXT,
+    move=st.none() | st.sampled_from(list(Move)),
 )
 
 
