@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md §2 (docs/design.md), checked with import-linter's contracts in
+"""The layers of docs/design.md, checked with import-linter's contracts in
 pyproject.toml: kept by the repository as it is, broken by each kind of wrong import (shown on a
 copy of the packages, so the real tree is never touched)."""
 
