@@ -365,6 +365,7 @@ def _estimate_backend(job: _Job) -> TrialBackend:
         capacity_bytes=current_session().capacity_bytes(total),
         facts=_facts_on_meta(job.spec),
         versions=_versions(),
+        notes=current_session().notes,  # filled in by the traces: read after the search
     )
 
 

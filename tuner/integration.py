@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tuner.errors import DeviceRequiredError, SpecError
+from tuner.custom_code import custom_code_workload, factory_package, is_custom_code, trusting_factory
+from tuner.errors import DeviceRequiredError, ModelBuildError, SpecError
 from tuner.results import Plan, ProbeResult
 from tuner.settings import get_settings
 from tuner.spec import (
@@ -30,6 +31,7 @@ from tuner.spec import (
     PlanRequest,
     Precision,
     Task,
+    TokensInputs,
     WorkloadSpec,
     format_validation_error,
     parse_workload,
@@ -100,6 +102,60 @@ def plan_for(
         optimizer=optimizer,
         keeps_outputs=keeps_outputs,
     )
+    package = factory_package(str(workload.model.factory)) if is_custom_code(model_or_spec) else None
+    with trusting_factory(package):  # the script imported the model's module: its own probes may too
+        plan = _plan(
+            workload,
+            effective_batch_size=effective_batch_size,
+            world_size=world_size,
+            server=server,
+            device=device,
+            backend=backend,
+            policy=policy,
+            token=token,
+            wait=wait,
+            local=local,
+            alloc_conf=alloc_conf,
+        )
+    if _length_defaulted(model_or_spec, inputs, factory):
+        assert isinstance(workload.inputs, TokensInputs)
+        plan = plan.model_copy(
+            update={
+                "hints": [
+                    *plan.hints,
+                    f"Planned for {workload.inputs.seq_len} tokens per sample, the config's maximum "
+                    "positions (no inputs= given): pass inputs=SEQ_LEN for the length your training "
+                    "uses, which usually allows a larger micro-batch.",
+                ]
+            }
+        )
+    return plan
+
+
+def _length_defaulted(model_or_spec: Any, inputs: Any, factory: str | None) -> bool:
+    """Whether the sequence length came from a transformers config's maximum positions."""
+    return (
+        inputs is None
+        and factory is None
+        and not isinstance(model_or_spec, WorkloadSpec | Mapping)
+        and not is_custom_code(model_or_spec)
+    )
+
+
+def _plan(
+    workload: WorkloadSpec,
+    *,
+    effective_batch_size: int,
+    world_size: int | None,
+    server: str | None,
+    device: DeviceSpec | None,
+    backend: Backend | None,
+    policy: PlanPolicy | Mapping[str, Any] | None,
+    token: str | None,
+    wait: float,
+    local: bool,
+    alloc_conf: str | None,
+) -> Plan:
     # With a device given, the local GPU only matters for choosing the backend, and only when
     # this process uses torch at all (a script that never imported it is planning ahead).
     look_here = device is None or (backend is None and "torch" in sys.modules)
@@ -138,18 +194,28 @@ def plan_locally(request: PlanRequest) -> Plan:
     from probes.probe import run_probe
     from tuner.planner import make_plan
 
-    choices = {"off": (False,), "on": (True,), "auto": (False, True)}[request.policy.gradient_checkpointing]
-    probes: dict[bool, ProbeResult] = {
-        checkpointing: run_probe(
-            request.workload,
-            backend=request.backend,
-            device=request.device,
-            gradient_checkpointing=checkpointing,
-            alloc_conf=request.alloc_conf,
-        )
-        for checkpointing in choices
-    }
-    return make_plan(request, probes)
+    policy = request.policy.gradient_checkpointing
+    choices = {"off": (False,), "on": (True,), "auto": (False, True)}[policy]
+    probes: dict[bool, ProbeResult] = {}
+    dropped: list[str] = []
+    for checkpointing in choices:
+        try:
+            probes[checkpointing] = run_probe(
+                request.workload,
+                backend=request.backend,
+                device=request.device,
+                gradient_checkpointing=checkpointing,
+                alloc_conf=request.alloc_conf,
+            )
+        except ModelBuildError as exc:
+            # Under auto, a choice the model cannot be built with is one choice less, not no plan.
+            if policy != "auto" or not probes:
+                raise
+            dropped.append(
+                f"Checkpointing on was not considered: the model cannot be built with it ({exc.message})."
+            )
+    plan = make_plan(request, probes)
+    return plan.model_copy(update={"hints": [*plan.hints, *dropped]}) if dropped else plan
 
 
 # -- the workload --------------------------------------------------------------------------------
@@ -192,6 +258,8 @@ def workload_for(
         return parse_workload({"model": model, **overrides})
     config = getattr(model_or_spec, "config", None)
     if config is not None and callable(getattr(config, "to_diff_dict", None)):
+        if is_custom_code(model_or_spec):
+            return custom_code_workload(model_or_spec, overrides)
         return _transformers_workload(model_or_spec, config, overrides)
     raise SpecError(
         f"Cannot describe a {type(model_or_spec).__name__} as a workload: pass a WorkloadSpec, a "

@@ -487,8 +487,10 @@ def _hints(chosen: _Candidate, request: PlanRequest) -> list[str]:
     if chosen.option.checkpointing:
         hints.append(
             "Turn on gradient checkpointing: model.gradient_checkpointing_enable("
-            "gradient_checkpointing_kwargs={'use_reentrant': False}) for transformers models, or "
-            "torch.utils.checkpoint per block for others."
+            "gradient_checkpointing_kwargs={'use_reentrant': False}) for transformers models that "
+            "support it; for others (a custom-code model such as MiniMind's, which refuses it) "
+            "tuner.checkpointing.checkpoint_blocks(model), which runs each repeated block through "
+            "torch.utils.checkpoint as the probe did (before wrapping the model in DDP)."
         )
     if request.policy.ramp is not None:
         start = request.policy.ramp.start_effective_batch_size
@@ -505,6 +507,13 @@ def _hints(chosen: _Candidate, request: PlanRequest) -> list[str]:
             f"(checkpointing {_label(chosen.option.checkpointing)}): the caching allocator then strands no "
             "free memory at the ends of its segments. Set it before the process first uses CUDA and plan "
             "with alloc_conf 'expandable_segments:True'."
+        )
+    assumptions = chosen.option.probe.extra.get("estimate_assumptions")
+    if isinstance(assumptions, list) and assumptions:
+        hints.append(
+            "The estimate assumed what its trace could not read from tensor values: "
+            + "; ".join(str(a) for a in assumptions)
+            + "."
         )
     if chosen.option.probe.backend == "estimate":
         hints.append(
