@@ -11,7 +11,7 @@ the fake-tensor mode, answers them and records what it assumed, with the user's 
   fewer than all of them); `hottest` gives experts 0 … k−1 every token and the others none (the
   worst imbalance top-k routing allows). `mask.any()`, `mask.any(dim)`, `mask.nonzero()` and
   `x[mask]` (and its backward) then follow from that count. The slots over all experts are N·k
-  either way, so the saved activations, and the traced peak, move little (within 0.1 % on the
+  either way, so the saved activations, and the traced peak, move little (within 1 % on the
   tests' model); what changes is the size of the busiest expert's blocks, which the caching
   allocator sees.
 - **Other boolean reads** (`if t[0, 0] == 0:`, `if torch.all(mask == 1):`) are read as true: the
