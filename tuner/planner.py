@@ -119,7 +119,7 @@ def make_plan(request: PlanRequest, probes: Mapping[bool, ProbeResult]) -> Plan:
         fingerprint=chosen.option.probe.fingerprint,
         workload=request.workload,
         device=device,
-        backend=chosen.option.probe.backend,
+        backend="estimate" if chosen.option.probe.backend == "estimate" else "cuda",  # cpu: refused above
         effective_batch_size=request.effective_batch_size,
         world_size=request.world_size,
         micro_batch_size=split.micro_batch_size,
@@ -166,6 +166,11 @@ def _probes_for_policy(
     request: PlanRequest, probes: Mapping[bool, ProbeResult]
 ) -> list[tuple[bool, ProbeResult]]:
     for key, probe in probes.items():
+        if probe.backend == "cpu":
+            raise PlanError(
+                "A probe run on CPU (autotune without CUDA) measured no GPU memory: plan from a cuda "
+                "probe of the device, or from an estimate."
+            )
         if probe.gradient_checkpointing != key:
             raise PlanError(
                 f"The probe given for checkpointing {_label(key)} was run with checkpointing "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +16,11 @@ from tuner.spec import (
     refuse_nul_characters,
     validated_alloc_conf,
 )
+
+ProbeBackend = Literal["cuda", "estimate", "cpu"]
+"""Where a probe's trials ran: `cuda` (a real GPU), `estimate` (a fake-tensor trace), or `cpu`: an
+`autotune` run without CUDA, which measured no GPU memory. A `cpu` result is never stored or
+planned from; the label keeps a CPU run from passing for the GPU it was meant for."""
 
 
 class WorkloadFacts(BaseModel):
@@ -45,7 +50,7 @@ class ProbeResult(BaseModel):
     fingerprint: str
     workload: WorkloadSpec
     device: DeviceSpec
-    backend: Backend
+    backend: ProbeBackend
     gradient_checkpointing: bool
     max_batch_size: int
     """Largest micro-batch that fit (0: nothing fits)."""
