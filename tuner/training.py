@@ -22,7 +22,9 @@ import torch
 from torch import nn
 from torch.distributed import ReduceOp
 
-__all__ = ["GradientAccumulator", "summed_loss", "windows"]
+from tuner.targets import count_targets, summed
+
+__all__ = ["GradientAccumulator", "count_targets", "summed", "summed_loss", "windows"]
 
 
 class GradientAccumulator:
