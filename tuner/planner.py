@@ -469,15 +469,8 @@ def _not_reachable_warning(chosen: _Candidate, request: PlanRequest, per_rank: i
 def _hints(chosen: _Candidate, request: PlanRequest) -> list[str]:
     split, effective = chosen.split, request.effective_batch_size
     hints: list[str] = []
-    if effective != split.micro_batch_size:
-        ratio = effective / split.micro_batch_size
-        hints.append(
-            f"Learning rate (not applied): the effective batch {effective} is {ratio:.3g}× one device's "
-            f"micro-batch of {split.micro_batch_size}. If the learning rate was tuned at batch B0, scale it "
-            f"by {effective}/B0 (linear rule, e.g. ×{ratio:.3g} from {split.micro_batch_size}) or by "
-            f"sqrt({effective}/B0) (square-root rule, often better for Adam-type optimizers; "
-            f"×{math.sqrt(ratio):.3g})."
-        )
+    # No learning-rate scaling hint: a factor means something only against the batch the rate was
+    # tuned at, which the request does not say (MiniMind's 32 × 8 plan is its own batch: ×1, not ×8).
     if split.sizes:
         hints.append(
             "Micro-batches differ in size: sum the loss over each micro-batch's items and divide by the "
