@@ -48,6 +48,8 @@ _TASK_SUFFIXES: tuple[tuple[str, Task], ...] = (
 )
 DEFAULT_SERVER_WAIT = 30.0
 """Seconds the server may hold the plan request before answering with a job to poll."""
+DEFAULT_MAX_WAIT = 3600.0
+"""Seconds `plan_for` waits for a server's probe job in all before giving up (`job_timeout`)."""
 
 
 def plan_for(
@@ -69,6 +71,7 @@ def plan_for(
     local: bool = False,
     keeps_outputs: bool | None = None,
     alloc_conf: str | None = None,
+    max_wait: float | None = DEFAULT_MAX_WAIT,
 ) -> Plan:
     """The plan for training `model_or_spec` at `effective_batch_size` samples per update.
 
@@ -90,8 +93,10 @@ def plan_for(
     `server`: the tuner service's URL (default `TUNER_SERVER`); with none, each checkpointing
     choice the policy needs is probed here and the plan is made locally.
     `token`: bearer token for the server (default `TUNER_API_TOKEN`). `wait`: seconds the server
-    may hold the request before the client polls the job. `local`: probe here even when
-    `TUNER_SERVER` is set.
+    may hold the request before the client polls the job. `max_wait`: seconds to wait for the
+    job in all (None: however long it takes), then `ServiceError` (`job_timeout`) naming the job;
+    while waiting, a bar on a terminal, else log lines (the `tuner` logger) and a warning once the
+    job has waited a minute for a worker. `local`: probe here even when `TUNER_SERVER` is set.
     """
     workload = workload_for(
         model_or_spec,
@@ -116,6 +121,7 @@ def plan_for(
             wait=wait,
             local=local,
             alloc_conf=alloc_conf,
+            max_wait=max_wait,
         )
     if _length_defaulted(model_or_spec, inputs, factory):
         assert isinstance(workload.inputs, TokensInputs)
@@ -155,6 +161,7 @@ def _plan(
     wait: float,
     local: bool,
     alloc_conf: str | None,
+    max_wait: float | None,
 ) -> Plan:
     # With a device given, the local GPU only matters for choosing the backend, and only when
     # this process uses torch at all (a script that never imported it is planning ahead).
@@ -184,8 +191,11 @@ def _plan(
 
         settings_token = get_settings().api_token
         bearer = token or (settings_token.get_secret_value() if settings_token else None)
+        from tuner.job_log import JobLog
+
         with TunerClient(url, token=bearer) as client:
-            return client.create_plan(request, wait=wait)
+            log = JobLog(workload.describe(), url=url)
+            return client.create_plan(request, wait=wait, max_seconds=max_wait, on_update=log)
     return plan_locally(request)
 
 
