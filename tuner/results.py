@@ -118,3 +118,23 @@ class Plan(BaseModel):
     alloc_conf: str | None = None
     """The `PYTORCH_CUDA_ALLOC_CONF` the plan assumes (the request's; None: PyTorch's default).
     Set it before the training process first touches CUDA."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON values (what the HTTP API returns): for a checkpoint, beside the
+        model's and optimizer's state, so that a resumed run keeps the same micro-batch and
+        accumulation steps, and the step counter keeps meaning the same samples."""
+        dumped: dict[str, Any] = self.model_dump(mode="json")
+        return dumped
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The plan `to_dict` saved. A plan for a custom-code model (a `python` factory) is read
+        without `TUNER_ALLOWED_FACTORY_PACKAGES`: it was made for this script's own model."""
+        from tuner.custom_code import factory_package, trusting_factory
+
+        model = data.get("workload", {}).get("model", {}) if isinstance(data, dict) else {}
+        factory = model.get("factory") if isinstance(model, dict) else None
+        custom = isinstance(factory, str) and model.get("family") == "python"
+        package = factory_package(str(factory)) if custom else None
+        with trusting_factory(package):
+            return cls.model_validate(data)
