@@ -44,6 +44,7 @@ def store_uploaded_probe(
             f"fingerprint {result.fingerprint!r} is not the workload's fingerprint "
             f"({result.workload.fingerprint()!r}); send the workload's own fingerprint."
         )
+    refuse_unmeasured(result)
     torch_version = result.versions.get("torch")
     minor = repository.torch_minor(torch_version)
     if minor == repository.UNKNOWN_TORCH:
@@ -81,3 +82,23 @@ def store_uploaded_probe(
         f"setting {result.alloc_conf or 'default'}, with "
         f"max_batch_size {existing.max_batch_size} (this one: {result.max_batch_size})."
     )
+
+
+def refuse_unmeasured(result: ProbeResult) -> None:
+    """A result that does not measure the device it names is not stored: a CPU run (autotune
+    without CUDA), or a cuda result whose passing trials carry no peak memory (what a CPU run
+    labelled cuda looks like: it ran, but measured nothing of the GPU)."""
+    if result.backend == "cpu":
+        raise SpecError(
+            f"backend: a probe run on CPU is no measurement of {result.device.name} and is not stored; "
+            "run autotune on that GPU."
+        )
+    if result.backend == "cuda":
+        unmeasured = [t.batch_size for t in result.trials if t.ok and t.peak_reserved_bytes is None]
+        if unmeasured:
+            raise SpecError(
+                f"trials: a cuda result needs the peak memory of every passing trial (peak_reserved_bytes), "
+                f"and the trials at batch sizes {unmeasured[:5]} have none; a run that measured no GPU "
+                "memory is not stored as that GPU's."
+            )
+

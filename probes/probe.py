@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from probes.child import ChildFailed, run_in_child, send_progress
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
-from tuner.errors import DeviceRequiredError, ProbeError, SpecError
+from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, ProbeError, SpecError, client_fault_error
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
 from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS
@@ -211,8 +211,12 @@ def _in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str, **k
     try:
         return run_in_child(fn, *args, timeout=timeout, what=what, **kwargs)
     except ChildFailed as exc:
-        if exc.failure.error_code is not None:
-            raise  # a TunerError from the child (a model that cannot be built...) keeps its code
+        code = exc.failure.error_code
+        if code in CLIENT_FAULT_CODES and exc.failure.kind == "exception":
+            # The request's own fault (a model that cannot be built...): its own error class.
+            raise client_fault_error(str(code), exc.message) from None
+        if code is not None:
+            raise  # any other TunerError from the child keeps its code
         if exc.failure.kind == "exception":
             # `from exc`: the child's traceback stays reachable (`probes.child.child_traceback`).
             raise ProbeError(f"The {what} failed: {exc.message}") from exc
@@ -368,6 +372,7 @@ def _estimate_backend(job: _Job) -> TrialBackend:
         capacity_bytes=current_session().capacity_bytes(total),
         facts=_facts_on_meta(job.spec),
         versions=_versions(),
+        notes=current_session().notes,  # filled in by the traces: read after the search
     )
 
 

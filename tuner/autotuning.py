@@ -62,6 +62,10 @@ def autotune(
     `gradient_checkpointing`: whether `step_fn` uses it (recorded, not applied).
     `upload`: store the result on the server (`server` or `TUNER_SERVER`; skipped with none);
     the uploaded result, with its id, is returned.
+
+    Without CUDA the search runs `step_fn` on CPU (to try a step function out): the result's
+    backend is `cpu`, its trials carry no peak memory, and it is never uploaded (with a server and
+    `upload=True`, autotune refuses before searching; the server refuses such uploads too).
     """
     import torch
 
@@ -72,6 +76,13 @@ def autotune(
     on_cuda = torch.cuda.is_available()
     device = device or _local_device(torch)
     url = server or get_settings().server
+    if not on_cuda and upload and url:
+        # Refused before the search: a CPU run would only be refused by the server afterwards.
+        raise SpecError(
+            f"autotune sees no CUDA GPU here, so its search would run on CPU, which measures nothing of "
+            f"{device.name}: such a result is never uploaded. Run it on that GPU, plan for the GPU by "
+            "estimate with plan_for(..., device=...), or pass upload=False to try step_fn on CPU."
+        )
     bearer = token or _settings_token()
     workload = _resolve_workload(fingerprint, workload, url, bearer)
     capacity = int(device.total_memory_bytes * (1 - memory_margin)) if on_cuda else None
@@ -92,7 +103,8 @@ def autotune(
         fingerprint=fingerprint,
         workload=workload,
         device=device,
-        backend="cuda",  # real trials of a real training step
+        # Real trials of a real step; without CUDA they measured no GPU memory, and say so.
+        backend="cuda" if on_cuda else "cpu",
         gradient_checkpointing=gradient_checkpointing,
         max_batch_size=search.max_batch_size,
         strategy=strategy,
@@ -172,8 +184,9 @@ def _release_memory(torch: Any, on_cuda: bool) -> None:
 def _local_device(torch: Any) -> DeviceSpec:
     if not torch.cuda.is_available():
         raise SpecError(
-            "autotune measures on this process's CUDA GPU and none is visible: "
-            "pass device=DeviceSpec(...) naming the device step_fn runs on."
+            "autotune measures on this process's CUDA GPU and none is visible: run it on the GPU you "
+            "train on, or plan for a GPU by estimate with plan_for(..., device=DeviceSpec(...)). "
+            "To try step_fn on CPU, pass device= and upload=False (the result's backend is then 'cpu')."
         )
     properties = torch.cuda.get_device_properties(torch.cuda.current_device())
     return DeviceSpec(name=str(properties.name), total_memory_bytes=int(properties.total_memory))

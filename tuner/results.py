@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +16,11 @@ from tuner.spec import (
     refuse_nul_characters,
     validated_alloc_conf,
 )
+
+ProbeBackend = Literal["cuda", "estimate", "cpu"]
+"""Where a probe's trials ran: `cuda` (a real GPU), `estimate` (a fake-tensor trace), or `cpu`: an
+`autotune` run without CUDA, which measured no GPU memory. A `cpu` result is never stored or
+planned from; the label keeps a CPU run from passing for the GPU it was meant for."""
 
 
 class WorkloadFacts(BaseModel):
@@ -45,7 +50,7 @@ class ProbeResult(BaseModel):
     fingerprint: str
     workload: WorkloadSpec
     device: DeviceSpec
-    backend: Backend
+    backend: ProbeBackend
     gradient_checkpointing: bool
     max_batch_size: int
     """Largest micro-batch that fit (0: nothing fits)."""
@@ -113,3 +118,17 @@ class Plan(BaseModel):
     alloc_conf: str | None = None
     """The `PYTORCH_CUDA_ALLOC_CONF` the plan assumes (the request's; None: PyTorch's default).
     Set it before the training process first touches CUDA."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON values (what the HTTP API returns): for a checkpoint, beside the
+        model's and optimizer's state, so that a resumed run keeps the same micro-batch and
+        accumulation steps, and the step counter keeps meaning the same samples."""
+        dumped: dict[str, Any] = self.model_dump(mode="json")
+        return dumped
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The plan `to_dict` saved. A spec read back is not checked against this process's
+        factory allow-list (intake does that), so a plan for the script's own custom-code model
+        reads back without `TUNER_ALLOWED_FACTORY_PACKAGES`."""
+        return cls.model_validate(data)

@@ -35,6 +35,7 @@ Backend = Literal["cuda", "estimate"]
 CheckpointingPolicy = Literal["auto", "on", "off"]
 Family = Literal["transformers", "torchvision", "builtin", "python"]
 Task = Literal["causal-lm", "masked-lm", "seq-classification"]
+MoeRouting = Literal["balanced", "hottest"]
 
 MAX_SEQ_LEN = 131_072
 MAX_DIM = 65_536
@@ -257,6 +258,11 @@ class WorkloadSpec(_Spec):
     precision: Precision = "bf16-mixed"
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     loop: LoopSpec = Field(default_factory=LoopSpec)
+    moe_routing: MoeRouting = "balanced"
+    """How an estimate splits the tokens of a MoE layer among its experts, a value the trace
+    cannot see: `balanced` (each expert k/E of the tokens) or `hottest` (k experts take every
+    token: the worst case). Part of the fingerprint only when not the default, so that every
+    workload without MoE keeps its fingerprint."""
 
     @model_validator(mode="after")
     def _check_inputs_match_model(self) -> WorkloadSpec:
@@ -279,7 +285,10 @@ class WorkloadSpec(_Spec):
 
     def canonical_json(self) -> str:
         """Sorted keys, no whitespace, defaults filled in: the text the fingerprint hashes."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if data["moe_routing"] == "balanced":
+            del data["moe_routing"]  # the default: fingerprints from before the field stay the same
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON: equal for specs that build the same workload."""

@@ -48,12 +48,19 @@ class EstimateSession:
         self._traces: dict[tuple[str, int, bool], StepTrace] = {}
         self._reports: dict[tuple[str, int, bool, str | None], EstimateReport] = {}
         self._needed: dict[tuple[str, int, bool, str | None], int] = {}
+        self.notes: dict[str, list[str]] = {}
+        """What a probe's result should say about these traces: `estimate_assumptions`, the
+        assumptions made for values the traces could not read (filled in as they are traced)."""
 
     def step_trace(self, spec: WorkloadSpec, batch_size: int, *, gradient_checkpointing: bool) -> StepTrace:
         """The traced step of `spec` at `batch_size` (traced at most once per session)."""
         key = (spec.fingerprint(), batch_size, gradient_checkpointing)
         if key not in self._traces:
             self._traces[key] = trace_step(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+            stated = self.notes.setdefault("estimate_assumptions", [])
+            stated.extend(a for a in self._traces[key].assumptions if a not in stated)
+            if not stated:
+                del self.notes["estimate_assumptions"]
         return self._traces[key]
 
     def _warmup(self, spec: WorkloadSpec, gradient_checkpointing: bool) -> AllocationLog | None:

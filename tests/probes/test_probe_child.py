@@ -133,14 +133,15 @@ def test_a_card_smaller_than_its_context_fits_nothing() -> None:
 
 
 @pytest.mark.slow
-def test_a_model_that_cannot_be_built_keeps_its_error_code() -> None:
+def test_a_model_that_cannot_be_built_is_a_model_build_error() -> None:
     broken = WorkloadSpec.model_validate(
         {
             "model": {"family": "transformers", "config": {"model_type": "no-such-model"}},
             "inputs": {"kind": "tokens", "seq_len": 8},
         }
     )
-    with pytest.raises(ProbeError) as caught:
+    # The class the docs promise, not the child's wrapper of it.
+    with pytest.raises(ModelBuildError) as caught:
         run_probe(
             broken,
             backend="estimate",
