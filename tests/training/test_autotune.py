@@ -16,6 +16,7 @@ from tests.training.conftest import Service
 from tuner.autotuning import autotune
 from tuner.client import TunerClient
 from tuner.errors import SpecError
+from tuner.probe_key import ProbeKey
 from tuner.spec import DeviceSpec, PlanRequest, parse_workload
 
 pytest.importorskip("tuner.search")
@@ -205,13 +206,15 @@ def test_without_cuda_a_named_gpu_is_never_uploaded_as_measured(
     assert calls == []  # refused before the search ran the step at all
     stored = repository.find_cached_probe(
         service.engine,
-        fingerprint=WORKLOAD.fingerprint(),
-        device_name=RTX_3090.name,
-        device_memory_bytes=RTX_3090.total_memory_bytes,
-        backend="cuda",
-        torch_minor=repository.torch_minor(torch.__version__),
-        gradient_checkpointing=False,
-        alloc_conf=None,
+        ProbeKey(
+            fingerprint=WORKLOAD.fingerprint(),
+            device_name=RTX_3090.name,
+            device_memory_bytes=RTX_3090.total_memory_bytes,
+            backend="cuda",
+            torch_minor=repository.torch_minor(torch.__version__),
+            gradient_checkpointing=False,
+            alloc_conf=None,
+        ),
     )
     assert stored is None
 
