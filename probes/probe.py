@@ -39,7 +39,7 @@ from tuner.errors import DeviceRequiredError, ProbeError, SpecError
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
 from tuner.settings import get_settings
-from tuner.spec import Backend, DeviceSpec, WorkloadSpec
+from tuner.spec import Backend, DeviceSpec, StepKind, WorkloadSpec
 
 EXPANDABLE_SEGMENTS = "expandable_segments:True"
 PRIOR_BATCH_SIZES = (4, 16)
@@ -87,6 +87,8 @@ class _Job:
     """Set when a prior is traced beside the search: how long the search may wait for it."""
     alloc_conf: str | None = None
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe runs under (None: PyTorch's default)."""
+    step: StepKind = "train"
+    """The step each trial runs: the train step, or the eval forward (`probes.eval_step`)."""
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,12 @@ def run_probe(
     trial_factory: str | None = None,
     estimate_prior: bool | None = None,
     alloc_conf: str | None = None,
+    step: StepKind = "train",
 ) -> ProbeResult:
     """The largest micro-batch of `spec` on a device, with every trial that led there.
+
+    `step="eval"`: the largest eval batch instead (forward only under `torch.no_grad()`, the
+    model in eval mode, the parameters and the optimizer's state resident; `probes.eval_step`).
 
     `alloc_conf`: the `PYTORCH_CUDA_ALLOC_CONF` the training run will use (None: PyTorch's default
     allocator); the estimate backend models it, the cuda backend's child runs under it. Where the
@@ -144,7 +150,7 @@ def run_probe(
     prior: _PriorInBackground | None = None
     if backend == "cuda" and strategy == "guided" and estimate_prior:
         prior_timeout = min(timeout, settings.estimate_timeout_seconds)
-        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes, alloc_conf)
+        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes, alloc_conf, step)
     job = _Job(
         spec=spec,
         backend=backend,
@@ -157,6 +163,7 @@ def run_probe(
         trial_factory=trial_factory,
         prior_timeout=None if prior is None else prior.timeout + PRIOR_HANDOVER_SECONDS,
         alloc_conf=alloc_conf,
+        step=step,
     )
     try:
         outcome: _Outcome = _in_child(
@@ -164,7 +171,7 @@ def run_probe(
             job,
             None if prior is None else prior.inbox,
             timeout=timeout,
-            what=f"{backend} probe",
+            what=f"{backend} probe" if step == "train" else f"{backend} eval probe",
             on_message=progress,
         )
     except BaseException:
@@ -198,6 +205,7 @@ def run_probe(
         seconds=time.monotonic() - started,
         versions=outcome.versions,
         alloc_conf=alloc_conf,
+        step=step,
         facts=outcome.facts,
         verified_steps=verified,
         extra={"search_seconds": outcome.seconds, **outcome.extra, **notes},
@@ -286,6 +294,7 @@ def _expandable_alternative(job: _Job, search: SearchResult) -> dict[str, Any]:
         job.device.total_memory_bytes,
         gradient_checkpointing=job.gradient_checkpointing,
         alloc_conf=EXPANDABLE_SEGMENTS,
+        step=job.step,
     )
     alternative = find_max_batch(
         fits,
@@ -357,7 +366,11 @@ def _estimate_backend(job: _Job) -> TrialBackend:
     assert job.device is not None  # run_probe refuses an estimate without a device
     total = job.device.total_memory_bytes
     fits = estimate_fits(
-        job.spec, total, gradient_checkpointing=job.gradient_checkpointing, alloc_conf=job.alloc_conf
+        job.spec,
+        total,
+        gradient_checkpointing=job.gradient_checkpointing,
+        alloc_conf=job.alloc_conf,
+        step=job.step,
     )
     return TrialBackend(
         fits=fits,
@@ -390,7 +403,7 @@ def _cuda_backend(job: _Job) -> TrialBackend:
     )
     if emulation is not None:
         cuda.apply_emulation(emulation)  # before the first allocation: the cap holds from the start
-    trials = cuda.CudaTrials(job.spec, gradient_checkpointing=job.gradient_checkpointing)
+    trials = cuda.CudaTrials(job.spec, gradient_checkpointing=job.gradient_checkpointing, step=job.step)
     capacity = cuda.usable_capacity_bytes() if emulation is None else emulation.allocator_limit_bytes
 
     return TrialBackend(
@@ -422,24 +435,30 @@ class _PriorInBackground:
         timeout: float,
         notes: dict[str, Any],
         alloc_conf: str | None = None,
+        step: StepKind = "train",
     ) -> None:
         self.timeout = timeout
         self.inbox, self._outbox = mp.get_context("spawn").Pipe(duplex=False)
         self._thread = threading.Thread(
             target=self._trace,
-            args=(spec, gradient_checkpointing, notes, alloc_conf),
+            args=(spec, gradient_checkpointing, notes, alloc_conf, step),
             name="tuner-prior",
             daemon=True,
         )
         self._thread.start()
 
     def _trace(
-        self, spec: WorkloadSpec, gradient_checkpointing: bool, notes: dict[str, Any], alloc_conf: str | None
+        self,
+        spec: WorkloadSpec,
+        gradient_checkpointing: bool,
+        notes: dict[str, Any],
+        alloc_conf: str | None,
+        step: StepKind = "train",
     ) -> None:
         started = time.monotonic()
         line = None
         try:
-            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf)
+            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf, step)
         finally:
             notes["prior_seconds"] = time.monotonic() - started
             # A few hundred bytes, which the pipe holds until the search reads them; a search that
@@ -461,6 +480,7 @@ def _prior_line(
     timeout: float,
     notes: dict[str, Any],
     alloc_conf: str | None = None,
+    step: StepKind = "train",
 ) -> MemoryLine | None:
     """The estimator's line for the guided search, or None with a note saying why not."""
     try:
@@ -469,6 +489,7 @@ def _prior_line(
             spec,
             gradient_checkpointing,
             alloc_conf,
+            step,
             timeout=timeout,
             what="prior estimate",
         )
@@ -480,7 +501,7 @@ def _prior_line(
 
 
 def _estimate_line_in_child(
-    spec: WorkloadSpec, gradient_checkpointing: bool, alloc_conf: str | None
+    spec: WorkloadSpec, gradient_checkpointing: bool, alloc_conf: str | None, step: StepKind = "train"
 ) -> MemoryLine:
     from probes.estimate.session import estimate_line
 
@@ -489,6 +510,7 @@ def _estimate_line_in_child(
         gradient_checkpointing=gradient_checkpointing,
         batch_sizes=PRIOR_BATCH_SIZES,
         alloc_conf=alloc_conf,
+        step=step,
     )
     return line
 

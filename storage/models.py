@@ -61,6 +61,7 @@ PROBE_KEY_COLUMNS = (
     "torch_minor",
     "gradient_checkpointing",
     "alloc_conf",
+    "step",
 )
 """The columns of the probe cache key: unique among complete results."""
 DEFAULT_ALLOC_CONF = ""
@@ -137,6 +138,8 @@ class ProbeRow(Base):
     extra: Mapped[dict[str, Any]] = mapped_column(JSON)
     alloc_conf: Mapped[str] = mapped_column(String(500), default=DEFAULT_ALLOC_CONF, server_default="")
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe assumed ('' for the default allocator)."""
+    step: Mapped[str] = mapped_column(String(16), default="train", server_default="train")
+    """The step the trials ran: `train` or `eval` (migration 0006)."""
     verified_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
 

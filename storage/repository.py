@@ -138,6 +138,7 @@ def find_cached_probe(
     torch_minor: str,
     gradient_checkpointing: bool,
     alloc_conf: str | None = None,
+    step: str = "train",
 ) -> ProbeResult | None:
     """The complete probe result for this cache key, with its trials; None on a miss. (The key is
     unique among complete results; superseded ones, kept by migrations 0002 and 0003, are never
@@ -155,6 +156,7 @@ def find_cached_probe(
             ProbeRow.torch_minor == torch_minor,
             ProbeRow.gradient_checkpointing == gradient_checkpointing,
             ProbeRow.alloc_conf == (alloc_conf or DEFAULT_ALLOC_CONF),
+            ProbeRow.step == step,
             ProbeRow.status == PROBE_COMPLETE,
         )
         .order_by(ProbeRow.created_at.desc(), ProbeRow.id.desc())
@@ -248,6 +250,7 @@ def _probe_values(result: ProbeResult) -> dict[str, Any]:
         "facts": None if result.facts is None else result.facts.model_dump(mode="json"),
         "extra": dict(result.extra),
         "alloc_conf": result.alloc_conf or DEFAULT_ALLOC_CONF,
+        "step": result.step,
         "verified_steps": result.verified_steps,
         "seconds": result.seconds,
     }
@@ -314,6 +317,7 @@ def _probe_from_row(row: ProbeRow) -> ProbeResult:
         seconds=row.seconds,
         versions=row.versions,
         alloc_conf=row.alloc_conf or None,
+        step=row.step if row.step in ("train", "eval") else "train",
         facts=None if row.facts is None else WorkloadFacts.model_validate(row.facts),
         verified_steps=row.verified_steps,
         extra=row.extra,

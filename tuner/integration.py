@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuner.errors import DeviceRequiredError, SpecError
-from tuner.results import Plan, ProbeResult
+from tuner.results import Plan
 from tuner.settings import get_settings
 from tuner.spec import (
     Backend,
@@ -134,22 +134,13 @@ def plan_for(
 
 
 def plan_locally(request: PlanRequest) -> Plan:
-    """Probe each checkpointing choice the policy needs in this machine, then plan (no server)."""
-    from probes.probe import run_probe
+    """Probe each checkpointing choice the policy needs in this machine (and the eval step and a
+    token budget's lengths where the request asks for them), then plan (no server)."""
+    from probes.plan_local import run_plan_probes
     from tuner.planner import make_plan
 
-    choices = {"off": (False,), "on": (True,), "auto": (False, True)}[request.policy.gradient_checkpointing]
-    probes: dict[bool, ProbeResult] = {
-        checkpointing: run_probe(
-            request.workload,
-            backend=request.backend,
-            device=request.device,
-            gradient_checkpointing=checkpointing,
-            alloc_conf=request.alloc_conf,
-        )
-        for checkpointing in choices
-    }
-    return make_plan(request, probes)
+    probes, extras = run_plan_probes(request)
+    return make_plan(request, probes, extras)
 
 
 # -- the workload --------------------------------------------------------------------------------
