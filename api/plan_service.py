@@ -58,6 +58,14 @@ from storage.models import FINISHED_JOB_STATUSES
 from storage.records import JobRecord
 from tuner.errors import DeviceRequiredError, TunerError, client_fault_error, job_error_text, parse_job_error
 from tuner.intake import refuse_what_cannot_fit
+from tuner.plan_probes import (
+    ExtraProbes,
+    ProbeNeed,
+    checkpointing_choices,
+    extra_needs,
+    find_extras,
+    probed_workload,
+)
 from tuner.planner import make_plan, per_rank_batch
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest, parse_plan_request
@@ -75,11 +83,6 @@ def installed_torch_minor() -> str:
     except metadata.PackageNotFoundError:
         return "unknown"
     return repository.torch_minor(version)
-
-
-def checkpointing_choices(request: PlanRequest) -> list[bool]:
-    """The checkpointing choices the request's policy needs a probe for, off first."""
-    return {"off": [False], "on": [True], "auto": [False, True]}[request.policy.gradient_checkpointing]
 
 
 def canonical_request(request: PlanRequest) -> dict[str, Any]:
@@ -121,6 +124,41 @@ def cached_probes(
     return probes
 
 
+def cached_extras(session: Session, *, request: PlanRequest, torch_minor: str) -> ExtraProbes | None:
+    """The cached eval probe and token-budget lengths the request needs (`tuner.plan_probes`), or
+    None if one is missing (or the request names no device)."""
+    device = request.device
+    if device is None:
+        return None
+
+    def lookup(need: ProbeNeed) -> ProbeResult | None:
+        return repository.find_cached_probe(
+            session,
+            fingerprint=need.workload.fingerprint(),
+            device_name=device.name,
+            device_memory_bytes=device.total_memory_bytes,
+            backend=request.backend,
+            torch_minor=torch_minor,
+            gradient_checkpointing=need.gradient_checkpointing,
+            alloc_conf=request.alloc_conf,
+            step=need.step,
+        )
+
+    return find_extras(request, lookup)
+
+
+def extra_probe_ids(extras: ExtraProbes) -> dict[str, int]:
+    """The extra probes' ids, keyed as a plan's identity names them: `eval`, `length:64:off`."""
+    ids: dict[str, int] = {}
+    if extras.eval is not None and extras.eval.id is not None:
+        ids["eval"] = extras.eval.id
+    for length, by_choice in sorted(extras.lengths.items()):
+        for checkpointing, probe in sorted(by_choice.items()):
+            if probe.id is not None:
+                ids[f"length:{length}:{'on' if checkpointing else 'off'}"] = probe.id
+    return ids
+
+
 def derive_plan(
     session: Session,
     *,
@@ -145,8 +183,12 @@ def derive_plan(
     probes = cached_probes(session, request=request, torch_minor=torch_minor)
     if probes is None:
         return None
+    extras = cached_extras(session, request=request, torch_minor=torch_minor)
+    if extras is None:
+        return None
     canonical = canonical_request(request)
     probe_ids = {("on" if gc else "off"): probe.id for gc, probe in probes.items() if probe.id is not None}
+    probe_ids.update(extra_probe_ids(extras))
     earlier = repository.find_plan_by_request(
         session, request_hash=repository.plan_request_hash(canonical, probe_ids)
     )
@@ -154,7 +196,7 @@ def derive_plan(
         if waiter_id is not None:
             repository.resolve_waiter(session, waiter_id=waiter_id, plan_id=earlier.id)
         return earlier.model_copy(update={"cache_hit": True})
-    plan = make_plan(request, probes).model_copy(update={"cache_hit": cache_hit})
+    plan = make_plan(request, probes, extras).model_copy(update={"cache_hit": cache_hit})
     plan_id, created = repository.save_plan_or_existing(
         session, plan=plan, request=canonical, waiter_id=waiter_id
     )
@@ -174,20 +216,40 @@ def job_key(request: PlanRequest, torch_minor: str) -> str:
         ",".join("on" if gc else "off" for gc in checkpointing_choices(request)),
         request.alloc_conf or "",
     ]
+    extras = extra_needs(request)
+    if extras:  # absent otherwise, so that the keys of jobs without extra probes stay as they were
+        parts.append(
+            ",".join(
+                f"{need.step}:{need.seq_len or ''}:{int(need.gradient_checkpointing)}" for need in extras
+            )
+        )
     return "|".join(parts)
 
 
 def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
     """What the worker reads: the workload, device, backend, checkpointing choices, torch minor and
     allocator setting."""
-    return {
-        "workload": request.workload.model_dump(mode="json"),
+    payload: dict[str, Any] = {
+        "workload": probed_workload(request.workload).model_dump(mode="json"),
         "device": request.device.model_dump(mode="json") if request.device else None,
         "backend": request.backend,
         "gradient_checkpointing": checkpointing_choices(request),
         "torch_minor": torch_minor,
         "alloc_conf": request.alloc_conf,
     }
+    extras = extra_needs(request)
+    if extras:
+        # The eval probe and a token budget's lengths, probed after the train probes.
+        payload["extra_probes"] = [
+            {
+                "workload": need.workload.model_dump(mode="json"),
+                "gradient_checkpointing": need.gradient_checkpointing,
+                "step": need.step,
+                "role": need.role,
+            }
+            for need in extras
+        ]
+    return payload
 
 
 def job_plan_id(session: Session, *, job_id: int) -> int | None:

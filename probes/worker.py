@@ -40,7 +40,7 @@ from storage.db import session_factory
 from storage.records import Accepts, JobRecord, WaiterRecord
 from tuner.errors import CLIENT_FAULT_CODES, NothingFitsError, TunerError, job_error_text
 from tuner.results import ProbeResult
-from tuner.spec import Backend, DeviceSpec, WorkloadSpec, parse_plan_request, parse_workload
+from tuner.spec import Backend, DeviceSpec, StepKind, WorkloadSpec, parse_plan_request, parse_workload
 
 log = logging.getLogger("tuner.worker")
 
@@ -58,6 +58,7 @@ class ProbeRunner(Protocol):
         timeout: float | None = None,
         progress: Callable[[Any], None] | None = None,
         alloc_conf: str | None = None,
+        step: StepKind = "train",
     ) -> ProbeResult: ...
 
 
@@ -303,33 +304,56 @@ class Worker:
                 self.torch_minor,
             )
         probes: list[ProbeResult] = []
+        alloc_conf = payload.get("alloc_conf")
         for checkpointing in payload["gradient_checkpointing"]:
-            with self._session() as session:
-                cached = repository.find_cached_probe(
-                    session,
-                    fingerprint=workload.fingerprint(),
-                    device_name=device.name,
-                    device_memory_bytes=device.total_memory_bytes,
-                    backend=self.backend,
-                    torch_minor=self.torch_minor,
-                    gradient_checkpointing=bool(checkpointing),
-                    alloc_conf=payload.get("alloc_conf"),
-                )
-            if cached is not None and cached.id is not None:
-                # A worker that lost this job earlier may have stored some choices already.
-                probes.append(cached)
-                continue
-            alloc_conf = payload.get("alloc_conf")
-            result = self._run_probe(active, workload, device, bool(checkpointing), alloc_conf)
-            with self._writing(active) as session:
-                # Renew the lease first: a worker that lost it must not store a duplicate.
-                if not repository.heartbeat(
-                    session, job_id=active.id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
-                ):
-                    active.abandoned = True
-                    raise _LeaseGone
-                probes.append(result.model_copy(update={"id": repository.save_probe(session, result=result)}))
+            probes.append(self._probe_one(active, workload, device, bool(checkpointing), alloc_conf, "train"))
+        # The eval probe and a token budget's lengths (`tuner.plan_probes`), after the train probes.
+        for extra in payload.get("extra_probes") or []:
+            step: StepKind = "eval" if extra.get("step") == "eval" else "train"
+            self._probe_one(
+                active,
+                parse_workload(extra["workload"]),
+                device,
+                bool(extra["gradient_checkpointing"]),
+                alloc_conf,
+                step,
+            )
         return probes
+
+    def _probe_one(
+        self,
+        active: _ActiveJob,
+        workload: WorkloadSpec,
+        device: DeviceSpec,
+        checkpointing: bool,
+        alloc_conf: str | None,
+        step: StepKind,
+    ) -> ProbeResult:
+        """The cached probe of this key, or a new one, stored (with its id)."""
+        with self._session() as session:
+            cached = repository.find_cached_probe(
+                session,
+                fingerprint=workload.fingerprint(),
+                device_name=device.name,
+                device_memory_bytes=device.total_memory_bytes,
+                backend=self.backend,
+                torch_minor=self.torch_minor,
+                gradient_checkpointing=checkpointing,
+                alloc_conf=alloc_conf,
+                step=step,
+            )
+        if cached is not None and cached.id is not None:
+            # A worker that lost this job earlier may have stored some probes already.
+            return cached
+        result = self._run_probe(active, workload, device, checkpointing, alloc_conf, step)
+        with self._writing(active) as session:
+            # Renew the lease first: a worker that lost it must not store a duplicate.
+            if not repository.heartbeat(
+                session, job_id=active.id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
+            ):
+                active.abandoned = True
+                raise _LeaseGone
+            return result.model_copy(update={"id": repository.save_probe(session, result=result)})
 
     def _run_probe(
         self,
@@ -338,6 +362,7 @@ class Worker:
         device: DeviceSpec,
         checkpointing: bool,
         alloc_conf: str | None,
+        step: StepKind = "train",
     ) -> ProbeResult:
         active.progress = {"gradient_checkpointing": checkpointing, "trials": 0}
 
@@ -353,6 +378,8 @@ class Worker:
 
         if self._probe_runner is None:
             self._probe_runner = _default_probe_runner()
+        # Only an eval probe passes `step`: runners written before it (tests' fakes) stay valid.
+        by_step: dict[str, Any] = {} if step == "train" else {"step": step}
         return self._probe_runner(
             workload,
             backend=self.backend,
@@ -361,6 +388,7 @@ class Worker:
             timeout=self.probe_timeout_seconds,
             progress=on_trial,
             alloc_conf=alloc_conf,
+            **by_step,
         )
 
     def _job_device(self, payload: dict[str, Any]) -> DeviceSpec:

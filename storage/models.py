@@ -228,6 +228,9 @@ class PlanRow(Base):
     hints: Mapped[list[str]] = mapped_column(JSON)
     accumulation_schedule: Mapped[list[dict[str, int]] | None] = mapped_column(JSON, nullable=True)
     versions: Mapped[dict[str, str]] = mapped_column(JSON)
+    eval_and_tokens: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """The eval micro-batch and the token budget, where the request asked for them (migration
+    0006): `tuner.results.Plan`'s `eval_*`, `max_tokens_per_micro_batch` and `token_budget`."""
 
     __table_args__ = (
         Index("ix_plans_created_at", "created_at"),

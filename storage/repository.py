@@ -509,7 +509,23 @@ def _plan_values(plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
         if plan.accumulation_schedule is None
         else [dict(step) for step in plan.accumulation_schedule],
         versions=dict(plan.versions),
+        eval_and_tokens=_eval_and_tokens(plan),
     )
+
+
+EVAL_AND_TOKEN_FIELDS = (
+    "eval_micro_batch_size",
+    "eval_predicted_peak_bytes",
+    "eval_probe_id",
+    "max_tokens_per_micro_batch",
+    "token_budget",
+)
+"""The plan fields stored in `plans.eval_and_tokens` (None where a plan has none of them)."""
+
+
+def _eval_and_tokens(plan: Plan) -> dict[str, Any] | None:
+    values = plan.model_dump(mode="json", include=set(EVAL_AND_TOKEN_FIELDS))
+    return values if any(value is not None for value in values.values()) else None
 
 
 def _plan_from_row(row: PlanRow) -> Plan:
@@ -540,4 +556,5 @@ def _plan_from_row(row: PlanRow) -> Plan:
         accumulation_schedule=row.accumulation_schedule,
         versions=row.versions,
         alloc_conf=(row.request or {}).get("alloc_conf"),
+        **(row.eval_and_tokens or {}),
     )

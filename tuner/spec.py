@@ -381,6 +381,9 @@ class PlanRequest(_Spec):
                 "effective_tokens needs workload.inputs.min_seq_len: a token budget is planned for "
                 "lengths that vary"
             )
+        from tuner.token_budget import check_effective_tokens
+
+        check_effective_tokens(self.effective_tokens, self.world_size, seq_len=inputs.seq_len)
         return self
 
 

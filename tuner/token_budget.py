@@ -65,6 +65,14 @@ def token_budget(max_batch_by_length: Mapping[int, int]) -> Budget:
     return Budget(max_tokens=tokens, limiting_seq_len=length)
 
 
+class _TokenTargetError(PlanError, ValueError):
+    """An unreachable `effective_tokens`: a `PlanError` for the planner, a `ValueError` for the
+    request's validator (which turns it into a 422 naming the field)."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass(frozen=True)
 class TokenAccumulation:
     """How a token-budget loop reaches `effective_tokens` per optimizer step."""
@@ -82,26 +90,33 @@ def token_accumulation(
     `effective_tokens`, balanced. Raises `PlanError` naming `effective_tokens` when no loop can
     reach it: not a whole number of tokens per rank, or a share smaller than one longest
     sequence (a window must take whole sequences)."""
-    if effective_tokens % world_size:
-        lower = effective_tokens // world_size * world_size
-        raise PlanError(
-            f"effective_tokens ({effective_tokens}) is not divisible by the world size ({world_size}): "
-            f"every rank must take the same number of tokens; use {lower or world_size} or "
-            f"{lower + world_size}."
-        )
-    per_rank = effective_tokens // world_size
-    if per_rank < seq_len:
-        raise PlanError(
-            f"effective_tokens ({effective_tokens}) is not reachable: each of {world_size} rank(s) would "
-            f"take {per_rank} tokens per optimizer step, fewer than one sequence of seq_len ({seq_len}); "
-            f"use at least {seq_len * world_size}."
-        )
+    per_rank = check_effective_tokens(effective_tokens, world_size, seq_len=seq_len)
     steps = math.ceil(per_rank / max_tokens)
     return TokenAccumulation(
         per_rank_tokens=per_rank,
         accumulation_steps=steps,
         tokens_per_micro_batch=math.ceil(per_rank / steps),
     )
+
+
+def check_effective_tokens(effective_tokens: int, world_size: int, *, seq_len: int) -> int:
+    """One rank's share of `effective_tokens`; `PlanError` (a `ValueError` too, for a validator)
+    naming the field where no loop can reach it."""
+    if effective_tokens % world_size:
+        lower = effective_tokens // world_size * world_size
+        raise _TokenTargetError(
+            f"effective_tokens ({effective_tokens}) is not divisible by the world size ({world_size}): "
+            f"every rank must take the same number of tokens; use {lower or world_size} or "
+            f"{lower + world_size}."
+        )
+    per_rank = effective_tokens // world_size
+    if per_rank < seq_len:
+        raise _TokenTargetError(
+            f"effective_tokens ({effective_tokens}) is not reachable: each of {world_size} rank(s) would "
+            f"take {per_rank} tokens per optimizer step, fewer than one sequence of seq_len ({seq_len}); "
+            f"use at least {seq_len * world_size}."
+        )
+    return per_rank
 
 
 def describe_accumulation(accumulation: TokenAccumulation, max_tokens: int) -> str:

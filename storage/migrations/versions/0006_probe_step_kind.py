@@ -1,12 +1,14 @@
-"""The probe's step kind joins the probe cache key: `probe_results.step`.
+"""The probe's step kind joins the probe cache key (`probe_results.step`); plans keep their eval
+micro-batch and token budget (`plans.eval_and_tokens`).
 
 A probe runs the canonical train step (`train`) or the eval step (`eval`: forward only under
 `torch.no_grad()` with the training state resident); the two answer different questions for the
 same workload, so the kind is part of what a cached result answers for.
 
 Upgrade: `step` (text, never NULL, `train` for every stored result: each ran the train step) is
-added and the unique cache-key index rebuilt with it. Downgrade drops the eval results (the old
-key cannot tell them from train results) and restores the previous index.
+added and the unique cache-key index rebuilt with it; `plans.eval_and_tokens` (JSON, NULL for
+every stored plan: none had either) is added. Downgrade drops the column, the eval results (the
+old key cannot tell them from train results) and restores the previous index.
 
 Revision ID: 0006
 Revises: 0004
@@ -52,9 +54,11 @@ def upgrade() -> None:
         postgresql_where=COMPLETE,
         sqlite_where=COMPLETE,
     )
+    op.add_column("plans", sa.Column("eval_and_tokens", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("plans", "eval_and_tokens")
     op.drop_index("uq_probe_results_cache_key", table_name="probe_results")
     # Eval results and their trials go (plans that named one keep a dangling id, as after 0003).
     evaluated = sa.select(probe_results.c.id).where(probe_results.c.step != "train")
