@@ -67,6 +67,7 @@ def plan_for(
     local: bool = False,
     keeps_outputs: bool | None = None,
     alloc_conf: str | None = None,
+    effective_tokens: int | None = None,
 ) -> Plan:
     """The plan for training `model_or_spec` at `effective_batch_size` samples per update.
 
@@ -80,6 +81,8 @@ def plan_for(
     `tuner.integrations.hf.plan_for_trainer`).
     `alloc_conf`: the `PYTORCH_CUDA_ALLOC_CONF` the training will use (default: this process's
     environment variable); part of the probe's key.
+    `policy={"eval": True}` also plans an eval micro-batch; token `inputs` with a `min_seq_len`
+    also plan a token budget, and `effective_tokens` how to reach that many tokens per update.
 
     `world_size`: default `torch.distributed`'s when initialised, else `WORLD_SIZE`, else 1.
     `device`: default this process's CUDA GPU; without a GPU, give the device to plan for
@@ -122,6 +125,7 @@ def plan_for(
         backend=backend,
         policy=policy,
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") if alloc_conf is None else alloc_conf,
+        effective_tokens=effective_tokens,
     )
     if url:
         from tuner.client import TunerClient
@@ -303,6 +307,7 @@ def _plan_request(
     backend: Backend,
     policy: PlanPolicy | Mapping[str, Any] | None,
     alloc_conf: str | None = None,
+    effective_tokens: int | None = None,
 ) -> PlanRequest:
     try:
         return PlanRequest(
@@ -313,6 +318,7 @@ def _plan_request(
             backend=backend,
             policy=PlanPolicy.model_validate(policy if policy is not None else {}),
             alloc_conf=alloc_conf,
+            effective_tokens=effective_tokens,
         )
     except ValidationError as exc:
         raise SpecError(f"Invalid plan request: {format_validation_error(exc)}") from None
