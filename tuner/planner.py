@@ -182,7 +182,7 @@ def _eval_micro_batch(request: PlanRequest, extras: ExtraProbes, budget: int) ->
         raise PlanError("policy.eval needs an eval probe (step 'eval'); none was given.")
     if probe.step != "eval":
         raise PlanError(f"The probe given for policy.eval ran the {probe.step} step, not the eval step.")
-    usable, limited_by = usable_micro_batch(probe, budget)
+    usable, limited_by = bracketed_micro_batch(probe, budget)
     if usable < 1:
         return _EvalPart(
             probe_id=probe.id,
@@ -193,7 +193,7 @@ def _eval_micro_batch(request: PlanRequest, extras: ExtraProbes, budget: int) ->
         )
     return _EvalPart(
         micro_batch_size=usable,
-        peak_bytes=predicted_peak_bytes(probe, usable),
+        peak_bytes=bracketed_peak_bytes(probe, usable),
         probe_id=probe.id,
         hint=(
             f"Eval (not applied): an eval batch of {usable} fits beside the training state (set by "
@@ -202,6 +202,50 @@ def _eval_micro_batch(request: PlanRequest, extras: ExtraProbes, budget: int) ->
             "otherwise."
         ),
     )
+
+
+def _bracket(probe: ProbeResult, batch_size: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The nearest passing trials with measured reserved peaks at or below and above `batch_size`."""
+    passing = sorted(
+        (t.batch_size, int(t.peak_reserved_bytes))
+        for t in probe.trials
+        if t.ok and t.peak_reserved_bytes is not None
+    )
+    below = [point for point in passing if point[0] <= batch_size]
+    above = [point for point in passing if point[0] > batch_size]
+    if not below or not above:
+        return None
+    return below[-1], above[0]
+
+
+def bracketed_micro_batch(probe: ProbeResult, budget_bytes: int) -> tuple[int, str]:
+    """`usable_micro_batch`, never above what the measured trials around it allow: where passing
+    trials bracket the answer and the larger one exceeds the budget, memory between them is taken
+    as the straight line through them, not the probe's fitted line (which, fitted far below, can
+    run under both: the step's memory bends near the card's limit). Errs low."""
+    usable, limited_by = usable_micro_batch(probe, budget_bytes)
+    bracket = _bracket(probe, usable)
+    if bracket is None:
+        return usable, limited_by
+    (low, low_peak), (high, high_peak) = bracket
+    if high_peak <= budget_bytes or low_peak > budget_bytes or usable == low:
+        return usable, limited_by
+    between = low + math.floor((budget_bytes - low_peak) * (high - low) / (high_peak - low_peak))
+    return (between, "the memory budget") if between < usable else (usable, limited_by)
+
+
+def bracketed_peak_bytes(probe: ProbeResult, batch_size: int) -> int | None:
+    """`predicted_peak_bytes`, never below the straight line between the measured trials that
+    bracket `batch_size` (memory grows with the batch)."""
+    predicted = predicted_peak_bytes(probe, batch_size)
+    bracket = _bracket(probe, batch_size)
+    if bracket is None or predicted is None:
+        return predicted
+    (low, low_peak), (high, high_peak) = bracket
+    if low == batch_size:
+        return max(predicted, low_peak)
+    between = low_peak + (high_peak - low_peak) * (batch_size - low) / (high - low)
+    return max(predicted, math.ceil(between))
 
 
 @dataclass(frozen=True)
@@ -230,7 +274,7 @@ def _token_budget(request: PlanRequest, extras: ExtraProbes, chosen: _Option, bu
                 f"inputs.min_seq_len needs a probe at length {length} with checkpointing "
                 f"{_label(chosen.checkpointing)}; none was given."
             )
-        usable, _ = usable_micro_batch(probe, budget)
+        usable, _ = bracketed_micro_batch(probe, budget)
         points.append(
             LengthPoint(seq_len=length, max_batch_size=usable, tokens=usable * length, probe_id=probe.id)
         )

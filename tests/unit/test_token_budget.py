@@ -193,3 +193,27 @@ def test_the_needs_name_each_probe_once() -> None:
     assert needs[0].workload.fingerprint() == asked.workload.fingerprint()
     assert needs[0].workload.inputs.model_dump()["min_seq_len"] is None
     assert extra_needs(request(min_seq_len=None)) == []
+
+
+def test_measured_trials_around_the_answer_overrule_a_line_fitted_far_below() -> None:
+    """A line fitted at small batches that runs under the measured peaks near the limit: the
+    eval micro-batch stays where the straight line between the bracketing trials allows."""
+    asked = request(min_seq_len=None, policy={"eval": True})
+    budget = memory_budget(DEVICE.total_memory_bytes, 0.05)
+    low, high = 555, 558
+    evaluation = probe_at(512, step="eval").model_copy(
+        update={
+            "max_batch_size": high,
+            "memory_line": MemoryLine(fixed_bytes=GIB, per_sample_bytes=(budget - 3 * GIB) / high),
+            "trials": [
+                Trial(batch_size=low, ok=True, peak_reserved_bytes=budget - 40 * (1 << 20)),
+                Trial(batch_size=high, ok=True, peak_reserved_bytes=budget + 70 * (1 << 20)),
+                Trial(batch_size=high + 1, ok=False),
+            ],
+        }
+    )
+    plan = make_plan(asked, {False: probe_at(512)}, ExtraProbes(eval=evaluation))
+    # 40 MiB of room at 555 and 110 MiB per 3 samples: one more sample, not two.
+    assert plan.eval_micro_batch_size == 556
+    assert plan.eval_predicted_peak_bytes is not None
+    assert budget - 40 * (1 << 20) < plan.eval_predicted_peak_bytes <= budget
