@@ -86,8 +86,17 @@ def installed_torch_minor() -> str:
 
 
 def canonical_request(request: PlanRequest) -> dict[str, Any]:
-    """The request with every default filled in: what is stored with a plan and compared."""
+    """The request with every default filled in (but those of fields added later, at their default):
+    what is stored with a plan and compared."""
     data: dict[str, Any] = request.model_dump(mode="json")
+    # Fields added later are left out at their defaults, so that a request that does not use them
+    # keeps the identity (and the stored plan) it had before they existed.
+    if data.get("effective_tokens") is None:
+        data.pop("effective_tokens", None)
+    if data["policy"].get("eval") is False:
+        data["policy"].pop("eval")
+    if data["workload"]["inputs"].get("min_seq_len", 0) is None:
+        data["workload"]["inputs"].pop("min_seq_len")
     return data
 
 

@@ -64,6 +64,7 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
         torch_minor=minor,
         gradient_checkpointing=result.gradient_checkpointing,
         alloc_conf=result.alloc_conf,
+        step=result.step,
     )
     if existing is None:
         # Nothing stored a moment ago; another upload may still store first, and then the
@@ -79,7 +80,7 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
     raise ConflictError(
         f"Probe result {existing.id} is already stored for this workload, device, backend, torch "
         f"{minor}, checkpointing {'on' if result.gradient_checkpointing else 'off'} and allocator "
-        f"setting {result.alloc_conf or 'default'}, with "
+        f"setting {result.alloc_conf or 'default'} ({result.step} step), with "
         f"max_batch_size {existing.max_batch_size} (this one: {result.max_batch_size})."
     )
 
@@ -92,4 +93,5 @@ def _key(probe: ProbeResult) -> tuple[object, ...]:
         repository.torch_minor(probe.versions.get("torch")),
         probe.gradient_checkpointing,
         probe.alloc_conf,
+        probe.step,
     )
