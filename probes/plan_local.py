@@ -53,6 +53,8 @@ def run_plan_probes(
                 progress=bar.advance,
                 alloc_conf=request.alloc_conf,
                 step=need.step,
+                # The plan's allocator hint comes from its train probes at seq_len.
+                allocator_hint=need.role == "train",
             )
             bar.done(result)
         if need.role == "train":

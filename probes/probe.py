@@ -87,6 +87,8 @@ class _Job:
     """Set when a prior is traced beside the search: how long the search may wait for it."""
     alloc_conf: str | None = None
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe runs under (None: PyTorch's default)."""
+    allocator_hint: bool = True
+    """Also search the expandable-segments alternative (estimate, default allocator)."""
     step: StepKind = "train"
     """The step each trial runs: the train step, or the eval forward (`probes.eval_step`)."""
 
@@ -120,6 +122,7 @@ def run_probe(
     estimate_prior: bool | None = None,
     alloc_conf: str | None = None,
     step: StepKind = "train",
+    allocator_hint: bool | None = None,
 ) -> ProbeResult:
     """The largest micro-batch of `spec` on a device, with every trial that led there.
 
@@ -130,6 +133,8 @@ def run_probe(
     allocator); the estimate backend models it, the cuda backend's child runs under it. Where the
     default allocator was probed on the estimate backend, `extra` also says how large a micro-batch
     `expandable_segments:True` would allow (`expandable_segments_max_batch_size`).
+    `allocator_hint`: whether that alternative is searched (default: for the train step; an
+    eval probe's plan gives no allocator hint).
     `estimate_prior`: whether a guided cuda search gets the estimator's line as its prior
     (default: yes, except with a `trial_factory`, whose memory the estimator does not model)."""
     if backend not in ("cuda", "estimate"):
@@ -163,6 +168,7 @@ def run_probe(
         trial_factory=trial_factory,
         prior_timeout=None if prior is None else prior.timeout + PRIOR_HANDOVER_SECONDS,
         alloc_conf=alloc_conf,
+        allocator_hint=step == "train" if allocator_hint is None else allocator_hint,
         step=step,
     )
     try:
@@ -254,7 +260,8 @@ def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
         )
         # The cuda backend learns the facts when it first builds the model.
         facts = backend.facts if backend.facts is not None else getattr(backend.fits, "facts", None)
-        extra = _expandable_alternative(job, search) if job.trial_factory is None else {}
+        wanted = job.trial_factory is None and job.allocator_hint
+        extra = _expandable_alternative(job, search) if wanted else {}
         extra.update(backend.notes)
     finally:
         if backend.close is not None:

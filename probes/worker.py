@@ -59,6 +59,7 @@ class ProbeRunner(Protocol):
         progress: Callable[[Any], None] | None = None,
         alloc_conf: str | None = None,
         step: StepKind = "train",
+        allocator_hint: bool | None = None,
     ) -> ProbeResult: ...
 
 
@@ -317,6 +318,7 @@ class Worker:
                 bool(extra["gradient_checkpointing"]),
                 alloc_conf,
                 step,
+                extra_probe=True,
             )
         return probes
 
@@ -328,8 +330,12 @@ class Worker:
         checkpointing: bool,
         alloc_conf: str | None,
         step: StepKind,
+        *,
+        extra_probe: bool = False,
     ) -> ProbeResult:
-        """The cached probe of this key, or a new one, stored (with its id)."""
+        """The cached probe of this key, or a new one, stored (with its id). An extra probe (eval,
+        a token budget's length) skips the allocator alternative: the plan's hint comes from its
+        train probes."""
         with self._session() as session:
             cached = repository.find_cached_probe(
                 session,
@@ -345,7 +351,7 @@ class Worker:
         if cached is not None and cached.id is not None:
             # A worker that lost this job earlier may have stored some probes already.
             return cached
-        result = self._run_probe(active, workload, device, checkpointing, alloc_conf, step)
+        result = self._run_probe(active, workload, device, checkpointing, alloc_conf, step, extra_probe)
         with self._writing(active) as session:
             # Renew the lease first: a worker that lost it must not store a duplicate.
             if not repository.heartbeat(
@@ -363,6 +369,7 @@ class Worker:
         checkpointing: bool,
         alloc_conf: str | None,
         step: StepKind = "train",
+        extra_probe: bool = False,
     ) -> ProbeResult:
         active.progress = {"gradient_checkpointing": checkpointing, "trials": 0}
 
@@ -378,8 +385,9 @@ class Worker:
 
         if self._probe_runner is None:
             self._probe_runner = _default_probe_runner()
-        # Only an eval probe passes `step`: runners written before it (tests' fakes) stay valid.
-        by_step: dict[str, Any] = {} if step == "train" else {"step": step}
+        # Only an extra probe passes `step` and `allocator_hint`: runners written before them
+        # (tests' fakes) stay valid.
+        by_step: dict[str, Any] = {"step": step, "allocator_hint": False} if extra_probe else {}
         return self._probe_runner(
             workload,
             backend=self.backend,

@@ -217,3 +217,12 @@ def test_measured_trials_around_the_answer_overrule_a_line_fitted_far_below() ->
     assert plan.eval_micro_batch_size == 556
     assert plan.eval_predicted_peak_bytes is not None
     assert budget - 40 * (1 << 20) < plan.eval_predicted_peak_bytes <= budget
+
+
+def test_the_length_range_is_no_part_of_the_fingerprint() -> None:
+    ranged = request(min_seq_len=64).workload
+    fixed = request(min_seq_len=None).workload
+    assert ranged.fingerprint() == fixed.fingerprint()
+    assert ranged.at_length(64).fingerprint() != fixed.fingerprint()
+    assert ranged.at_length(64).inputs.model_dump()["seq_len"] == 64
+    assert ranged.at_length(64).inputs.model_dump()["min_seq_len"] is None
