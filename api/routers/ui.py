@@ -516,6 +516,11 @@ def trainer_snippet(plan: Plan) -> str:
         '    output_dir="output",',
         f"    per_device_train_batch_size={micro},",
         f"    gradient_accumulation_steps={steps},",
+        *(
+            [f"    per_device_eval_batch_size={plan.eval_micro_batch_size},"]
+            if plan.eval_micro_batch_size
+            else []
+        ),
         # The name every transformers release knows; 5.x also calls it activation_checkpointing.
         f"    gradient_checkpointing={plan.gradient_checkpointing},  # 5.x: activation_checkpointing",
     ]

@@ -44,6 +44,7 @@ def test_the_page_shows_the_eval_batch_the_token_budget_and_the_eval_curve(tmp_p
     assert f'Max tokens per micro-batch</dt><dd class="big">{plan.max_tokens_per_micro_batch}</dd>' in html
     assert "lengths 64–512, set by 512" in text
     assert "Trials of the eval step" in text
+    assert f"per_device_eval_batch_size={plan.eval_micro_batch_size}," in text  # the Trainer snippet
     svg = html[
         html.index("<svg", html.index('id="memory-chart"') - 200) : html.index(
             "</svg>", html.index('id="memory-chart"')
