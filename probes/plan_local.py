@@ -31,9 +31,16 @@ def _silent(_need: ProbeNeed) -> Iterator[_Silent]:
 
 
 def run_plan_probes(
-    request: PlanRequest, *, progress_for: ProgressFor | None = None, max_trials: int = 32
+    request: PlanRequest,
+    *,
+    progress_for: ProgressFor | None = None,
+    max_trials: int = 32,
+    search_within_cap: bool = True,
 ) -> tuple[dict[bool, ProbeResult], ExtraProbes]:
-    """The train probe of each checkpointing choice, and the extra probes, for `request`."""
+    """The train probe of each checkpointing choice, and the extra probes, for `request`.
+    `search_within_cap`: the train probes search no further than the policy's
+    `max_micro_batch_size` (no plan can use more); off, the probe's answer says how much room
+    there is beyond it (`tuner.plan_for`)."""
     from probes.probe import run_probe
 
     probes: dict[bool, ProbeResult] = {}
@@ -47,7 +54,11 @@ def run_plan_probes(
                 gradient_checkpointing=need.gradient_checkpointing,
                 # No plan can use more than the caller's cap: searching beyond it is wasted (the
                 # eval batch and a token budget's short lengths are not bound by it).
-                max_batch_size=(request.policy.max_micro_batch_size if need.role == "train" else None)
+                max_batch_size=(
+                    request.policy.max_micro_batch_size
+                    if need.role == "train" and search_within_cap
+                    else None
+                )
                 or 65536,
                 max_trials=max_trials,
                 progress=bar.advance,

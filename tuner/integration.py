@@ -143,7 +143,7 @@ def plan_locally(request: PlanRequest) -> Plan:
     from probes.plan_local import run_plan_probes
     from tuner.planner import make_plan
 
-    probes, extras = run_plan_probes(request)
+    probes, extras = run_plan_probes(request, search_within_cap=False)
     return make_plan(request, probes, extras)
 
 
