@@ -10,16 +10,21 @@ spec, a device and a server given, nothing imports it.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from pydantic import ValidationError
 
-from tuner.errors import DeviceRequiredError, SpecError
-from tuner.results import Plan
+from tuner.checkpointing import on_off
+from tuner.custom_code import custom_code_workload, factory_package, is_custom_code, trusting_factory
+from tuner.errors import DeviceRequiredError, ModelBuildError, SpecError
+from tuner.live_config import json_safe, parameter_dtype_name, without_implied_values
+from tuner.plan_probes import ExtraProbes, ProbeNeed, all_needs, probed_workload
+from tuner.results import Plan, ProbeResult
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, Trial
 from tuner.settings import get_settings
 from tuner.spec import (
     Backend,
@@ -30,12 +35,22 @@ from tuner.spec import (
     PlanRequest,
     Precision,
     Task,
+    TokensInputs,
     WorkloadSpec,
     format_validation_error,
     parse_workload,
 )
 
-__all__ = ["detect_local_device", "detect_world_size", "plan_for", "plan_locally", "workload_for"]
+__all__ = [
+    "detect_local_device",
+    "detect_world_size",
+    "plan_for",
+    "plan_locally",
+    "probe_locally",
+    "probe_plan_locally",
+    "search_ceiling",
+    "workload_for",
+]
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 _TASK_SUFFIXES: tuple[tuple[str, Task], ...] = (
@@ -46,6 +61,8 @@ _TASK_SUFFIXES: tuple[tuple[str, Task], ...] = (
 )
 DEFAULT_SERVER_WAIT = 30.0
 """Seconds the server may hold the plan request before answering with a job to poll."""
+DEFAULT_MAX_WAIT = 3600.0
+"""Seconds `plan_for` waits for a server's probe job in all before giving up (`job_timeout`)."""
 
 
 def plan_for(
@@ -68,6 +85,7 @@ def plan_for(
     keeps_outputs: bool | None = None,
     alloc_conf: str | None = None,
     effective_tokens: int | None = None,
+    max_wait: float | None = DEFAULT_MAX_WAIT,
 ) -> Plan:
     """The plan for training `model_or_spec` at `effective_batch_size` samples per update.
 
@@ -91,8 +109,10 @@ def plan_for(
     `server`: the tuner service's URL (default `TUNER_SERVER`); with none, each checkpointing
     choice the policy needs is probed here and the plan is made locally.
     `token`: bearer token for the server (default `TUNER_API_TOKEN`). `wait`: seconds the server
-    may hold the request before the client polls the job. `local`: probe here even when
-    `TUNER_SERVER` is set.
+    may hold the request before the client polls the job. `max_wait`: seconds to wait for the
+    job in all (None: however long it takes), then `ServiceError` (`job_timeout`) naming the job;
+    while waiting, a bar on a terminal, else log lines (the `tuner` logger) and a warning once the
+    job has waited a minute for a worker. `local`: probe here even when `TUNER_SERVER` is set.
     """
     workload = workload_for(
         model_or_spec,
@@ -103,6 +123,64 @@ def plan_for(
         optimizer=optimizer,
         keeps_outputs=keeps_outputs,
     )
+    package = factory_package(str(workload.model.factory)) if is_custom_code(model_or_spec) else None
+    with trusting_factory(package):  # the script imported the model's module: its own probes may too
+        plan = _plan(
+            workload,
+            effective_batch_size=effective_batch_size,
+            world_size=world_size,
+            server=server,
+            device=device,
+            backend=backend,
+            policy=policy,
+            token=token,
+            wait=wait,
+            local=local,
+            alloc_conf=alloc_conf,
+            effective_tokens=effective_tokens,
+            max_wait=max_wait,
+        )
+    if _length_defaulted(model_or_spec, inputs, factory):
+        assert isinstance(workload.inputs, TokensInputs)
+        plan = plan.model_copy(
+            update={
+                "hints": [
+                    *plan.hints,
+                    f"Planned for {workload.inputs.seq_len} tokens per sample, the config's maximum "
+                    "positions (no inputs= given): pass inputs=SEQ_LEN for the length your training "
+                    "uses, which usually allows a larger micro-batch.",
+                ]
+            }
+        )
+    return plan
+
+
+def _length_defaulted(model_or_spec: Any, inputs: Any, factory: str | None) -> bool:
+    """Whether the sequence length came from a transformers config's maximum positions."""
+    return (
+        inputs is None
+        and factory is None
+        and not isinstance(model_or_spec, WorkloadSpec | Mapping)
+        and not is_custom_code(model_or_spec)
+    )
+
+
+def _plan(
+    workload: WorkloadSpec,
+    *,
+    effective_batch_size: int,
+    world_size: int | None,
+    server: str | None,
+    device: DeviceSpec | None,
+    backend: Backend | None,
+    policy: PlanPolicy | Mapping[str, Any] | None,
+    token: str | None,
+    wait: float,
+    local: bool,
+    alloc_conf: str | None,
+    effective_tokens: int | None,
+    max_wait: float | None,
+) -> Plan:
     # With a device given, the local GPU only matters for choosing the backend, and only when
     # this process uses torch at all (a script that never imported it is planning ahead).
     look_here = device is None or (backend is None and "torch" in sys.modules)
@@ -132,19 +210,123 @@ def plan_for(
 
         settings_token = get_settings().api_token
         bearer = token or (settings_token.get_secret_value() if settings_token else None)
+        from tuner.job_log import JobLog
+
         with TunerClient(url, token=bearer) as client:
-            return client.create_plan(request, wait=wait)
+            log = JobLog(workload.describe(), url=url)
+            return client.create_plan(request, wait=wait, max_seconds=max_wait, on_update=log)
     return plan_locally(request)
+
+
+def search_ceiling(request: PlanRequest, need: ProbeNeed | None = None) -> int:
+    """The largest micro-batch a local probe for `request` tries. A train probe (the plan's own,
+    `need` None or of role `train`) stops at the caller's cap (`policy.max_micro_batch_size`): no
+    plan can use more, so searching beyond it is wasted. The eval probe and a token budget's
+    shorter lengths are not bound by the training micro-batch's cap (an eval batch is usually
+    larger; a short length's largest batch sets the token budget), so they search the full range."""
+    if need is not None and need.role != "train":
+        return DEFAULT_MAX_BATCH_SIZE
+    return request.policy.max_micro_batch_size or DEFAULT_MAX_BATCH_SIZE
+
+
+def probe_locally(
+    request: PlanRequest,
+    need: ProbeNeed | bool,
+    *,
+    progress: Callable[[Trial], None] | None = None,
+    max_trials: int = DEFAULT_MAX_TRIALS,
+) -> ProbeResult:
+    """One probe `request` needs, run in this machine and searched up to its ceiling
+    (`search_ceiling`): what `plan_locally` and `tuner plan` (without `--server`) both run.
+    `need`: one of the request's probes (`tuner.plan_probes`), or a checkpointing choice for the
+    train probe of that choice."""
+    from probes.probe import run_probe
+
+    if isinstance(need, bool):
+        need = ProbeNeed(probed_workload(request.workload), need)
+    settings = get_settings()
+    return run_probe(
+        need.workload,
+        backend=request.backend,
+        device=request.device,
+        gradient_checkpointing=need.gradient_checkpointing,
+        max_batch_size=search_ceiling(request, need),
+        max_trials=max_trials,
+        timeout=settings.probe_timeout_seconds,
+        prior_timeout=settings.estimate_timeout_seconds,
+        progress=progress,
+        alloc_conf=request.alloc_conf,
+        step=need.step,
+        # The plan's allocator hint comes from its train probes at seq_len.
+        allocator_hint=need.role == "train",
+    )
+
+
+ProgressFor = Callable[[ProbeNeed], AbstractContextManager[Any]]
+"""A context per probe that yields an object with `advance(trial)` and `done(result)`."""
+
+
+class _Silent:
+    def advance(self, _trial: Trial) -> None:
+        pass
+
+    def done(self, _result: ProbeResult) -> None:
+        pass
+
+
+@contextmanager
+def _silent(_need: ProbeNeed) -> Iterator[_Silent]:
+    yield _Silent()
+
+
+def probe_plan_locally(
+    request: PlanRequest,
+    *,
+    progress_for: ProgressFor | None = None,
+    max_trials: int = DEFAULT_MAX_TRIALS,
+    drop_unbuildable: bool = False,
+) -> tuple[dict[bool, ProbeResult], ExtraProbes, list[str]]:
+    """Every probe `request` needs, one after the other (`probe_locally`): the train probe of
+    each checkpointing choice, then the eval probe and a token budget's lengths
+    (`tuner.plan_probes`). Returns the train probes, the extra probes and the hints of what was
+    dropped: with `drop_unbuildable` under `auto`, a checkpointing choice the model cannot be
+    built with is one choice less (its length probes skipped too), not no plan."""
+    policy = request.policy.gradient_checkpointing
+    probes: dict[bool, ProbeResult] = {}
+    extras = ExtraProbes()
+    dropped: list[str] = []
+    unbuildable: set[bool] = set()
+    for need in all_needs(request):
+        if need.role == "length" and need.gradient_checkpointing in unbuildable:
+            continue
+        with (progress_for or _silent)(need) as bar:
+            try:
+                result = probe_locally(request, need, progress=bar.advance, max_trials=max_trials)
+            except ModelBuildError as exc:
+                if not drop_unbuildable or policy != "auto" or need.role != "train" or not probes:
+                    raise
+                unbuildable.add(need.gradient_checkpointing)
+                dropped.append(
+                    f"Checkpointing {on_off(need.gradient_checkpointing)} was not considered: the model "
+                    f"cannot be built with it ({exc.message})."
+                )
+                continue
+            bar.done(result)
+        if need.role == "train":
+            probes[need.gradient_checkpointing] = result
+        else:
+            extras.add(need, result)
+    return probes, extras, dropped
 
 
 def plan_locally(request: PlanRequest) -> Plan:
     """Probe each checkpointing choice the policy needs in this machine (and the eval step and a
     token budget's lengths where the request asks for them), then plan (no server)."""
-    from probes.plan_local import run_plan_probes
     from tuner.planner import make_plan
 
-    probes, extras = run_plan_probes(request, search_within_cap=False)
-    return make_plan(request, probes, extras)
+    probes, extras, dropped = probe_plan_locally(request, drop_unbuildable=True)
+    plan = make_plan(request, probes, extras)
+    return plan.model_copy(update={"hints": [*plan.hints, *dropped]}) if dropped else plan
 
 
 # -- the workload --------------------------------------------------------------------------------
@@ -187,6 +369,8 @@ def workload_for(
         return parse_workload({"model": model, **overrides})
     config = getattr(model_or_spec, "config", None)
     if config is not None and callable(getattr(config, "to_diff_dict", None)):
+        if is_custom_code(model_or_spec):
+            return custom_code_workload(model_or_spec, overrides)
         return _transformers_workload(model_or_spec, config, overrides)
     raise SpecError(
         f"Cannot describe a {type(model_or_spec).__name__} as a workload: pass a WorkloadSpec, a "
@@ -195,7 +379,7 @@ def workload_for(
 
 
 def _transformers_workload(model: Any, config: Any, overrides: dict[str, Any]) -> WorkloadSpec:
-    config_dict = _without_implied_values(config, _json_safe(config.to_diff_dict()))
+    config_dict = without_implied_values(config, json_safe(config.to_diff_dict()))
     config_dict.setdefault("model_type", getattr(config, "model_type", None))
     if "inputs" not in overrides:
         seq_len = next((config_dict[k] for k in _POSITION_KEYS if isinstance(config_dict.get(k), int)), None)
@@ -210,44 +394,10 @@ def _transformers_workload(model: Any, config: Any, overrides: dict[str, Any]) -
                 "inputs=SEQ_LEN (tokens per sample)."
             )
         overrides["inputs"] = {"kind": "tokens", "seq_len": seq_len}
-    if "precision" not in overrides and _parameter_dtype_name(model) == "bfloat16":
+    if "precision" not in overrides and parameter_dtype_name(model) == "bfloat16":
         overrides["precision"] = "bf16"  # bf16 weights: no autocast, no fp32 master copy
     spec = {"model": {"family": "transformers", "config": config_dict, "task": _task_of(model)}, **overrides}
     return parse_workload(spec)
-
-
-def _without_implied_values(config: Any, config_dict: dict[str, Any]) -> dict[str, Any]:
-    """`config_dict` less every value the config class would derive by itself without it.
-
-    `to_diff_dict` keeps values a class computes when they are left out (Llama's
-    `num_key_value_heads` and `head_dim`, its `rope_parameters`), which a person writing the same
-    spec by hand leaves out; dropping them gives the hand-written spec's fingerprint. A value is
-    dropped only when the class, built without it, has exactly the same configuration.
-    """
-    config_class = type(config)
-    reference = _comparable_config(config)
-    result = dict(config_dict)
-    transformers_logger = logging.getLogger("transformers")
-    level = transformers_logger.level
-    transformers_logger.setLevel(logging.ERROR)  # the trial builds repeat the config's own warnings
-    try:
-        for key in [k for k in config_dict if k != "model_type"]:
-            trial = {k: v for k, v in result.items() if k not in (key, "model_type")}
-            try:
-                rebuilt = config_class(**trial)
-            except Exception:  # the class needs the value (or refuses the rest without it): keep it
-                continue
-            if _comparable_config(rebuilt) == reference:
-                result.pop(key)
-    finally:
-        transformers_logger.setLevel(level)
-    return result
-
-
-def _comparable_config(config: Any) -> Any:
-    values = _json_safe(config.to_dict())
-    values.pop("transformers_version", None)
-    return values
 
 
 def _task_of(model: Any) -> Task:
@@ -256,26 +406,6 @@ def _task_of(model: Any) -> Task:
         if name.endswith(suffix):
             return task
     return "causal-lm"  # a bare backbone: plan for it with the LM head (the larger of the two)
-
-
-def _parameter_dtype_name(model: Any) -> str | None:
-    parameters = getattr(model, "parameters", None)
-    if not callable(parameters):
-        return None
-    for parameter in parameters():
-        return str(parameter.dtype).removeprefix("torch.")
-    return None
-
-
-def _json_safe(value: Any) -> Any:
-    """A config dict as JSON values (transformers may keep a torch.dtype or a tuple in it)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value).removeprefix("torch.")
 
 
 def _inputs_dict(inputs: InputsSpec | Mapping[str, Any] | int) -> dict[str, Any]:

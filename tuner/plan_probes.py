@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tuner.checkpointing import checkpointing_choices as choices_of_policy
+from tuner.checkpointing import on_off
 from tuner.results import ProbeResult
 from tuner.spec import PlanRequest, StepKind, TokensInputs, WorkloadSpec
 from tuner.token_budget import lengths_to_probe
@@ -34,7 +36,7 @@ class ProbeNeed:
 
     def describe(self) -> str:
         """`eval`, `checkpointing off`, `length 64, checkpointing on`: for progress and errors."""
-        checkpointing = f"checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        checkpointing = f"checkpointing {on_off(self.gradient_checkpointing)}"
         if self.role == "eval":
             return "eval"
         if self.role == "length":
@@ -44,7 +46,7 @@ class ProbeNeed:
 
 def checkpointing_choices(request: PlanRequest) -> list[bool]:
     """The checkpointing choices the request's policy needs a probe for, off first."""
-    return {"off": [False], "on": [True], "auto": [False, True]}[request.policy.gradient_checkpointing]
+    return list(choices_of_policy(request.policy.gradient_checkpointing))
 
 
 def probed_workload(workload: WorkloadSpec) -> WorkloadSpec:

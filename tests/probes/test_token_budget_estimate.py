@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from probes.estimate.remote import run_estimate_child
-from probes.plan_local import run_plan_probes
+from tuner.integration import probe_plan_locally
 from tuner.planner import make_plan
 from tuner.spec import DeviceSpec, WorkloadSpec, parse_plan_request
 
@@ -59,7 +59,7 @@ def planned() -> Any:
             "policy": {"gradient_checkpointing": "off"},
         }
     )
-    probes, extras = run_plan_probes(request, max_trials=24)
+    probes, extras, _ = probe_plan_locally(request, max_trials=24)
     return request, make_plan(request, probes, extras)
 
 

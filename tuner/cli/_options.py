@@ -8,11 +8,12 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from tuner.cli._common import fail
+from tuner.search_types import DEFAULT_MAX_TRIALS
 
 if TYPE_CHECKING:
     from tuner.spec import Backend, DeviceSpec
 
-MAX_TRIALS = 32
+MAX_TRIALS = DEFAULT_MAX_TRIALS
 """A probe's trial budget unless `--max-trials` says otherwise."""
 ALLOC_CONF_HELP = (
     "The PYTORCH_CUDA_ALLOC_CONF the run will use, e.g. expandable_segments:True "

@@ -14,7 +14,6 @@ from tuner.cli._common import clear_errors, fail, on_off, print_json, size_optio
 from tuner.cli._memory_chart import PlannedPoint, memory_chart_lines
 from tuner.cli._options import (
     ALLOC_CONF_HELP,
-    MAX_TRIALS,
     BackendChoice,
     alloc_conf_option,
     resolve_backend,
@@ -216,7 +215,7 @@ def _plan_locally(
 ) -> tuple[Plan, dict[bool, ProbeResult], ExtraProbes]:
     """Probe each checkpointing choice the policy needs (and the eval step and a token budget's
     lengths where asked), one after the other, then plan."""
-    from probes.plan_local import run_plan_probes
+    from tuner.integration import probe_plan_locally
     from tuner.planner import make_plan
 
     def progress_for(need: ProbeNeed) -> AbstractContextManager[Any]:
@@ -228,7 +227,7 @@ def _plan_locally(
             what=None if need.role == "train" else need.describe(),
         )
 
-    probes, extras = run_plan_probes(request, progress_for=progress_for, max_trials=MAX_TRIALS)
+    probes, extras, _ = probe_plan_locally(request, progress_for=progress_for)
     return make_plan(request, probes, extras), probes, extras
 
 
