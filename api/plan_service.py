@@ -57,7 +57,6 @@ from storage.models import FINISHED_JOB_STATUSES
 from storage.planning import (
     cached_probes,
     canonical_request,
-    checkpointing_choices,
     derive_plan,
     installed_torch_minor,
     job_key,
@@ -66,6 +65,7 @@ from storage.planning import (
 from storage.records import JobRecord
 from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, TunerError, client_fault_error
 from tuner.intake import refuse_what_cannot_fit
+from tuner.plan_probes import checkpointing_choices
 from tuner.planner import per_rank_batch
 from tuner.results import Plan
 from tuner.spec import PlanRequest, parse_plan_request

@@ -79,7 +79,7 @@ def store_uploaded_probe(
     raise ConflictError(
         f"Probe result {existing.id} is already stored for this workload, device, backend, torch "
         f"{minor}, checkpointing {'on' if result.gradient_checkpointing else 'off'} and allocator "
-        f"setting {result.alloc_conf or 'default'}, with "
+        f"setting {result.alloc_conf or 'default'} ({result.step} step), with "
         f"max_batch_size {existing.max_batch_size} (this one: {result.max_batch_size})."
     )
 

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from probes.step import Phase, run_train_steps
+from probes.eval_step import prepare_training_state, run_eval_steps
+from probes.step import Phase, StepReport, run_train_steps
 from probes.workloads import BuiltWorkload, build_workload
 from tuner.errors import ProbeError
 from tuner.oom import out_of_memory_types
 from tuner.results import WorkloadFacts
 from tuner.search_types import Trial
-from tuner.spec import DeviceSpec, WorkloadSpec
+from tuner.spec import DeviceSpec, StepKind, WorkloadSpec
 
 KERNEL_ALLOWANCE_BYTES = 256 << 20
 """Memory outside the allocator that appears only once kernels load (lazy module loading), after
@@ -132,10 +133,21 @@ class CudaTrials:
     peak anyway); each trial makes a fresh optimizer, so its state is created lazily as in
     training. After an out-of-memory error the model is rebuilt, since a step may have stopped
     half-way through its update.
+
+    `step="eval"`: each trial runs eval forwards (`probes.eval_step`) with the training state
+    resident. That state (one optimizer, its state created by one real train step when the model
+    is built, the gradients freed) lives as long as the model, as in a training run that pauses
+    to evaluate; each trial's peak is measured from after it was made.
     """
 
     def __init__(
-        self, spec: WorkloadSpec, *, gradient_checkpointing: bool, iterations: int = 2, seed: int = 0
+        self,
+        spec: WorkloadSpec,
+        *,
+        gradient_checkpointing: bool,
+        iterations: int = 2,
+        seed: int = 0,
+        step: StepKind = "train",
     ) -> None:
         if iterations < 2:
             raise ProbeError("A GPU trial needs at least two iterations (optimizer state is created lazily).")
@@ -144,16 +156,42 @@ class CudaTrials:
         self.gradient_checkpointing = gradient_checkpointing
         self.iterations = iterations
         self.seed = seed
+        self.step: StepKind = step
         self._workload: BuiltWorkload | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
         self.facts: WorkloadFacts | None = None
 
     def _build(self) -> BuiltWorkload:
         if self._workload is None:
-            self._workload = build_workload(
+            workload = build_workload(
                 self.spec, device="cuda", gradient_checkpointing=self.gradient_checkpointing, seed=self.seed
             )
-            self.facts = self._workload.facts
+            self.facts = workload.facts
+            if self.step == "eval":
+                optimizer = workload.make_optimizer()
+                prepare_training_state(workload, optimizer)
+                self._optimizer = optimizer
+            self._workload = workload
         return self._workload
+
+    def _steps(
+        self, workload: BuiltWorkload, batch_size: int, iterations: int, phases: _PeakPhases
+    ) -> StepReport:
+        if self.step == "eval":
+            return run_eval_steps(
+                workload,
+                batch_size,
+                iterations=iterations,
+                on_phase=phases.enter,
+                synchronize=torch.cuda.synchronize,
+            )
+        return run_train_steps(
+            workload,
+            batch_size,
+            iterations=iterations,
+            on_phase=phases.enter,
+            synchronize=torch.cuda.synchronize,
+        )
 
     def prepare(self) -> None:
         """Build the model now, as the first trial would, so that the build overlaps other work
@@ -169,8 +207,9 @@ class CudaTrials:
             self.close()
 
     def close(self) -> None:
-        """Drop the model and return its memory."""
+        """Drop the model (and an eval probe's training state) and return its memory."""
         self._workload = None
+        self._optimizer = None
         release_memory()
 
     def __call__(self, batch_size: int) -> Trial:
@@ -186,14 +225,10 @@ class CudaTrials:
         out_of_memory = False
         try:
             workload = self._build()
+            if self.step == "eval":
+                release_memory()  # the training-state step's activations: cached, not in use
             torch.cuda.reset_peak_memory_stats()
-            steps = run_train_steps(
-                workload,
-                batch_size,
-                iterations=iterations,
-                on_phase=phases.enter,
-                synchronize=torch.cuda.synchronize,
-            )
+            steps = self._steps(workload, batch_size, iterations, phases)
         except BaseException as exc:
             if not is_out_of_memory(exc):
                 raise

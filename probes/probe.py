@@ -39,7 +39,7 @@ from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
 from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS
 from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
-from tuner.spec import Backend, DeviceSpec, WorkloadSpec
+from tuner.spec import Backend, DeviceSpec, StepKind, WorkloadSpec
 from tuner.version import __version__ as tuner_version
 
 EXPANDABLE_SEGMENTS = "expandable_segments:True"
@@ -88,6 +88,10 @@ class _Job:
     """Set when a prior is traced beside the search: how long the search may wait for it."""
     alloc_conf: str | None = None
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe runs under (None: PyTorch's default)."""
+    allocator_hint: bool = True
+    """Also search the expandable-segments alternative (estimate, default allocator)."""
+    step: StepKind = "train"
+    """The step each trial runs: the train step, or the eval forward (`probes.eval_step`)."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +123,20 @@ def run_probe(
     trial_factory: str | None = None,
     estimate_prior: bool | None = None,
     alloc_conf: str | None = None,
+    step: StepKind = "train",
+    allocator_hint: bool | None = None,
 ) -> ProbeResult:
     """The largest micro-batch of `spec` on a device, with every trial that led there.
+
+    `step="eval"`: the largest eval batch instead (forward only under `torch.no_grad()`, the
+    model in eval mode, the parameters and the optimizer's state resident; `probes.eval_step`).
 
     `alloc_conf`: the `PYTORCH_CUDA_ALLOC_CONF` the training run will use (None: PyTorch's default
     allocator); the estimate backend models it, the cuda backend's child runs under it. Where the
     default allocator was probed on the estimate backend, `extra` also says how large a micro-batch
     `expandable_segments:True` would allow (`expandable_segments_max_batch_size`).
+    `allocator_hint`: whether that alternative is searched (default: for the train step; an
+    eval probe's plan gives no allocator hint).
     `estimate_prior`: whether a guided cuda search gets the estimator's line as its prior
     (default: yes, except with a `trial_factory`, whose memory the estimator does not model).
     `timeout` bounds the probe's child, `prior_timeout` the prior's trace: the caller passes its
@@ -146,7 +157,7 @@ def run_probe(
     prior: _PriorInBackground | None = None
     if backend == "cuda" and strategy == "guided" and estimate_prior:
         prior_limit = min(timeout, prior_timeout)
-        prior = _PriorInBackground(spec, gradient_checkpointing, prior_limit, notes, alloc_conf)
+        prior = _PriorInBackground(spec, gradient_checkpointing, prior_limit, notes, alloc_conf, step)
     job = _Job(
         spec=spec,
         backend=backend,
@@ -159,6 +170,8 @@ def run_probe(
         trial_factory=trial_factory,
         prior_timeout=None if prior is None else prior.timeout + PRIOR_HANDOVER_SECONDS,
         alloc_conf=alloc_conf,
+        allocator_hint=step == "train" if allocator_hint is None else allocator_hint,
+        step=step,
     )
     try:
         outcome: _Outcome = _in_child(
@@ -166,7 +179,7 @@ def run_probe(
             job,
             None if prior is None else prior.inbox,
             timeout=timeout,
-            what=f"{backend} probe",
+            what=f"{backend} probe" if step == "train" else f"{backend} eval probe",
             on_message=progress,
         )
     except BaseException:
@@ -200,6 +213,7 @@ def run_probe(
         seconds=time.monotonic() - started,
         versions=outcome.versions,
         alloc_conf=alloc_conf,
+        step=step,
         facts=outcome.facts,
         verified_steps=verified,
         extra={"search_seconds": outcome.seconds, **outcome.extra, **notes},
@@ -253,7 +267,8 @@ def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
         )
         # The cuda backend learns the facts when it first builds the model.
         facts = backend.facts if backend.facts is not None else getattr(backend.fits, "facts", None)
-        extra = _expandable_alternative(job, search) if job.trial_factory is None else {}
+        wanted = job.trial_factory is None and job.allocator_hint
+        extra = _expandable_alternative(job, search) if wanted else {}
         extra.update(backend.notes)
     finally:
         if backend.close is not None:
@@ -293,6 +308,7 @@ def _expandable_alternative(job: _Job, search: SearchResult) -> dict[str, Any]:
         job.device.total_memory_bytes,
         gradient_checkpointing=job.gradient_checkpointing,
         alloc_conf=EXPANDABLE_SEGMENTS,
+        step=job.step,
     )
     alternative = find_max_batch(
         fits,
@@ -364,7 +380,11 @@ def _estimate_backend(job: _Job) -> TrialBackend:
     assert job.device is not None  # run_probe refuses an estimate without a device
     total = job.device.total_memory_bytes
     fits = estimate_fits(
-        job.spec, total, gradient_checkpointing=job.gradient_checkpointing, alloc_conf=job.alloc_conf
+        job.spec,
+        total,
+        gradient_checkpointing=job.gradient_checkpointing,
+        alloc_conf=job.alloc_conf,
+        step=job.step,
     )
     return TrialBackend(
         fits=fits,
@@ -398,7 +418,7 @@ def _cuda_backend(job: _Job) -> TrialBackend:
     )
     if emulation is not None:
         cuda.apply_emulation(emulation)  # before the first allocation: the cap holds from the start
-    trials = cuda.CudaTrials(job.spec, gradient_checkpointing=job.gradient_checkpointing)
+    trials = cuda.CudaTrials(job.spec, gradient_checkpointing=job.gradient_checkpointing, step=job.step)
     capacity = cuda.usable_capacity_bytes() if emulation is None else emulation.allocator_limit_bytes
 
     return TrialBackend(
@@ -430,24 +450,30 @@ class _PriorInBackground:
         timeout: float,
         notes: dict[str, Any],
         alloc_conf: str | None = None,
+        step: StepKind = "train",
     ) -> None:
         self.timeout = timeout
         self.inbox, self._outbox = mp.get_context("spawn").Pipe(duplex=False)
         self._thread = threading.Thread(
             target=self._trace,
-            args=(spec, gradient_checkpointing, notes, alloc_conf),
+            args=(spec, gradient_checkpointing, notes, alloc_conf, step),
             name="tuner-prior",
             daemon=True,
         )
         self._thread.start()
 
     def _trace(
-        self, spec: WorkloadSpec, gradient_checkpointing: bool, notes: dict[str, Any], alloc_conf: str | None
+        self,
+        spec: WorkloadSpec,
+        gradient_checkpointing: bool,
+        notes: dict[str, Any],
+        alloc_conf: str | None,
+        step: StepKind = "train",
     ) -> None:
         started = time.monotonic()
         line = None
         try:
-            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf)
+            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf, step)
         finally:
             notes["prior_seconds"] = time.monotonic() - started
             # A few hundred bytes, which the pipe holds until the search reads them; a search that
@@ -469,6 +495,7 @@ def _prior_line(
     timeout: float,
     notes: dict[str, Any],
     alloc_conf: str | None = None,
+    step: StepKind = "train",
 ) -> MemoryLine | None:
     """The estimator's line for the guided search, or None with a note saying why not."""
     try:
@@ -477,6 +504,7 @@ def _prior_line(
             spec,
             gradient_checkpointing,
             alloc_conf,
+            step,
             timeout=timeout,
             what="prior estimate",
         )
@@ -488,7 +516,7 @@ def _prior_line(
 
 
 def _estimate_line_in_child(
-    spec: WorkloadSpec, gradient_checkpointing: bool, alloc_conf: str | None
+    spec: WorkloadSpec, gradient_checkpointing: bool, alloc_conf: str | None, step: StepKind = "train"
 ) -> MemoryLine:
     from probes.estimate.session import estimate_line
 
@@ -497,6 +525,7 @@ def _estimate_line_in_child(
         gradient_checkpointing=gradient_checkpointing,
         batch_sizes=PRIOR_BATCH_SIZES,
         alloc_conf=alloc_conf,
+        step=step,
     )
     return line
 

@@ -45,7 +45,7 @@ from tuner.errors import DeviceRequiredError, NothingFitsError, SpecError, Tuner
 from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
 from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
-from tuner.spec import Backend, DeviceSpec, WorkloadSpec, parse_plan_request, parse_workload
+from tuner.spec import Backend, DeviceSpec, StepKind, WorkloadSpec, parse_plan_request, parse_workload
 
 log = logging.getLogger("tuner.worker")
 
@@ -71,6 +71,8 @@ class ProbeRunner(Protocol):
         prior_timeout: float = ...,
         progress: Callable[[Any], None] | None = None,
         alloc_conf: str | None = None,
+        step: StepKind = "train",
+        allocator_hint: bool | None = None,
     ) -> ProbeResult: ...
 
 
@@ -308,32 +310,60 @@ class Worker:
                 self.torch_minor,
             )
         probes: list[ProbeResult] = []
+        alloc_conf = payload.get("alloc_conf")
         for checkpointing in payload["gradient_checkpointing"]:
-            with self._session() as session:
-                key = ProbeKey.of(
-                    workload,
-                    device,
-                    backend=self.backend,
-                    torch_minor=self.torch_minor,
-                    gradient_checkpointing=bool(checkpointing),
-                    alloc_conf=payload.get("alloc_conf"),
-                )
-                cached = repository.find_cached_probe(session, key)
-            if cached is not None and cached.id is not None:
-                # A worker that lost this job earlier may have stored some choices already.
-                probes.append(cached)
-                continue
-            alloc_conf = payload.get("alloc_conf")
-            result = self._run_probe(active, workload, device, bool(checkpointing), alloc_conf)
-            with self._writing(active) as session:
-                # Renew the lease first: a worker that lost it must not store a duplicate.
-                if not repository.heartbeat(
-                    session, job_id=active.id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
-                ):
-                    active.abandoned = True
-                    raise _LeaseGone
-                probes.append(result.model_copy(update={"id": repository.save_probe(session, result=result)}))
+            probes.append(self._probe_one(active, workload, device, bool(checkpointing), alloc_conf, "train"))
+        # The eval probe and a token budget's lengths (`tuner.plan_probes`), after the train probes.
+        for extra in payload.get("extra_probes") or []:
+            step: StepKind = "eval" if extra.get("step") == "eval" else "train"
+            self._probe_one(
+                active,
+                parse_workload(extra["workload"]),
+                device,
+                bool(extra["gradient_checkpointing"]),
+                alloc_conf,
+                step,
+                extra_probe=True,
+            )
         return probes
+
+    def _probe_one(
+        self,
+        active: _ActiveJob,
+        workload: WorkloadSpec,
+        device: DeviceSpec,
+        checkpointing: bool,
+        alloc_conf: str | None,
+        step: StepKind,
+        *,
+        extra_probe: bool = False,
+    ) -> ProbeResult:
+        """The cached probe of this key, or a new one, stored (with its id). An extra probe (eval,
+        a token budget's length) skips the allocator alternative: the plan's hint comes from its
+        train probes."""
+        with self._session() as session:
+            key = ProbeKey.of(
+                workload,
+                device,
+                backend=self.backend,
+                torch_minor=self.torch_minor,
+                gradient_checkpointing=checkpointing,
+                alloc_conf=alloc_conf,
+                step=step,
+            )
+            cached = repository.find_cached_probe(session, key)
+        if cached is not None and cached.id is not None:
+            # A worker that lost this job earlier may have stored some probes already.
+            return cached
+        result = self._run_probe(active, workload, device, checkpointing, alloc_conf, step, extra_probe)
+        with self._writing(active) as session:
+            # Renew the lease first: a worker that lost it must not store a duplicate.
+            if not repository.heartbeat(
+                session, job_id=active.id, worker_id=self.worker_id, lease_seconds=self.lease_seconds
+            ):
+                active.abandoned = True
+                raise _LeaseGone
+            return result.model_copy(update={"id": repository.save_probe(session, result=result)})
 
     def _run_probe(
         self,
@@ -342,6 +372,8 @@ class Worker:
         device: DeviceSpec,
         checkpointing: bool,
         alloc_conf: str | None,
+        step: StepKind = "train",
+        extra_probe: bool = False,
     ) -> ProbeResult:
         active.progress = {"gradient_checkpointing": checkpointing, "trials": 0}
 
@@ -357,6 +389,9 @@ class Worker:
 
         if self._probe_runner is None:
             self._probe_runner = _default_probe_runner()
+        # Only an extra probe passes `step` and `allocator_hint`: runners written before them
+        # (tests' fakes) stay valid.
+        by_step: dict[str, Any] = {"step": step, "allocator_hint": False} if extra_probe else {}
         return self._probe_runner(
             workload,
             backend=self.backend,
@@ -366,6 +401,7 @@ class Worker:
             prior_timeout=self.estimate_timeout_seconds,
             progress=on_trial,
             alloc_conf=alloc_conf,
+            **by_step,
         )
 
     def _job_device(self, payload: dict[str, Any]) -> DeviceSpec:

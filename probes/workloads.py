@@ -127,7 +127,7 @@ class BuiltWorkload:
             out = self.model(inputs, labels=labels)
         else:
             out = self.model(inputs)
-        return ForwardResult(_loss_from_output(out, labels), out)
+        return ForwardResult(loss_from_output(out, labels), out)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """The scalar mean loss of one batch, the output dropped (see `forward`)."""
@@ -455,7 +455,9 @@ def build_optimizer(
 # ---------------------------------------------------------------------------------------- loss
 
 
-def _loss_from_output(out: Any, labels: torch.Tensor) -> torch.Tensor:
+def loss_from_output(out: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The scalar loss of a model's output: its own loss where it has one, else cross-entropy of
+    its logits against `labels` (next-token for sequences)."""
     if isinstance(out, DecoderOutput):
         loss = next_token_loss(out.logits, labels)
         return loss if out.aux_loss is None else loss + out.aux_loss

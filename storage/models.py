@@ -146,6 +146,8 @@ class ProbeRow(Base):
     extra: Mapped[dict[str, Any]] = mapped_column(JSON)
     alloc_conf: Mapped[str] = mapped_column(String(500), default=DEFAULT_ALLOC_CONF, server_default="")
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe assumed ('' for the default allocator)."""
+    step: Mapped[str] = mapped_column(String(16), default="train", server_default="train")
+    """The step the trials ran: `train` or `eval` (migration 0006)."""
     verified_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
 
@@ -238,6 +240,9 @@ class PlanRow(Base):
     hints: Mapped[list[str]] = mapped_column(JSON)
     accumulation_schedule: Mapped[list[dict[str, int]] | None] = mapped_column(JSON, nullable=True)
     versions: Mapped[dict[str, str]] = mapped_column(JSON)
+    eval_and_tokens: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """The eval micro-batch and the token budget, where the request asked for them (migration
+    0006): `tuner.results.Plan`'s `eval_*`, `max_tokens_per_micro_batch` and `token_budget`."""
 
     __table_args__ = (
         Index("ix_plans_created_at", "created_at"),

@@ -15,8 +15,15 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from storage import repository
-from tuner.checkpointing import checkpointing_choices as choices_of_policy
 from tuner.checkpointing import on_off
+from tuner.plan_probes import (
+    ExtraProbes,
+    ProbeNeed,
+    checkpointing_choices,
+    extra_needs,
+    find_extras,
+    probed_workload,
+)
 from tuner.planner import make_plan
 from tuner.probe_key import UNKNOWN_TORCH, ProbeKey, torch_minor
 from tuner.results import Plan, ProbeResult
@@ -31,11 +38,6 @@ def installed_torch_minor() -> str:
     except metadata.PackageNotFoundError:
         return UNKNOWN_TORCH
     return torch_minor(version)
-
-
-def checkpointing_choices(request: PlanRequest) -> list[bool]:
-    """The checkpointing choices the request's policy needs a probe for, off first."""
-    return list(choices_of_policy(request.policy.gradient_checkpointing))
 
 
 def probe_keys(request: PlanRequest, torch_minor: str) -> dict[bool, ProbeKey] | None:
@@ -56,9 +58,34 @@ def probe_keys(request: PlanRequest, torch_minor: str) -> dict[bool, ProbeKey] |
     }
 
 
+def extra_probe_key(request: PlanRequest, need: ProbeNeed, torch_minor: str) -> ProbeKey | None:
+    """The cache key of one of the request's extra probes (`tuner.plan_probes`: the eval probe, a
+    token budget's lengths); None when the request names no device."""
+    if request.device is None:
+        return None
+    return ProbeKey.of(
+        need.workload,
+        request.device,
+        backend=request.backend,
+        torch_minor=torch_minor,
+        gradient_checkpointing=need.gradient_checkpointing,
+        alloc_conf=request.alloc_conf,
+        step=need.step,
+    )
+
+
 def canonical_request(request: PlanRequest) -> dict[str, Any]:
-    """The request with every default filled in: what is stored with a plan and compared."""
+    """The request with every default filled in (but those of fields added later, at their default):
+    what is stored with a plan and compared."""
     data: dict[str, Any] = request.model_dump(mode="json")
+    # Fields added later are left out at their defaults, so that a request that does not use them
+    # keeps the identity (and the stored plan) it had before they existed.
+    if data.get("effective_tokens") is None:
+        data.pop("effective_tokens", None)
+    if data["policy"].get("eval") is False:
+        data["policy"].pop("eval")
+    if data["workload"]["inputs"].get("min_seq_len", 0) is None:
+        data["workload"]["inputs"].pop("min_seq_len")
     return data
 
 
@@ -77,6 +104,31 @@ def cached_probes(
             return None
         probes[checkpointing] = probe
     return probes
+
+
+def cached_extras(session: Session, *, request: PlanRequest, torch_minor: str) -> ExtraProbes | None:
+    """The cached eval probe and token-budget lengths the request needs (`tuner.plan_probes`), or
+    None if one is missing (or the request names no device)."""
+    if request.device is None:
+        return None
+
+    def lookup(need: ProbeNeed) -> ProbeResult | None:
+        key = extra_probe_key(request, need, torch_minor)
+        return None if key is None else repository.find_cached_probe(session, key)
+
+    return find_extras(request, lookup)
+
+
+def extra_probe_ids(extras: ExtraProbes) -> dict[str, int]:
+    """The extra probes' ids, keyed as a plan's identity names them: `eval`, `length:64:off`."""
+    ids: dict[str, int] = {}
+    if extras.eval is not None and extras.eval.id is not None:
+        ids["eval"] = extras.eval.id
+    for length, by_choice in sorted(extras.lengths.items()):
+        for checkpointing, probe in sorted(by_choice.items()):
+            if probe.id is not None:
+                ids[f"length:{length}:{on_off(checkpointing)}"] = probe.id
+    return ids
 
 
 def derive_plan(
@@ -103,8 +155,12 @@ def derive_plan(
     probes = cached_probes(session, request=request, torch_minor=torch_minor)
     if probes is None:
         return None
+    extras = cached_extras(session, request=request, torch_minor=torch_minor)
+    if extras is None:
+        return None
     canonical = canonical_request(request)
     probe_ids = {on_off(gc): probe.id for gc, probe in probes.items() if probe.id is not None}
+    probe_ids.update(extra_probe_ids(extras))
     earlier = repository.find_plan_by_request(
         session, request_hash=repository.plan_request_hash(canonical, probe_ids)
     )
@@ -112,7 +168,7 @@ def derive_plan(
         if waiter_id is not None:
             repository.resolve_waiter(session, waiter_id=waiter_id, plan_id=earlier.id)
         return earlier.model_copy(update={"cache_hit": True})
-    plan = make_plan(request, probes).model_copy(update={"cache_hit": cache_hit})
+    plan = make_plan(request, probes, extras).model_copy(update={"cache_hit": cache_hit})
     plan_id, created = repository.save_plan_or_existing(
         session, plan=plan, request=canonical, waiter_id=waiter_id
     )
@@ -132,17 +188,37 @@ def job_key(request: PlanRequest, torch_minor: str) -> str:
         ",".join(on_off(gc) for gc in checkpointing_choices(request)),
         request.alloc_conf or "",
     ]
+    extras = extra_needs(request)
+    if extras:  # absent otherwise, so that the keys of jobs without extra probes stay as they were
+        parts.append(
+            ",".join(
+                f"{need.step}:{need.seq_len or ''}:{int(need.gradient_checkpointing)}" for need in extras
+            )
+        )
     return "|".join(parts)
 
 
 def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
     """What the worker reads: the workload, device, backend, checkpointing choices, torch minor and
-    allocator setting."""
-    return {
-        "workload": request.workload.model_dump(mode="json"),
+    allocator setting; with `extra_probes`, the eval probe and a token budget's lengths, which
+    the worker probes after the train probes."""
+    payload: dict[str, Any] = {
+        "workload": probed_workload(request.workload).model_dump(mode="json"),
         "device": request.device.model_dump(mode="json") if request.device else None,
         "backend": request.backend,
         "gradient_checkpointing": checkpointing_choices(request),
         "torch_minor": torch_minor,
         "alloc_conf": request.alloc_conf,
     }
+    extras = extra_needs(request)
+    if extras:
+        payload["extra_probes"] = [
+            {
+                "workload": need.workload.model_dump(mode="json"),
+                "gradient_checkpointing": need.gradient_checkpointing,
+                "step": need.step,
+                "role": need.role,
+            }
+            for need in extras
+        ]
+    return payload

@@ -134,6 +134,7 @@ def find_cached_probe(session: Bind, key: ProbeKey) -> ProbeResult | None:
             ProbeRow.torch_minor == key.torch_minor,
             ProbeRow.gradient_checkpointing == key.gradient_checkpointing,
             ProbeRow.alloc_conf == (key.alloc_conf or DEFAULT_ALLOC_CONF),
+            ProbeRow.step == key.step,
             ProbeRow.status == PROBE_COMPLETE,
         )
         .order_by(ProbeRow.created_at.desc(), ProbeRow.id.desc())
@@ -227,6 +228,7 @@ def _probe_values(result: ProbeResult) -> dict[str, Any]:
         "facts": None if result.facts is None else result.facts.model_dump(mode="json"),
         "extra": dict(result.extra),
         "alloc_conf": result.alloc_conf or DEFAULT_ALLOC_CONF,
+        "step": result.step,
         "verified_steps": result.verified_steps,
         "seconds": result.seconds,
     }
@@ -297,6 +299,7 @@ def _probe_from_row(row: ProbeRow) -> ProbeResult:
         seconds=row.seconds,
         versions=row.versions,
         alloc_conf=row.alloc_conf or None,
+        step=row.step if row.step in ("train", "eval") else "train",
         facts=None if row.facts is None else WorkloadFacts.model_validate(row.facts),
         verified_steps=row.verified_steps,
         extra=row.extra,
@@ -488,7 +491,23 @@ def _plan_values(plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
         if plan.accumulation_schedule is None
         else [dict(step) for step in plan.accumulation_schedule],
         versions=dict(plan.versions),
+        eval_and_tokens=_eval_and_tokens(plan),
     )
+
+
+EVAL_AND_TOKEN_FIELDS = (
+    "eval_micro_batch_size",
+    "eval_predicted_peak_bytes",
+    "eval_probe_id",
+    "max_tokens_per_micro_batch",
+    "token_budget",
+)
+"""The plan fields stored in `plans.eval_and_tokens` (None where a plan has none of them)."""
+
+
+def _eval_and_tokens(plan: Plan) -> dict[str, Any] | None:
+    values = plan.model_dump(mode="json", include=set(EVAL_AND_TOKEN_FIELDS))
+    return values if any(value is not None for value in values.values()) else None
 
 
 def _plan_from_row(row: PlanRow) -> Plan:
@@ -519,4 +538,5 @@ def _plan_from_row(row: PlanRow) -> Plan:
         accumulation_schedule=row.accumulation_schedule,
         versions=row.versions,
         alloc_conf=(row.request or {}).get("alloc_conf"),
+        **(row.eval_and_tokens or {}),
     )

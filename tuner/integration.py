@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from pydantic import ValidationError
 
-from tuner.checkpointing import checkpointing_choices
+from tuner.checkpointing import on_off
 from tuner.custom_code import custom_code_workload, factory_package, is_custom_code, trusting_factory
 from tuner.errors import DeviceRequiredError, ModelBuildError, SpecError
 from tuner.live_config import json_safe, parameter_dtype_name, without_implied_values
+from tuner.plan_probes import ExtraProbes, ProbeNeed, all_needs, probed_workload
 from tuner.results import Plan, ProbeResult
 from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, Trial
 from tuner.settings import get_settings
@@ -45,6 +47,7 @@ __all__ = [
     "plan_for",
     "plan_locally",
     "probe_locally",
+    "probe_plan_locally",
     "search_ceiling",
     "workload_for",
 ]
@@ -81,6 +84,7 @@ def plan_for(
     local: bool = False,
     keeps_outputs: bool | None = None,
     alloc_conf: str | None = None,
+    effective_tokens: int | None = None,
     max_wait: float | None = DEFAULT_MAX_WAIT,
 ) -> Plan:
     """The plan for training `model_or_spec` at `effective_batch_size` samples per update.
@@ -95,6 +99,8 @@ def plan_for(
     `tuner.integrations.hf.plan_for_trainer`).
     `alloc_conf`: the `PYTORCH_CUDA_ALLOC_CONF` the training will use (default: this process's
     environment variable); part of the probe's key.
+    `policy={"eval": True}` also plans an eval micro-batch; token `inputs` with a `min_seq_len`
+    also plan a token budget, and `effective_tokens` how to reach that many tokens per update.
 
     `world_size`: default `torch.distributed`'s when initialised, else `WORLD_SIZE`, else 1.
     `device`: default this process's CUDA GPU; without a GPU, give the device to plan for
@@ -131,6 +137,7 @@ def plan_for(
             wait=wait,
             local=local,
             alloc_conf=alloc_conf,
+            effective_tokens=effective_tokens,
             max_wait=max_wait,
         )
     if _length_defaulted(model_or_spec, inputs, factory):
@@ -171,6 +178,7 @@ def _plan(
     wait: float,
     local: bool,
     alloc_conf: str | None,
+    effective_tokens: int | None,
     max_wait: float | None,
 ) -> Plan:
     # With a device given, the local GPU only matters for choosing the backend, and only when
@@ -195,6 +203,7 @@ def _plan(
         backend=backend,
         policy=policy,
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") if alloc_conf is None else alloc_conf,
+        effective_tokens=effective_tokens,
     )
     if url:
         from tuner.client import TunerClient
@@ -209,52 +218,114 @@ def _plan(
     return plan_locally(request)
 
 
-def search_ceiling(request: PlanRequest) -> int:
-    """The largest micro-batch a local probe for `request` tries: no plan can use more than the
-    caller's cap (`policy.max_micro_batch_size`), so searching beyond it is wasted."""
+def search_ceiling(request: PlanRequest, need: ProbeNeed | None = None) -> int:
+    """The largest micro-batch a local probe for `request` tries. A train probe (the plan's own,
+    `need` None or of role `train`) stops at the caller's cap (`policy.max_micro_batch_size`): no
+    plan can use more, so searching beyond it is wasted. The eval probe and a token budget's
+    shorter lengths are not bound by the training micro-batch's cap (an eval batch is usually
+    larger; a short length's largest batch sets the token budget), so they search the full range."""
+    if need is not None and need.role != "train":
+        return DEFAULT_MAX_BATCH_SIZE
     return request.policy.max_micro_batch_size or DEFAULT_MAX_BATCH_SIZE
 
 
 def probe_locally(
-    request: PlanRequest, checkpointing: bool, *, progress: Callable[[Trial], None] | None = None
+    request: PlanRequest,
+    need: ProbeNeed | bool,
+    *,
+    progress: Callable[[Trial], None] | None = None,
+    max_trials: int = DEFAULT_MAX_TRIALS,
 ) -> ProbeResult:
-    """The probe of one checkpointing choice of `request` in this machine, searched up to the
-    request's ceiling: what `plan_locally` and `tuner plan` (without `--server`) both run."""
+    """One probe `request` needs, run in this machine and searched up to its ceiling
+    (`search_ceiling`): what `plan_locally` and `tuner plan` (without `--server`) both run.
+    `need`: one of the request's probes (`tuner.plan_probes`), or a checkpointing choice for the
+    train probe of that choice."""
     from probes.probe import run_probe
 
+    if isinstance(need, bool):
+        need = ProbeNeed(probed_workload(request.workload), need)
     settings = get_settings()
     return run_probe(
-        request.workload,
+        need.workload,
         backend=request.backend,
         device=request.device,
-        gradient_checkpointing=checkpointing,
-        max_batch_size=search_ceiling(request),
-        max_trials=DEFAULT_MAX_TRIALS,
+        gradient_checkpointing=need.gradient_checkpointing,
+        max_batch_size=search_ceiling(request, need),
+        max_trials=max_trials,
         timeout=settings.probe_timeout_seconds,
         prior_timeout=settings.estimate_timeout_seconds,
         progress=progress,
         alloc_conf=request.alloc_conf,
+        step=need.step,
+        # The plan's allocator hint comes from its train probes at seq_len.
+        allocator_hint=need.role == "train",
     )
 
 
-def plan_locally(request: PlanRequest) -> Plan:
-    """Probe each checkpointing choice the policy needs in this machine, then plan (no server)."""
-    from tuner.planner import make_plan
+ProgressFor = Callable[[ProbeNeed], AbstractContextManager[Any]]
+"""A context per probe that yields an object with `advance(trial)` and `done(result)`."""
 
+
+class _Silent:
+    def advance(self, _trial: Trial) -> None:
+        pass
+
+    def done(self, _result: ProbeResult) -> None:
+        pass
+
+
+@contextmanager
+def _silent(_need: ProbeNeed) -> Iterator[_Silent]:
+    yield _Silent()
+
+
+def probe_plan_locally(
+    request: PlanRequest,
+    *,
+    progress_for: ProgressFor | None = None,
+    max_trials: int = DEFAULT_MAX_TRIALS,
+    drop_unbuildable: bool = False,
+) -> tuple[dict[bool, ProbeResult], ExtraProbes, list[str]]:
+    """Every probe `request` needs, one after the other (`probe_locally`): the train probe of
+    each checkpointing choice, then the eval probe and a token budget's lengths
+    (`tuner.plan_probes`). Returns the train probes, the extra probes and the hints of what was
+    dropped: with `drop_unbuildable` under `auto`, a checkpointing choice the model cannot be
+    built with is one choice less (its length probes skipped too), not no plan."""
     policy = request.policy.gradient_checkpointing
     probes: dict[bool, ProbeResult] = {}
+    extras = ExtraProbes()
     dropped: list[str] = []
-    for checkpointing in checkpointing_choices(policy):
-        try:
-            probes[checkpointing] = probe_locally(request, checkpointing)
-        except ModelBuildError as exc:
-            # Under auto, a choice the model cannot be built with is one choice less, not no plan.
-            if policy != "auto" or not probes:
-                raise
-            dropped.append(
-                f"Checkpointing on was not considered: the model cannot be built with it ({exc.message})."
-            )
-    plan = make_plan(request, probes)
+    unbuildable: set[bool] = set()
+    for need in all_needs(request):
+        if need.role == "length" and need.gradient_checkpointing in unbuildable:
+            continue
+        with (progress_for or _silent)(need) as bar:
+            try:
+                result = probe_locally(request, need, progress=bar.advance, max_trials=max_trials)
+            except ModelBuildError as exc:
+                if not drop_unbuildable or policy != "auto" or need.role != "train" or not probes:
+                    raise
+                unbuildable.add(need.gradient_checkpointing)
+                dropped.append(
+                    f"Checkpointing {on_off(need.gradient_checkpointing)} was not considered: the model "
+                    f"cannot be built with it ({exc.message})."
+                )
+                continue
+            bar.done(result)
+        if need.role == "train":
+            probes[need.gradient_checkpointing] = result
+        else:
+            extras.add(need, result)
+    return probes, extras, dropped
+
+
+def plan_locally(request: PlanRequest) -> Plan:
+    """Probe each checkpointing choice the policy needs in this machine (and the eval step and a
+    token budget's lengths where the request asks for them), then plan (no server)."""
+    from tuner.planner import make_plan
+
+    probes, extras, dropped = probe_plan_locally(request, drop_unbuildable=True)
+    plan = make_plan(request, probes, extras)
     return plan.model_copy(update={"hints": [*plan.hints, *dropped]}) if dropped else plan
 
 
@@ -366,6 +437,7 @@ def _plan_request(
     backend: Backend,
     policy: PlanPolicy | Mapping[str, Any] | None,
     alloc_conf: str | None = None,
+    effective_tokens: int | None = None,
 ) -> PlanRequest:
     try:
         return PlanRequest(
@@ -376,6 +448,7 @@ def _plan_request(
             backend=backend,
             policy=PlanPolicy.model_validate(policy if policy is not None else {}),
             alloc_conf=alloc_conf,
+            effective_tokens=effective_tokens,
         )
     except ValidationError as exc:
         raise SpecError(f"Invalid plan request: {format_validation_error(exc)}") from None

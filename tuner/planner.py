@@ -26,14 +26,17 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 from tuner.checkpointing import checkpointing_choices
 from tuner.checkpointing import on_off as _label
 from tuner.errors import NothingFitsError, PlanError
-from tuner.results import Plan, ProbeResult
+from tuner.plan_probes import ExtraProbes, budget_lengths
+from tuner.results import LengthPoint, Plan, ProbeResult, TokenBudget
 from tuner.search_types import Trial
 from tuner.search_types import peak_of as _peak
-from tuner.spec import DeviceSpec, PlanPolicy, PlanRequest, RampSpec
+from tuner.spec import DeviceSpec, PlanPolicy, PlanRequest, RampSpec, TokensInputs
+from tuner.token_budget import describe_accumulation, token_accumulation, token_budget
 from tuner.units import format_bytes
 
 DEFAULT_MARGIN = PlanPolicy().memory_margin
@@ -96,9 +99,13 @@ class _Candidate:
     peak_bytes: int | None
 
 
-def make_plan(request: PlanRequest, probes: Mapping[bool, ProbeResult]) -> Plan:
+def make_plan(
+    request: PlanRequest, probes: Mapping[bool, ProbeResult], extras: ExtraProbes | None = None
+) -> Plan:
     """The plan for `request` from the probe result of each checkpointing choice
-    (`probes[False]`: checkpointing off, `probes[True]`: on; one or both as the policy needs).
+    (`probes[False]`: checkpointing off, `probes[True]`: on; one or both as the policy needs),
+    and, where the request asks for them (`tuner.plan_probes`), the eval probe (`policy.eval`)
+    and the probes at the token budget's shorter lengths (`inputs.min_seq_len`).
 
     Raises `PlanError` when the request cannot be met by any split (effective batch smaller than,
     or not divisible by, the world size; a needed probe missing; a bad ramp) and
@@ -118,6 +125,10 @@ def make_plan(request: PlanRequest, probes: Mapping[bool, ProbeResult]) -> Plan:
     chosen, why = _choose(candidates, per_rank, request, probed=len(options))
     split = chosen.split
     schedule, ramp_warnings = _ramp(request, split)
+    extras = extras or ExtraProbes()
+    evaluation = _eval_micro_batch(request, extras, budget)
+    tokens = _token_budget(request, extras, chosen.option, budget)
+    extra_hints = [hint for hint in (evaluation.hint, tokens.hint) if hint]
     return Plan(
         fingerprint=chosen.option.probe.fingerprint,
         workload=request.workload,
@@ -137,12 +148,165 @@ def make_plan(request: PlanRequest, probes: Mapping[bool, ProbeResult]) -> Plan:
         probe_ids={_label(gc): p.id for gc, p in sorted(probes.items()) if p.id is not None},
         policy=request.policy,
         reason=_reason(chosen, why, request, per_rank),
-        warnings=_warnings(chosen, request, per_rank) + ramp_warnings,
-        hints=_hints(chosen, request),
+        warnings=_warnings(chosen, request, per_rank) + ramp_warnings + evaluation.warnings,
+        hints=_hints(chosen, request) + extra_hints,
         accumulation_schedule=schedule,
         versions=dict(chosen.option.probe.versions),
         alloc_conf=request.alloc_conf,
+        eval_micro_batch_size=evaluation.micro_batch_size,
+        eval_predicted_peak_bytes=evaluation.peak_bytes,
+        eval_probe_id=evaluation.probe_id,
+        max_tokens_per_micro_batch=None
+        if tokens.budget is None
+        else tokens.budget.max_tokens_per_micro_batch,
+        token_budget=tokens.budget,
     )
+
+
+# --- eval micro-batch and token budget --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _EvalPart:
+    micro_batch_size: int | None = None
+    peak_bytes: int | None = None
+    probe_id: int | None = None
+    hint: str | None = None
+    warnings: list[str] = dataclass_field(default_factory=list)
+
+
+def _eval_micro_batch(request: PlanRequest, extras: ExtraProbes, budget: int) -> _EvalPart:
+    """With `policy.eval`: the largest eval batch within the memory budget, from the eval probe
+    (no caller's cap: `max_micro_batch_size` bounds the training micro-batch)."""
+    if not request.policy.eval:
+        return _EvalPart()
+    probe = extras.eval
+    if probe is None:
+        raise PlanError("policy.eval needs an eval probe (step 'eval'); none was given.")
+    if probe.step != "eval":
+        raise PlanError(f"The probe given for policy.eval ran the {probe.step} step, not the eval step.")
+    usable, limited_by = bracketed_micro_batch(probe, budget)
+    if usable < 1:
+        return _EvalPart(
+            probe_id=probe.id,
+            warnings=[
+                "policy.eval: not even an eval batch of 1 fits the memory budget with the training state "
+                "resident; evaluate in a separate process, or free the optimizer state before evaluating."
+            ],
+        )
+    return _EvalPart(
+        micro_batch_size=usable,
+        peak_bytes=bracketed_peak_bytes(probe, usable),
+        probe_id=probe.id,
+        hint=(
+            f"Eval (not applied): an eval batch of {usable} fits beside the training state (set by "
+            f"{limited_by}; forward only under torch.no_grad() in eval mode, parameters and optimizer "
+            "state resident): per_device_eval_batch_size for HF Trainer, the eval DataLoader's batch_size "
+            "otherwise."
+        ),
+    )
+
+
+def _bracket(probe: ProbeResult, batch_size: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The nearest passing trials with measured reserved peaks at or below and above `batch_size`."""
+    passing = sorted(
+        (t.batch_size, int(t.peak_reserved_bytes))
+        for t in probe.trials
+        if t.ok and t.peak_reserved_bytes is not None
+    )
+    below = [point for point in passing if point[0] <= batch_size]
+    above = [point for point in passing if point[0] > batch_size]
+    if not below or not above:
+        return None
+    return below[-1], above[0]
+
+
+def bracketed_micro_batch(probe: ProbeResult, budget_bytes: int) -> tuple[int, str]:
+    """`usable_micro_batch`, never above what the measured trials around it allow: where passing
+    trials bracket the answer and the larger one exceeds the budget, memory between them is taken
+    as the straight line through them, not the probe's fitted line (which, fitted far below, can
+    run under both: the step's memory bends near the card's limit). Errs low."""
+    usable, limited_by = usable_micro_batch(probe, budget_bytes)
+    bracket = _bracket(probe, usable)
+    if bracket is None:
+        return usable, limited_by
+    (low, low_peak), (high, high_peak) = bracket
+    if high_peak <= budget_bytes or low_peak > budget_bytes or usable == low:
+        return usable, limited_by
+    between = low + math.floor((budget_bytes - low_peak) * (high - low) / (high_peak - low_peak))
+    return (between, "the memory budget") if between < usable else (usable, limited_by)
+
+
+def bracketed_peak_bytes(probe: ProbeResult, batch_size: int) -> int | None:
+    """`predicted_peak_bytes`, never below the straight line between the measured trials that
+    bracket `batch_size` (memory grows with the batch)."""
+    predicted = predicted_peak_bytes(probe, batch_size)
+    bracket = _bracket(probe, batch_size)
+    if bracket is None or predicted is None:
+        return predicted
+    (low, low_peak), (high, high_peak) = bracket
+    if low == batch_size:
+        return max(predicted, low_peak)
+    between = low_peak + (high_peak - low_peak) * (batch_size - low) / (high - low)
+    return max(predicted, math.ceil(between))
+
+
+@dataclass(frozen=True)
+class _TokensPart:
+    budget: TokenBudget | None = None
+    hint: str | None = None
+
+
+def _token_budget(request: PlanRequest, extras: ExtraProbes, chosen: _Option, budget: int) -> _TokensPart:
+    """With `inputs.min_seq_len`: the token budget of the chosen checkpointing choice, the smallest
+    `largest batch × length` over the probed lengths (`tuner.token_budget`), and with
+    `effective_tokens` how to reach it."""
+    lengths = budget_lengths(request)
+    inputs = request.workload.inputs
+    if not lengths or not isinstance(inputs, TokensInputs) or inputs.min_seq_len is None:
+        return _TokensPart()
+    points: list[LengthPoint] = []
+    for length in lengths:
+        probe = (
+            chosen.probe
+            if length == inputs.seq_len
+            else extras.lengths.get(length, {}).get(chosen.checkpointing)
+        )
+        if probe is None:
+            raise PlanError(
+                f"inputs.min_seq_len needs a probe at length {length} with checkpointing "
+                f"{_label(chosen.checkpointing)}; none was given."
+            )
+        usable, _ = bracketed_micro_batch(probe, budget)
+        points.append(
+            LengthPoint(seq_len=length, max_batch_size=usable, tokens=usable * length, probe_id=probe.id)
+        )
+    found = token_budget({point.seq_len: point.max_batch_size for point in points})
+    result = TokenBudget(
+        min_seq_len=inputs.min_seq_len,
+        seq_len=inputs.seq_len,
+        max_tokens_per_micro_batch=found.max_tokens,
+        limiting_seq_len=found.limiting_seq_len,
+        lengths=points,
+    )
+    hint = (
+        f"Token budget: a micro-batch may hold up to {found.max_tokens} padded tokens (rows × its "
+        f"longest row) for any lengths from {inputs.min_seq_len} to {inputs.seq_len}; set by length "
+        f"{found.limiting_seq_len}, probed with {', '.join(str(p.seq_len) for p in points)}."
+    )
+    if request.effective_tokens is not None:
+        accumulation = token_accumulation(
+            request.effective_tokens, request.world_size, max_tokens=found.max_tokens, seq_len=inputs.seq_len
+        )
+        result = result.model_copy(
+            update={
+                "effective_tokens": request.effective_tokens,
+                "accumulation_steps": accumulation.accumulation_steps,
+                "tokens_per_micro_batch": accumulation.tokens_per_micro_batch,
+            }
+        )
+        hint = describe_accumulation(accumulation, found.max_tokens)
+    return _TokensPart(budget=result, hint=hint)
 
 
 # --- request checks ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One probe answers one question: the largest micro-batch of one workload (its fingerprint) on one
 device (name and memory), measured by one backend with one torch minor release, with or without
-gradient checkpointing, under one allocator setting. Storage (the unique index and the lookup),
+gradient checkpointing, under one allocator setting, of one step kind (a training step, or an eval
+step: forward only with the training state resident). Storage (the unique index and the lookup),
 the API (the cache lookup and the conflict rule of an upload) and the worker (a probe a lost job
 stored already) all use this one value; the job key of a request is built from it.
 """
@@ -42,6 +43,8 @@ class ProbeKey:
     alloc_conf: str | None = None
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` (`tuner.alloc_conf.canonical_alloc_conf`); None is
     PyTorch's default allocator."""
+    step: str = "train"
+    """The step kind measured (`tuner.spec.StepKind`): `train` or `eval`."""
 
     @classmethod
     def of(
@@ -53,6 +56,7 @@ class ProbeKey:
         torch_minor: str,
         gradient_checkpointing: bool,
         alloc_conf: str | None,
+        step: str = "train",
     ) -> ProbeKey:
         """The key of the probe of `workload` on `device` that a plan request or a job needs."""
         return cls(
@@ -63,6 +67,7 @@ class ProbeKey:
             torch_minor=torch_minor,
             gradient_checkpointing=gradient_checkpointing,
             alloc_conf=alloc_conf,
+            step=step,
         )
 
     @classmethod
@@ -76,6 +81,7 @@ class ProbeKey:
             torch_minor=torch_minor(result.versions.get("torch")),
             gradient_checkpointing=result.gradient_checkpointing,
             alloc_conf=result.alloc_conf,
+            step=result.step,
         )
 
     def texts(self) -> tuple[str | None, ...]:

@@ -12,6 +12,7 @@ from tuner.spec import (
     Backend,
     DeviceSpec,
     PlanPolicy,
+    StepKind,
     WorkloadSpec,
     refuse_nul_characters,
     validated_alloc_conf,
@@ -75,11 +76,42 @@ class ProbeResult(BaseModel):
     @classmethod
     def _canonical_alloc_conf(cls, value: str | None) -> str | None:
         return validated_alloc_conf(value)
+
+    step: StepKind = "train"
+    """The step the trials ran: `train` (the canonical train step) or `eval` (forward only under
+    `torch.no_grad()`, the training state resident). Part of the probe's cache key."""
     facts: WorkloadFacts | None = None
     verified_steps: int | None = None
     """Steps the answer survived in a fresh process (None: not verified)."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Backend-specific details (e.g. the estimate's per-category bytes)."""
+
+
+class LengthPoint(BaseModel):
+    """One probed length of a token budget."""
+
+    seq_len: int
+    max_batch_size: int
+    """The largest usable batch (within the memory budget) of rows of this length."""
+    tokens: int
+    """`max_batch_size × seq_len`."""
+    probe_id: int | None = None
+
+
+class TokenBudget(BaseModel):
+    """The token budget of a plan whose sequence lengths vary (`tuner.token_budget`)."""
+
+    min_seq_len: int
+    seq_len: int
+    max_tokens_per_micro_batch: int
+    limiting_seq_len: int
+    """The probed length whose largest batch set the budget."""
+    lengths: list[LengthPoint]
+    effective_tokens: int | None = None
+    accumulation_steps: int | None = None
+    """With `effective_tokens`: micro-batches of at most the budget per rank and optimizer step."""
+    tokens_per_micro_batch: int | None = None
+    """With `effective_tokens`: the tokens each micro-batch should hold to reach it exactly."""
 
 
 class Plan(BaseModel):
@@ -118,6 +150,18 @@ class Plan(BaseModel):
     alloc_conf: str | None = None
     """The `PYTORCH_CUDA_ALLOC_CONF` the plan assumes (the request's; None: PyTorch's default).
     Set it before the training process first touches CUDA."""
+    eval_micro_batch_size: int | None = None
+    """With `policy.eval`: the largest eval batch (forward only, no grad, training state
+    resident) within the memory budget; None unless asked."""
+    eval_predicted_peak_bytes: int | None = None
+    """The eval micro-batch's predicted peak reserved bytes."""
+    eval_probe_id: int | None = None
+    max_tokens_per_micro_batch: int | None = None
+    """With `inputs.min_seq_len`: the most tokens (rows × padded length) a micro-batch of any mix
+    of lengths in [min_seq_len, seq_len] may hold; None unless lengths vary."""
+    token_budget: TokenBudget | None = None
+    """How the token budget was found (each probed length's largest batch) and, with
+    `effective_tokens`, how to reach it."""
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON values (what the HTTP API returns): for a checkpoint, beside the

@@ -32,6 +32,8 @@ from tuner.transformers_config import canonical_config
 
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"]
 Backend = Literal["cuda", "estimate"]
+StepKind = Literal["train", "eval"]
+"""What a probe's step runs: the canonical train step, or the eval forward (`probes.step`)."""
 CheckpointingPolicy = Literal["auto", "on", "off"]
 Family = Literal["transformers", "torchvision", "builtin", "python"]
 Task = Literal["causal-lm", "masked-lm", "seq-classification"]
@@ -208,7 +210,17 @@ class TokensInputs(_Spec):
 
     kind: Literal["tokens"]
     seq_len: int = Field(ge=1, le=MAX_SEQ_LEN)
-    """Tokens per sample."""
+    """Tokens per sample (the longest sample, where lengths vary)."""
+    min_seq_len: int | None = Field(default=None, ge=1, le=MAX_SEQ_LEN)
+    """Where lengths vary: the shortest sample. The plan then also gives a token budget per
+    micro-batch (`tuner.token_budget`). Not part of the fingerprint: the probe at `seq_len` is
+    the same whatever the shortest sample is."""
+
+    @model_validator(mode="after")
+    def _check_length_range(self) -> TokensInputs:
+        if self.min_seq_len is not None and self.min_seq_len > self.seq_len:
+            raise ValueError(f"min_seq_len ({self.min_seq_len}) must not exceed seq_len ({self.seq_len})")
+        return self
 
 
 class ImageInputs(_Spec):
@@ -284,11 +296,22 @@ class WorkloadSpec(_Spec):
         return self
 
     def canonical_json(self) -> str:
-        """Sorted keys, no whitespace, defaults filled in: the text the fingerprint hashes."""
+        """Sorted keys, no whitespace, defaults filled in: the text the fingerprint hashes.
+        `inputs.min_seq_len` is left out: it changes the plan (a token budget), not the step at
+        `seq_len` that a probe runs."""
         data = self.model_dump(mode="json")
+        data["inputs"].pop("min_seq_len", None)
         if data["moe_routing"] == "balanced":
             del data["moe_routing"]  # the default: fingerprints from before the field stay the same
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def at_length(self, seq_len: int) -> WorkloadSpec:
+        """This workload with every sample `seq_len` tokens long (no length range): what a probe
+        of one length of a token budget runs."""
+        if not isinstance(self.inputs, TokensInputs):
+            raise SpecError("inputs: only token inputs have a sequence length.")
+        inputs = self.inputs.model_copy(update={"seq_len": seq_len, "min_seq_len": None})
+        return self.model_copy(update={"inputs": inputs})
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON: equal for specs that build the same workload."""
@@ -339,6 +362,9 @@ class PlanPolicy(_Spec):
     """Allow micro-batches of different sizes when no divisor fits well."""
     ramp: RampSpec | None = None
     """An optional batch-size ramp, returned as an accumulation schedule."""
+    eval: bool = False
+    """Also plan an eval micro-batch: the largest forward-only batch under `torch.no_grad()`
+    with the model in eval mode and the training state (parameters, optimizer state) resident."""
 
 
 class PlanRequest(_Spec):
@@ -353,11 +379,33 @@ class PlanRequest(_Spec):
     alloc_conf: str | None = Field(default=None, max_length=500)
     """The `PYTORCH_CUDA_ALLOC_CONF` the run will use (e.g. `expandable_segments:True`); None is
     PyTorch's default allocator. Part of the probe's key; kept in canonical form."""
+    effective_tokens: int | None = Field(default=None, ge=1, le=MAX_BATCH * MAX_SEQ_LEN)
+    """Token inputs: the tokens per optimizer step (all ranks) a token-budget loop should reach;
+    the plan says how many micro-batches of its token budget make it."""
 
     @field_validator("alloc_conf")
     @classmethod
     def _canonical_alloc_conf(cls, value: str | None) -> str | None:
         return validated_alloc_conf(value)
+
+    @model_validator(mode="after")
+    def _check_effective_tokens(self) -> PlanRequest:
+        if self.effective_tokens is None:
+            return self
+        inputs = self.workload.inputs
+        if not isinstance(inputs, TokensInputs):
+            raise ValueError(
+                f"effective_tokens needs token inputs (workload.inputs.kind 'tokens'), got {inputs.kind!r}"
+            )
+        if inputs.min_seq_len is None:
+            raise ValueError(
+                "effective_tokens needs workload.inputs.min_seq_len: a token budget is planned for "
+                "lengths that vary"
+            )
+        from tuner.token_budget import check_effective_tokens
+
+        check_effective_tokens(self.effective_tokens, self.world_size, seq_len=inputs.seq_len)
+        return self
 
 
 def validated_alloc_conf(value: str | None) -> str | None:

@@ -269,12 +269,14 @@ def plan_page(request: Request, session: SessionDep, plan_id: str) -> HTMLRespon
     except NotFoundError:
         return _not_found(request, f"There is no plan with id {plan_id}.")
     labelled = _plan_probe_ids(plan)
+    if plan.eval_probe_id is not None:
+        labelled.append(("eval", plan.eval_probe_id))
     probes = _probes(session, [probe_id for _, probe_id in labelled])
     series_probes = [(label, probes[pid]) for label, pid in labelled if pid in probes]
     facts_probe = next((probe for _, probe in series_probes if probe.facts is not None), None)
     view = plan_view(plan, facts_probe)
     series = [
-        ChartSeries(label=f"checkpointing {label}", trials=probe.trials, memory_line=probe.memory_line)
+        ChartSeries(label=_series_label(label), trials=probe.trials, memory_line=probe.memory_line)
         for label, probe in series_probes
     ]
     charts = _charts(plan, series)
@@ -297,6 +299,11 @@ def plan_page(request: Request, session: SessionDep, plan_id: str) -> HTMLRespon
     )
 
 
+def _series_label(label: str) -> str:
+    """A chart series' name: `checkpointing off`, or the eval step's curve."""
+    return "eval step (training state resident)" if label == "eval" else f"checkpointing {label}"
+
+
 def _charts(plan: Plan, series: list[ChartSeries]) -> tuple[Markup | None, Markup | None]:
     if not series:
         return None, None
@@ -312,7 +319,8 @@ def _charts(plan: Plan, series: list[ChartSeries]) -> tuple[Markup | None, Marku
         f"(chosen: {plan.micro_batch_size}, checkpointing {choice})",
     )
     throughput = throughput_chart(
-        series,
+        # Samples per second of the train step only: the eval step's would not compare.
+        [one for one in series if not one.label.startswith("eval")],
         chosen_batch_size=plan.micro_batch_size,
         chosen_samples_per_second=plan.predicted_samples_per_second,
         title=f"Samples per second of {model} on {plan.device.name} against micro-batch size",
@@ -511,6 +519,11 @@ def trainer_snippet(plan: Plan) -> str:
         '    output_dir="output",',
         f"    per_device_train_batch_size={micro},",
         f"    gradient_accumulation_steps={steps},",
+        *(
+            [f"    per_device_eval_batch_size={plan.eval_micro_batch_size},"]
+            if plan.eval_micro_batch_size
+            else []
+        ),
         # The name every transformers release knows; 5.x also calls it activation_checkpointing.
         f"    gradient_checkpointing={plan.gradient_checkpointing},  # 5.x: activation_checkpointing",
     ]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from tuner.errors import EstimateError, ModelBuildError, SpecError
 from tuner.search_types import DEFAULT_MAX_BATCH_SIZE
 from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS
-from tuner.spec import WorkloadSpec
+from tuner.spec import StepKind, WorkloadSpec
 
 if TYPE_CHECKING:
     from probes.estimate.report import EstimateReport
@@ -25,8 +25,10 @@ def estimate_peak(
     gradient_checkpointing: bool = False,
     timeout: float | None = None,
     alloc_conf: str | None = None,
+    step: StepKind = "train",
 ) -> EstimateReport:
-    """The estimate of one train step of `spec` at `batch_size`, traced in a fresh child.
+    """The estimate of one train step (`step="eval"`: eval step) of `spec` at `batch_size`,
+    traced in a fresh child.
 
     A trace that fails is an `EstimateError` (a model that cannot be built at all stays a
     `ModelBuildError`); so is a child that crashes or runs past `timeout` seconds (the caller's
@@ -37,6 +39,7 @@ def estimate_peak(
         batch_size,
         gradient_checkpointing,
         alloc_conf,
+        step,
         timeout=timeout,
         what=f"estimate of {spec.describe()} at batch size {batch_size}",
     )
@@ -90,12 +93,16 @@ def run_estimate_child(fn: Callable[..., Any], *args: Any, timeout: float | None
 
 
 def _trace_in_child(
-    spec: WorkloadSpec, batch_size: int, gradient_checkpointing: bool, alloc_conf: str | None
+    spec: WorkloadSpec,
+    batch_size: int,
+    gradient_checkpointing: bool,
+    alloc_conf: str | None,
+    step: StepKind = "train",
 ) -> EstimateReport:
     from probes.estimate.session import current_session
 
     return current_session().trace(
-        spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+        spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, step=step
     )
 
 

@@ -28,7 +28,7 @@ from tuner.search_types import (
     SearchResult,
     Trial,
 )
-from tuner.spec import WorkloadSpec
+from tuner.spec import StepKind, WorkloadSpec
 
 LINE_BATCH_SIZES = (1, 2, 4)
 """Where the prior line is traced: small enough to be quick, two points past b=1's quirks."""
@@ -45,31 +45,39 @@ class EstimateSession:
     def __init__(self, *, device_model: DeviceModel = DEFAULT_DEVICE_MODEL) -> None:
         emulation.install_cuda_emulation()
         self.device_model = device_model
-        self._traces: dict[tuple[str, int, bool], StepTrace] = {}
-        self._reports: dict[tuple[str, int, bool, str | None], EstimateReport] = {}
-        self._needed: dict[tuple[str, int, bool, str | None], int] = {}
+        self._traces: dict[tuple[str, int, bool, StepKind], StepTrace] = {}
+        self._reports: dict[tuple[str, int, bool, str | None, StepKind], EstimateReport] = {}
+        self._needed: dict[tuple[str, int, bool, str | None, StepKind], int] = {}
         self.notes: dict[str, list[str]] = {}
         """What a probe's result should say about these traces: `estimate_assumptions`, the
         assumptions made for values the traces could not read (filled in as they are traced)."""
 
-    def step_trace(self, spec: WorkloadSpec, batch_size: int, *, gradient_checkpointing: bool) -> StepTrace:
+    def step_trace(
+        self, spec: WorkloadSpec, batch_size: int, *, gradient_checkpointing: bool, step: StepKind = "train"
+    ) -> StepTrace:
         """The traced step of `spec` at `batch_size` (traced at most once per session)."""
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, step)
         if key not in self._traces:
-            self._traces[key] = trace_step(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+            self._traces[key] = trace_step(
+                spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=step
+            )
             stated = self.notes.setdefault("estimate_assumptions", [])
             stated.extend(a for a in self._traces[key].assumptions if a not in stated)
             if not stated:
                 del self.notes["estimate_assumptions"]
         return self._traces[key]
 
-    def _warmup(self, spec: WorkloadSpec, gradient_checkpointing: bool) -> AllocationLog | None:
+    def _warmup(
+        self, spec: WorkloadSpec, gradient_checkpointing: bool, step: StepKind = "train"
+    ) -> AllocationLog | None:
         """The warm-up step's log; None where that step cannot run (BatchNorm of one sample)."""
         try:
-            step = self.step_trace(spec, WARMUP_BATCH_SIZE, gradient_checkpointing=gradient_checkpointing)
+            trace = self.step_trace(
+                spec, WARMUP_BATCH_SIZE, gradient_checkpointing=gradient_checkpointing, step=step
+            )
         except EstimateError:
             return None
-        return step.log
+        return trace.log
 
     def trace(
         self,
@@ -78,14 +86,17 @@ class EstimateSession:
         *,
         gradient_checkpointing: bool = False,
         alloc_conf: str | None = None,
+        step: StepKind = "train",
     ) -> EstimateReport:
         """The estimate of `spec` at `batch_size` with the allocator setting `alloc_conf`."""
         conf = canonical_alloc_conf(alloc_conf)
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf, step)
         if key not in self._reports:
-            step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
-            warmup = self._warmup(spec, gradient_checkpointing)
-            report = step.report(self.device_model, parse_alloc_conf(conf), warmup=warmup)
+            traced = self.step_trace(
+                spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=step
+            )
+            warmup = self._warmup(spec, gradient_checkpointing, step)
+            report = traced.report(self.device_model, parse_alloc_conf(conf), warmup=warmup)
             self._reports[key] = replace(report, alloc_conf=conf)
         return self._reports[key]
 
@@ -96,18 +107,19 @@ class EstimateSession:
         *,
         gradient_checkpointing: bool = False,
         alloc_conf: str | None = None,
+        step: StepKind = "train",
     ) -> int:
         """The smallest allocator capacity on which the step fits (both histories, slack kept out),
         to about 0.4 %: the boundary itself, which a search line and a memory budget compare with.
         Between the peak allocated bytes (below which nothing fits) and the peak reserved bytes
         of an unbounded card (where the allocator never has to return a cached segment)."""
         conf = canonical_alloc_conf(alloc_conf)
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf, step)
         if key not in self._needed:
             report = self.trace(
-                spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=conf
+                spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=conf, step=step
             )
-            fits = self._verdict(spec, batch_size, gradient_checkpointing, conf)
+            fits = self._verdict(spec, batch_size, gradient_checkpointing, conf, step)
             precision = max(SEGMENT_BYTES, report.peak_reserved_bytes // 256)
             self._needed[key] = smallest_passing_capacity(
                 fits, report.peak_allocated_bytes - 1, report.peak_reserved_bytes, precision=precision
@@ -115,11 +127,16 @@ class EstimateSession:
         return self._needed[key]
 
     def _verdict(
-        self, spec: WorkloadSpec, batch_size: int, gradient_checkpointing: bool, alloc_conf: str | None
+        self,
+        spec: WorkloadSpec,
+        batch_size: int,
+        gradient_checkpointing: bool,
+        alloc_conf: str | None,
+        kind: StepKind = "train",
     ) -> Callable[[int], bool]:
-        step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+        step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=kind)
         settings = parse_alloc_conf(alloc_conf)
-        warmup = self._warmup(spec, gradient_checkpointing)
+        warmup = self._warmup(spec, gradient_checkpointing, kind)
 
         def fits(capacity: int) -> bool:
             stats = self.device_model.replay(
@@ -144,28 +161,30 @@ class EstimateSession:
         gradient_checkpointing: bool = False,
         memory_margin: float = 0.0,
         alloc_conf: str | None = None,
+        step: StepKind = "train",
     ) -> Trial:
         """One search trial: the step replayed through the caching allocator on the card's usable
         memory less the margin passes when no request runs out of it (the allocator's own retry,
         after returning cached segments, included). Its reserved peak is the capacity the step
         needs (`needed_bytes`), passing or not, so that a search's line and the card's capacity
         measure the same thing; its allocated peak is the unbounded replay's."""
-        step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+        kind = step
+        traced = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=kind)
         capacity = self.capacity_bytes(device_total_bytes, memory_margin)
-        ok = self._verdict(spec, batch_size, gradient_checkpointing, alloc_conf)(capacity)
+        ok = self._verdict(spec, batch_size, gradient_checkpointing, alloc_conf, kind)(capacity)
         report = self.trace(
-            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, step=kind
         )
         needed = self.needed_bytes(
-            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, step=kind
         )
         return Trial(
             batch_size=batch_size,
             ok=ok,
             peak_allocated_bytes=report.peak_allocated_bytes,
             peak_reserved_bytes=min(needed, capacity) if ok else max(needed, capacity + 1),
-            seconds=step.seconds,
-            peak_phase=step.peak_phase,
+            seconds=traced.seconds,
+            peak_phase=traced.peak_phase,
             error=None if ok else "out_of_memory",
         )
 
@@ -176,6 +195,7 @@ class EstimateSession:
         gradient_checkpointing: bool = False,
         batch_sizes: tuple[int, ...] = LINE_BATCH_SIZES,
         alloc_conf: str | None = None,
+        step: StepKind = "train",
     ) -> MemoryLine:
         """The capacity a step needs (`needed_bytes`) as fixed + per_sample × b, through the two
         largest of `batch_sizes`."""
@@ -183,7 +203,7 @@ class EstimateSession:
             raise SpecError("A memory line needs at least two different batch sizes.")
         peaks = {
             b: self.needed_bytes(
-                spec, b, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+                spec, b, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, step=step
             )
             for b in sorted(set(batch_sizes))
         }
@@ -214,6 +234,7 @@ def estimate_fits(
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
     alloc_conf: str | None = None,
+    step: StepKind = "train",
 ) -> Callable[[int], Trial]:
     """`fits(b) -> Trial` of the estimate backend, for `tuner.search.find_max_batch`, with the
     allocator setting `alloc_conf`. Installs the emulation in this process: call it in a child
@@ -228,6 +249,7 @@ def estimate_fits(
             gradient_checkpointing=gradient_checkpointing,
             memory_margin=memory_margin,
             alloc_conf=alloc_conf,
+            step=step,
         )
 
     return fits
@@ -239,11 +261,16 @@ def estimate_line(
     gradient_checkpointing: bool,
     batch_sizes: tuple[int, ...] = LINE_BATCH_SIZES,
     alloc_conf: str | None = None,
+    step: StepKind = "train",
 ) -> MemoryLine:
     """The prior for a guided CUDA search: peak reserved ≈ fixed + per_sample × b. Installs the
     emulation in this process: call it in a child process."""
     return current_session().line(
-        spec, gradient_checkpointing=gradient_checkpointing, batch_sizes=batch_sizes, alloc_conf=alloc_conf
+        spec,
+        gradient_checkpointing=gradient_checkpointing,
+        batch_sizes=batch_sizes,
+        alloc_conf=alloc_conf,
+        step=step,
     )
 
 

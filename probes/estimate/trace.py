@@ -31,7 +31,7 @@ from probes.estimate.tracker import MemoryTracker
 from probes.estimate.value_reads import ValueReads, user_location
 from tuner.alloc_conf import AllocatorSettings, parse_alloc_conf
 from tuner.errors import EstimateError, TunerError
-from tuner.spec import WorkloadSpec
+from tuner.spec import StepKind, WorkloadSpec
 
 __all__ = ["StepTrace", "trace_peak", "trace_step"]
 
@@ -102,8 +102,10 @@ def trace_step(
     iterations: int = 2,
     record_ops: bool = False,
     real_tensors: bool = False,
+    step: StepKind = "train",
 ) -> StepTrace:
-    """Trace `iterations` train steps of `spec` at `batch_size` in this process.
+    """Trace `iterations` train steps of `spec` at `batch_size` in this process (`step="eval"`:
+    eval forwards with the training state resident, `probes.eval_step`).
 
     `record_ops` lists the ATen ops the trace ran. `real_tensors` runs the same emulated step on
     real CPU tensors instead of fake ones (it allocates every byte: for checking the fake trace
@@ -122,7 +124,7 @@ def trace_step(
     tracker = MemoryTracker(record_ops=record_ops)
     reads = ValueReads(spec.moe_routing, name=spec.describe())
     try:
-        _run(spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors, reads)
+        _run(spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors, reads, step)
     except TunerError:
         raise
     except torch.OutOfMemoryError:
@@ -158,9 +160,10 @@ def trace_peak(
     device_model: DeviceModel = DEFAULT_DEVICE_MODEL,
     real_tensors: bool = False,
     alloc_conf: str | None = None,
+    step: StepKind = "train",
 ) -> EstimateReport:
-    """The estimate of `iterations` train steps of `spec` at `batch_size`, traced in this process
-    (see `trace_step`) and replayed through the caching allocator with `alloc_conf`."""
+    """The estimate of `iterations` train steps (or eval steps) of `spec` at `batch_size`, traced
+    in this process (see `trace_step`) and replayed through the caching allocator with `alloc_conf`."""
 
     def traced(size: int) -> StepTrace:
         return trace_step(
@@ -170,6 +173,7 @@ def trace_peak(
             iterations=iterations,
             record_ops=record_ops,
             real_tensors=real_tensors,
+            step=step,
         )
 
     trace = traced(batch_size)
@@ -189,7 +193,9 @@ def _run(
     tracker: MemoryTracker,
     real_tensors: bool,
     value_reads: ValueReads,
+    step: StepKind = "train",
 ) -> None:
+    from probes.eval_step import prepare_training_state, run_eval_steps
     from probes.step import run_train_steps
     from probes.workloads import build_workload
 
@@ -207,6 +213,20 @@ def _run(
         tracker.classify(model.buffers(), "parameters")
         handles = _attribute_gradients_and_state(model, optimizer, tracker)
         try:
+            if step == "eval":
+                # The training state, made outside the trace: the tracker counts what the step
+                # left (the optimizer's state) as live from the start, as parameters are.
+                prepare_training_state(workload, optimizer, data_dependent=False)
+                tracker.classify(_optimizer_tensors(optimizer), "optimizer_state")
+                with tracker:
+                    run_eval_steps(
+                        workload,
+                        batch_size,
+                        iterations=iterations,
+                        on_phase=tracker.set_phase,
+                        data_dependent=False,
+                    )
+                return
             with tracker:
                 run_train_steps(
                     workload,
@@ -248,11 +268,14 @@ def _attribute_gradients_and_state(
             handles.append(parameter.register_post_accumulate_grad_hook(on_gradient))
 
     def on_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-        tensors = [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-        tracker.classify(tensors, "optimizer_state")
+        tracker.classify(_optimizer_tensors(opt), "optimizer_state")
 
     handles.append(optimizer.register_step_post_hook(on_step))
     return handles
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
 def _explain(spec: WorkloadSpec, exc: Exception) -> str:

@@ -113,3 +113,19 @@ class RecordsInputKind(nn.Module):
 
 def records_input_kind(in_features: int = 16, num_classes: int = 10) -> nn.Module:
     return RecordsInputKind(in_features, num_classes)
+
+
+class LabelledOnly(nn.Module):
+    """A forward that needs labels (no default): it returns its loss and nothing else, so an eval
+    forward on the inputs alone cannot run it."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(in_features, num_classes)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(features).float(), labels)
+
+
+def labelled_only(in_features: int = 16, num_classes: int = 10) -> nn.Module:
+    return LabelledOnly(in_features, num_classes)

@@ -205,3 +205,21 @@ def test_without_a_server_it_probes_and_plans_locally(monkeypatch: pytest.Monkey
     assert plan.max_micro_batch_size["off"] == 32
     assert plan.predicted_peak_bytes is not None and 0 < plan.predicted_peak_bytes < A100.total_memory_bytes
     assert os.environ.get("TUNER_SERVER") is None
+
+
+@pytest.mark.slow
+def test_the_cap_bounds_the_train_search_but_not_the_eval_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`max_micro_batch_size` caps the training micro-batch, so the train probe stops there; the eval
+    batch is not bound by it (forward only, no gradients: it is usually larger), so its probe
+    searches on and the plan's eval micro-batch may exceed the training cap."""
+    pytest.importorskip("probes.probe")
+    monkeypatch.delenv("TUNER_SERVER", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    plan = plan_for(
+        MLP,
+        effective_batch_size=96,
+        device=A100,
+        policy={"gradient_checkpointing": "off", "max_micro_batch_size": 32, "eval": True},
+    )
+    assert plan.max_micro_batch_size["off"] == 32 and plan.micro_batch_size == 32
+    assert plan.eval_micro_batch_size is not None and plan.eval_micro_batch_size > 32

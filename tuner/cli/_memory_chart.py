@@ -92,13 +92,15 @@ def memory_chart_lines(
     width: int = 40,
     budget_bytes: int | None = None,
     planned: PlannedPoint | None = None,
+    heading: str = "Peak reserved memory by micro-batch",
 ) -> list[str]:
     """The chart as rich-markup lines: a title naming the capacity (and a plan's memory budget),
-    then one line a row with the capacity drawn as `│` after the bar's full width. No lines where
+    then one line a row with the capacity drawn as `│` after the bar's full width (`heading`: the
+    eval step's curve is drawn the same way). No lines where
     no trial measured a peak: there is no curve to draw."""
     if all(trial.peak_reserved_bytes is None for trial in trials):
         return []
-    title = f"Peak reserved memory by micro-batch (│ = the device's {format_bytes(capacity_bytes)}"
+    title = f"{heading} (│ = the device's {format_bytes(capacity_bytes)}"
     if budget_bytes is not None:
         title += f"; the plan's budget {format_bytes(budget_bytes)}"
     lines = [title + ")"]

@@ -39,11 +39,12 @@ class TrialProgress:
 
 @contextmanager
 def trial_progress(
-    workload: WorkloadSpec, backend: Backend, checkpointing: bool, *, show: bool
+    workload: WorkloadSpec, backend: Backend, checkpointing: bool, *, show: bool, what: str | None = None
 ) -> Iterator[TrialProgress]:
     """A bar of one probe's trials, drawn only when `show` (a terminal). How many trials a search
     takes is not known before it ends (usually 3–6, at most the search's trial budget): the bar pulses and
-    counts until `done` gives it its total."""
+    counts until `done` gives it its total. `what` names the probe where it is not the train probe
+    of a checkpointing choice (`eval`, `length 64, checkpointing off`)."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     progress = Progress(
@@ -56,7 +57,7 @@ def trial_progress(
         disable=not show,
         transient=False,
     )
-    title = f"{workload.describe()} ({backend}, checkpointing {on_off(checkpointing)})"
+    title = f"{workload.describe()} ({backend}, {what or f'checkpointing {on_off(checkpointing)}'})"
     with progress:
         yield TrialProgress(progress, progress.add_task(f"Probing {title}", total=None), title)
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from tuner.checkpointing import checkpointing_choices
 from tuner.cli._common import clear_errors, fail, on_off, print_json, size_option
 from tuner.cli._memory_chart import PlannedPoint, memory_chart_lines
 from tuner.cli._options import (
@@ -23,6 +22,9 @@ from tuner.cli._options import (
 from tuner.cli._progress import trial_progress
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from tuner.plan_probes import ExtraProbes, ProbeNeed
     from tuner.results import Plan, ProbeResult
     from tuner.search_types import Trial
     from tuner.spec import Backend, DeviceSpec, PlanRequest, WorkloadSpec
@@ -76,6 +78,20 @@ def plan(
     alloc_conf: str | None = typer.Option(
         None, "--alloc-conf", envvar="PYTORCH_CUDA_ALLOC_CONF", help=ALLOC_CONF_HELP
     ),
+    min_seq_len: int | None = typer.Option(
+        None,
+        "--min-seq-len",
+        help="Token inputs whose lengths vary from this to the spec's seq_len: also plan a token budget "
+        "(max tokens per micro-batch).",
+    ),
+    effective_tokens: int | None = typer.Option(
+        None, "--effective-tokens", help="With --min-seq-len: tokens per optimizer step to reach."
+    ),
+    plan_eval: bool = typer.Option(
+        False,
+        "--eval",
+        help="Also plan an eval micro-batch (forward only, no grad, with the training state resident).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Plan micro-batch size, accumulation steps and gradient checkpointing for an effective batch."""
@@ -90,33 +106,57 @@ def plan(
         device = _device(chosen_backend, total_memory, device_name, remote=server_url is not None)
         from tuner.spec import load_workload_file
 
-        workload = load_workload_file(spec)
+        workload = _with_length_range(load_workload_file(spec), min_seq_len)
         policy: dict[str, Any] = {
             "gradient_checkpointing": checkpointing.value,
             "memory_margin": margin,
             "max_micro_batch_size": max_micro_batch_size,
             "allow_uneven_micro_batches": allow_uneven,
+            "eval": plan_eval,
         }
         if (ramp_start is None) != (ramp_steps is None):
             fail("A ramp needs both --ramp-start and --ramp-steps.")
         if ramp_start is not None:
             policy["ramp"] = {"start_effective_batch_size": ramp_start, "ramp_steps": ramp_steps}
         conf = alloc_conf_option(alloc_conf)
-        request = _request(workload, effective_batch_size, world_size, device, chosen_backend, policy, conf)
+        request = _request(
+            workload, effective_batch_size, world_size, device, chosen_backend, policy, conf, effective_tokens
+        )
         from tuner.intake import refuse_what_cannot_fit
 
         refuse_what_cannot_fit(request)  # a card too small for the parameters alone: no probe
+        eval_trials: list[Trial] = []
         if server_url is not None:
-            result, trials = _plan_on_server(
+            result, trials, eval_trials = _plan_on_server(
                 server_url, request, wait, with_trials=not as_json, show_progress=sys.stderr.isatty()
             )
         else:
-            result, probes = _plan_locally(request, show_progress=sys.stderr.isatty())
+            result, probes, extras = _plan_locally(request, show_progress=sys.stderr.isatty())
             trials = probes[result.gradient_checkpointing].trials
+            eval_trials = extras.eval.trials if extras.eval is not None else []
     if as_json:
         print_json(result)
     else:
-        print_plan(result, trials)
+        print_plan(result, trials, eval_trials)
+
+
+def _with_length_range(workload: WorkloadSpec, min_seq_len: int | None) -> WorkloadSpec:
+    """The spec with `--min-seq-len` as its `inputs.min_seq_len` (validated as the API does)."""
+    if min_seq_len is None:
+        return workload
+    from tuner.errors import SpecError
+    from tuner.spec import parse_workload
+
+    data = workload.model_dump(mode="json")
+    if data["inputs"]["kind"] != "tokens":
+        raise SpecError(
+            f"--min-seq-len needs token inputs (inputs.kind 'tokens'), got {data['inputs']['kind']!r}."
+        )
+    data["inputs"]["min_seq_len"] = min_seq_len
+    try:
+        return parse_workload(data)
+    except SpecError as exc:
+        raise SpecError(exc.message.replace("workload spec", "--min-seq-len", 1)) from None
 
 
 def _resolve_backend(choice: BackendChoice | None, total_memory: int | None, *, remote: bool) -> Backend:
@@ -152,6 +192,7 @@ def _request(
     backend: Backend,
     policy: dict[str, Any],
     alloc_conf: str | None = None,
+    effective_tokens: int | None = None,
 ) -> PlanRequest:
     from tuner.spec import parse_plan_request
 
@@ -164,26 +205,35 @@ def _request(
             "backend": backend,
             "policy": policy,
             "alloc_conf": alloc_conf,
+            "effective_tokens": effective_tokens,
         }
     )
 
 
-def _plan_locally(request: PlanRequest, *, show_progress: bool) -> tuple[Plan, dict[bool, ProbeResult]]:
-    """Probe each checkpointing choice the policy needs, one after the other, then plan."""
-    from tuner.integration import probe_locally
+def _plan_locally(
+    request: PlanRequest, *, show_progress: bool
+) -> tuple[Plan, dict[bool, ProbeResult], ExtraProbes]:
+    """Probe each checkpointing choice the policy needs (and the eval step and a token budget's
+    lengths where asked), one after the other, then plan."""
+    from tuner.integration import probe_plan_locally
     from tuner.planner import make_plan
 
-    probes: dict[bool, ProbeResult] = {}
-    for checkpointing in checkpointing_choices(request.policy.gradient_checkpointing):
-        with trial_progress(request.workload, request.backend, checkpointing, show=show_progress) as bar:
-            probes[checkpointing] = probe_locally(request, checkpointing, progress=bar.advance)
-            bar.done(probes[checkpointing])
-    return make_plan(request, probes), probes
+    def progress_for(need: ProbeNeed) -> AbstractContextManager[Any]:
+        return trial_progress(
+            need.workload,
+            request.backend,
+            need.gradient_checkpointing,
+            show=show_progress,
+            what=None if need.role == "train" else need.describe(),
+        )
+
+    probes, extras, _ = probe_plan_locally(request, progress_for=progress_for)
+    return make_plan(request, probes, extras), probes, extras
 
 
 def _plan_on_server(
     base_url: str, request: PlanRequest, wait: float, *, with_trials: bool, show_progress: bool
-) -> tuple[Plan, list[Trial]]:
+) -> tuple[Plan, list[Trial], list[Trial]]:
     """The server's plan and, for the chart, the trials of the probe it was made from; while a
     probe job runs for it, its progress (`show_progress`: on a terminal)."""
     from tuner.client import TunerClient
@@ -197,17 +247,20 @@ def _plan_on_server(
         result: Plan = client.create_plan(request, wait=0, max_seconds=wait, progress=show_progress)
         probe_id = result.probe_ids.get(on_off(result.gradient_checkpointing), result.probe_id)
         trials: list[Trial] = []
+        eval_trials: list[Trial] = []
         if with_trials and probe_id is not None:
             try:
                 trials = client.get_probe(probe_id).trials
+                if result.eval_probe_id is not None:
+                    eval_trials = client.get_probe(result.eval_probe_id).trials
             except ServiceError as exc:  # the plan stands; only its picture is missing
                 print(f"(no memory chart: {exc.message})", file=sys.stderr)
-    return result, trials
+    return result, trials, eval_trials
 
 
-def print_plan(plan: Plan, trials: Sequence[Trial] = ()) -> None:
-    """The plan as a table on stdout, the memory curve of the trials it was made from, then its
-    reason, warnings and hints."""
+def print_plan(plan: Plan, trials: Sequence[Trial] = (), eval_trials: Sequence[Trial] = ()) -> None:
+    """The plan as a table on stdout, the memory curve of the trials it was made from (and of the
+    eval probe's), then its reason, warnings and hints."""
     from rich.console import Console
     from rich.table import Table
 
@@ -233,6 +286,23 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = ()) -> None:
     table.add_row("predicted peak", format_bytes(plan.predicted_peak_bytes))
     if plan.predicted_samples_per_second is not None:
         table.add_row("predicted samples/s", f"{plan.predicted_samples_per_second:.1f} per device")
+    if plan.eval_micro_batch_size is not None:
+        table.add_row("eval micro-batch", str(plan.eval_micro_batch_size))
+    if plan.token_budget is not None:
+        budget = plan.token_budget
+        table.add_row(
+            "max tokens per micro-batch",
+            f"{budget.max_tokens_per_micro_batch} (lengths {budget.min_seq_len}–{budget.seq_len}, "
+            f"set by {budget.limiting_seq_len})",
+        )
+        per_length = ", ".join(f"{point.seq_len}: {point.max_batch_size}" for point in budget.lengths)
+        table.add_row("largest batch by length", per_length)
+        if budget.accumulation_steps is not None:
+            table.add_row(
+                "token accumulation",
+                f"{budget.accumulation_steps} micro-batches of ≤ {budget.tokens_per_micro_batch} tokens "
+                f"for {budget.effective_tokens} tokens",
+            )
     table.add_row("backend", plan.backend)
     if plan.accumulation_schedule:
         ramp = ", ".join(
@@ -247,6 +317,14 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = ()) -> None:
     chart = memory_chart_lines(
         trials, plan.device.total_memory_bytes, budget_bytes=plan.memory_budget_bytes, planned=planned
     )
+    if plan.eval_micro_batch_size is not None and plan.eval_predicted_peak_bytes is not None:
+        chart += memory_chart_lines(
+            eval_trials,
+            plan.device.total_memory_bytes,
+            budget_bytes=plan.memory_budget_bytes,
+            planned=PlannedPoint(plan.eval_micro_batch_size, plan.eval_predicted_peak_bytes),
+            heading="Eval: peak reserved memory by batch, training state resident",
+        )
     for line in chart:
         out.print(line, highlight=False)
     out.print(plan.reason, highlight=False)

@@ -6,7 +6,9 @@ in the precision the arguments name.
 
 The plan gives the per-device micro-batch, the accumulation steps and whether to checkpoint
 activations; `apply_plan` returns a new `TrainingArguments` with those three set (the original is
-left as it was). The Trainer normalises a causal-LM loss by the number of label tokens of the
+left as it was), and `per_device_eval_batch_size` where the plan has an eval micro-batch (planned
+when the arguments evaluate: the Trainer's eval loop runs with the training state resident).
+The Trainer normalises a causal-LM loss by the number of label tokens of the
 whole accumulation window (`num_items_in_batch`), so its accumulation is exact in the sense of
 DESIGN.md §8 for models that accept that argument, which the transformers LMs do.
 """
@@ -30,9 +32,13 @@ def plan_for_trainer(
     """`tuner.plan_for` for `model` trained by a `Trainer` with `args` (`TrainingArguments`): the
     Trainer's loop shape, its precision (`bf16` → bf16-mixed, `fp16` → fp16-mixed, else fp32) and
     world size; the effective batch defaults to the one `args` gives now (per-device batch ×
-    accumulation × world size). Other keywords go to `plan_for`."""
+    accumulation × world size). Where `args` evaluate (an `eval_strategy` other than `no`, or
+    `do_eval`), the plan also has an eval micro-batch (`policy.eval`). Other keywords go to
+    `plan_for`."""
     from tuner.integration import plan_for
 
+    if "policy" not in plan_for_kwargs and _evaluates(args):
+        plan_for_kwargs["policy"] = {"eval": True}
     world_size = getattr(args, "world_size", 1)
     world_size = world_size if isinstance(world_size, int) and world_size > 0 else 1
     if effective_batch_size is None:
@@ -48,6 +54,11 @@ def plan_for_trainer(
     plan_for_kwargs.setdefault("precision", precision)
     plan_for_kwargs.setdefault("world_size", world_size)
     return plan_for(model, effective_batch_size=effective_batch_size, keeps_outputs=False, **plan_for_kwargs)
+
+
+def _evaluates(args: Any) -> bool:
+    strategy = getattr(args, "eval_strategy", getattr(args, "evaluation_strategy", "no"))
+    return str(getattr(strategy, "value", strategy)) != "no" or bool(getattr(args, "do_eval", False))
 
 
 def training_arguments_update(plan: Plan, args: Any) -> dict[str, Any]:
@@ -69,6 +80,8 @@ def training_arguments_update(plan: Plan, args: Any) -> dict[str, Any]:
         "gradient_accumulation_steps": plan.accumulation_steps,
         switch: plan.gradient_checkpointing,
     }
+    if plan.eval_micro_batch_size is not None:
+        update["per_device_eval_batch_size"] = plan.eval_micro_batch_size
     if switch == "activation_checkpointing":
         update["gradient_checkpointing"] = None  # the deprecated alias must not override the new name
     if plan.gradient_checkpointing and not getattr(args, kwargs_name, None):

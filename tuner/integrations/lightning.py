@@ -2,7 +2,8 @@
 
 Lightning takes the accumulation as `Trainer(accumulate_grad_batches=...)` and the micro-batch
 as the DataLoader's batch size, which lives on the LightningModule or LightningDataModule (as a
-`batch_size` attribute or hyperparameter, the convention its batch-size finder uses too).
+`batch_size` attribute or hyperparameter, the convention its batch-size finder uses too). A plan's
+eval micro-batch goes to the eval loader's batch size the same way (`eval_batch_size`).
 
 Lightning's automatic optimisation divides each micro-batch's loss by `accumulate_grad_batches`:
 the textbook loop, biased when micro-batches hold different numbers of loss tokens (DESIGN.md
@@ -22,7 +23,7 @@ from typing import Any
 from tuner.errors import PlanError
 from tuner.results import Plan
 
-__all__ = ["apply_batch_size", "lightning_module", "plan_callback", "trainer_kwargs"]
+__all__ = ["apply_batch_size", "apply_eval_batch_size", "lightning_module", "plan_callback", "trainer_kwargs"]
 
 
 def trainer_kwargs(plan: Plan) -> dict[str, Any]:
@@ -35,16 +36,41 @@ def apply_batch_size(target: Any, plan: Plan, *, attribute: str = "batch_size") 
     """Set the micro-batch on a LightningModule or LightningDataModule: its `batch_size` attribute
     where it has one, else its `hparams` entry (how Lightning's batch-size finder finds it)."""
     _refuse_uneven(plan)
-    hparams = getattr(target, "hparams", None)
-    if hasattr(target, attribute):
-        setattr(target, attribute, plan.micro_batch_size)
-    elif hparams is not None and attribute in hparams:
-        hparams[attribute] = plan.micro_batch_size
-    else:
+    if not _set_batch_size(target, attribute, plan.micro_batch_size):
         raise PlanError(
             f"{type(target).__name__} has no {attribute!r} attribute or hyperparameter to put the "
             f"micro-batch ({plan.micro_batch_size}) in."
         )
+
+
+def apply_eval_batch_size(target: Any, plan: Plan, *, attribute: str = "eval_batch_size") -> None:
+    """Set the plan's eval micro-batch (planned with `policy.eval`) as the batch size the eval
+    loader reads from a LightningModule or LightningDataModule: its `eval_batch_size` attribute or
+    hyperparameter."""
+    if plan.eval_micro_batch_size is None:
+        raise PlanError("The plan has no eval micro-batch: ask for one with policy.eval (tuner plan --eval).")
+    if not _set_batch_size(target, attribute, plan.eval_micro_batch_size):
+        raise PlanError(
+            f"{type(target).__name__} has no {attribute!r} attribute or hyperparameter to put the "
+            f"eval micro-batch ({plan.eval_micro_batch_size}) in."
+        )
+
+
+def _has_batch_size(target: Any, attribute: str) -> bool:
+    return target is not None and (
+        hasattr(target, attribute) or attribute in (getattr(target, "hparams", None) or {})
+    )
+
+
+def _set_batch_size(target: Any, attribute: str, value: int) -> bool:
+    hparams = getattr(target, "hparams", None)
+    if hasattr(target, attribute):
+        setattr(target, attribute, value)
+    elif hparams is not None and attribute in hparams:
+        hparams[attribute] = value
+    else:
+        return False
+    return True
 
 
 def lightning_module() -> Any:
@@ -59,7 +85,8 @@ def lightning_module() -> Any:
 
 def plan_callback(plan: Plan) -> Any:
     """A Lightning `Callback` that applies the plan when fitting starts: the Trainer's
-    `accumulate_grad_batches`, and the micro-batch on the datamodule (or the module)."""
+    `accumulate_grad_batches`, and the micro-batch on the datamodule (or the module); a plan's eval
+    micro-batch too, where the datamodule (or the module) has an `eval_batch_size`."""
     pl = lightning_module()
     _refuse_uneven(plan)
 
@@ -69,10 +96,12 @@ def plan_callback(plan: Plan) -> Any:
                 return
             trainer.accumulate_grad_batches = plan.accumulation_steps
             datamodule = getattr(trainer, "datamodule", None)
-            has_batch = datamodule is not None and (
-                hasattr(datamodule, "batch_size") or "batch_size" in getattr(datamodule, "hparams", {})
-            )
-            apply_batch_size(datamodule if has_batch else pl_module, plan)
+            apply_batch_size(datamodule if _has_batch_size(datamodule, "batch_size") else pl_module, plan)
+            if plan.eval_micro_batch_size is not None:
+                for target in (datamodule, pl_module):
+                    if _has_batch_size(target, "eval_batch_size"):
+                        apply_eval_batch_size(target, plan)
+                        break
 
     return ApplyPlan()
 
