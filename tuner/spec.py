@@ -26,6 +26,7 @@ from tuner.alloc_conf import canonical_alloc_conf
 from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS, refuse_bool_for_number
 from tuner.config_keys import check_keys, check_model_type, check_task
 from tuner.errors import SpecError
+from tuner.parallelism import ParallelismSpec, default_parallelism
 from tuner.settings import get_settings
 from tuner.transformers_config import canonical_config
 
@@ -331,11 +332,41 @@ class PlanRequest(_Spec):
     alloc_conf: str | None = Field(default=None, max_length=500)
     """The `PYTORCH_CUDA_ALLOC_CONF` the run will use (e.g. `expandable_segments:True`); None is
     PyTorch's default allocator. Part of the probe's key; kept in canonical form."""
+    parallelism: ParallelismSpec | None = None
+    """How the ranks share the model (`tuner.parallelism`); None: `ddp` when `world_size > 1`,
+    else `none`. Filled in and kept in canonical form."""
 
     @field_validator("alloc_conf")
     @classmethod
     def _canonical_alloc_conf(cls, value: str | None) -> str | None:
         return validated_alloc_conf(value)
+
+    @model_validator(mode="after")
+    def _fill_parallelism(self) -> PlanRequest:
+        chosen = self.parallelism or default_parallelism(self.world_size)
+        object.__setattr__(self, "parallelism", chosen.canonical())
+        if chosen.strategy == "fsdp" and not fsdp_wrappable(self.workload.model):
+            raise ValueError(
+                f"parallelism.strategy: 'fsdp' needs a model of repeated blocks to shard one by one; "
+                f"{self.workload.model.family} models are not wrapped per block (use 'ddp')"
+            )
+        return self
+
+    @property
+    def chosen_parallelism(self) -> ParallelismSpec:
+        """The parallelism, filled in (never None after validation)."""
+        return self.parallelism or default_parallelism(self.world_size)
+
+
+FSDP_FAMILIES = frozenset({"transformers", "builtin", "python"})
+"""Families whose models FSDP2 wraps per block: transformers' decoder/encoder layers, the
+builtin models' `blocks`, and a python factory's model that has either (checked when built).
+torchvision's models are a handful of unequal stages, not blocks to shard one by one."""
+
+
+def fsdp_wrappable(model: ModelSpec) -> bool:
+    """Whether `fully_shard` per block can wrap this family's models."""
+    return model.family in FSDP_FAMILIES
 
 
 def validated_alloc_conf(value: str | None) -> str | None:

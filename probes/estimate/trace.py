@@ -28,8 +28,11 @@ from probes.estimate.allocator import AllocationLog
 from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel, compute_dtype_bytes
 from probes.estimate.report import EstimateReport
 from probes.estimate.tracker import MemoryTracker
+from probes.parallel import Rank, local_tensors
+from probes.workloads import BuiltWorkload
 from tuner.alloc_conf import AllocatorSettings, parse_alloc_conf
 from tuner.errors import EstimateError, TunerError
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.spec import WorkloadSpec
 
 __all__ = ["StepTrace", "trace_peak", "trace_step"]
@@ -98,8 +101,11 @@ def trace_step(
     iterations: int = 2,
     record_ops: bool = False,
     real_tensors: bool = False,
+    parallel: ParallelSetup = SINGLE,
 ) -> StepTrace:
-    """Trace `iterations` train steps of `spec` at `batch_size` in this process.
+    """Trace `iterations` train steps of `spec` at `batch_size` in this process, as one rank of
+    `parallel` (`probes.parallel.one_rank`: FSDP sharded over a fake process group, DDP's
+    buckets modelled).
 
     `record_ops` lists the ATen ops the trace ran. `real_tensors` runs the same emulated step on
     real CPU tensors instead of fake ones (it allocates every byte: for checking the fake trace
@@ -117,7 +123,7 @@ def trace_step(
     started = time.perf_counter()
     tracker = MemoryTracker(record_ops=record_ops)
     try:
-        _run(spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors)
+        _run(spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors, parallel)
     except TunerError:
         raise
     except torch.OutOfMemoryError:
@@ -152,6 +158,7 @@ def trace_peak(
     device_model: DeviceModel = DEFAULT_DEVICE_MODEL,
     real_tensors: bool = False,
     alloc_conf: str | None = None,
+    parallel: ParallelSetup = SINGLE,
 ) -> EstimateReport:
     """The estimate of `iterations` train steps of `spec` at `batch_size`, traced in this process
     (see `trace_step`) and replayed through the caching allocator with `alloc_conf`."""
@@ -164,6 +171,7 @@ def trace_peak(
             iterations=iterations,
             record_ops=record_ops,
             real_tensors=real_tensors,
+            parallel=parallel,
         )
 
     trace = traced(batch_size)
@@ -182,8 +190,9 @@ def _run(
     iterations: int,
     tracker: MemoryTracker,
     real_tensors: bool,
+    parallel: ParallelSetup,
 ) -> None:
-    from probes.step import run_train_steps
+    from probes.parallel import one_rank
     from probes.workloads import build_workload
 
     # Fake CPU tensors, never fake CUDA ones: on a CPU-only build autograd aborts the process on
@@ -192,24 +201,47 @@ def _run(
     with tensors, _quiet_fake_tensor_log():
         workload = build_workload(spec, device="cpu", gradient_checkpointing=gradient_checkpointing, seed=0)
         emulation.patch_transformers()  # building imported transformers where the model needs it
-        optimizer = workload.make_optimizer()
-        model = workload.model
-        tracker.classify(model.parameters(), "parameters")
-        tracker.classify(model.buffers(), "parameters")
-        handles = _attribute_gradients_and_state(model, optimizer, tracker)
-        try:
-            with tracker:
-                run_train_steps(
-                    workload,
-                    batch_size,
-                    iterations=iterations,
-                    optimizer=optimizer,
-                    on_phase=tracker.set_phase,
-                    data_dependent=False,
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
+        if parallel == SINGLE:
+            _run_steps(workload, batch_size, iterations, tracker)
+            return
+        # The tracker is on from the wrapping: FSDP's shards and DDP's buckets are allocated there.
+        with tracker, one_rank(workload, parallel, "cpu") as rank:
+            _run_steps(workload, batch_size, iterations, tracker, rank=rank)
+
+
+def _run_steps(
+    workload: BuiltWorkload,
+    batch_size: int,
+    iterations: int,
+    tracker: MemoryTracker,
+    *,
+    rank: Rank | None = None,
+) -> None:
+    from probes.step import run_train_steps
+
+    optimizer = workload.make_optimizer()
+    model = workload.model
+    tracker.classify(local_tensors(model.parameters()), "parameters")
+    tracker.classify(model.buffers(), "parameters")
+    handles = _attribute_gradients_and_state(model, optimizer, tracker)
+    if rank is not None:
+        # After the attribution hooks: a gradient is counted, then goes into its bucket.
+        tracker.classify(rank.attach_buckets(), "buckets")
+    try:
+        with tracker if rank is None else contextlib.nullcontext():
+            run_train_steps(
+                workload,
+                batch_size,
+                iterations=iterations,
+                optimizer=optimizer,
+                on_phase=tracker.set_phase,
+                data_dependent=False,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+        if rank is not None:
+            rank.close()
 
 
 @contextlib.contextmanager
@@ -232,16 +264,22 @@ def _attribute_gradients_and_state(
     handles: list[Any] = []
 
     def on_gradient(parameter: torch.Tensor) -> None:
-        tracker.classify([parameter.grad], "gradients")
+        tracker.classify(local_tensors([parameter.grad]), "gradients")
 
     for parameter in model.parameters():
         if parameter.requires_grad:
             handles.append(parameter.register_post_accumulate_grad_hook(on_gradient))
 
+    def before_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        # FSDP assigns its sharded gradients directly, past the accumulation hooks.
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        tracker.classify(local_tensors(grads), "gradients")
+
     def on_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         tensors = [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-        tracker.classify(tensors, "optimizer_state")
+        tracker.classify(local_tensors(tensors), "optimizer_state")
 
+    handles.append(optimizer.register_step_pre_hook(before_step))
     handles.append(optimizer.register_step_post_hook(on_step))
     return handles
 

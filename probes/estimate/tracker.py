@@ -22,9 +22,10 @@ from probes.estimate.allocator import AllocationLog
 ALLOCATION_GRANULARITY = 512
 """CUDA's caching allocator rounds every block up to a multiple of 512 bytes."""
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
-"""Where live bytes are attributed; anything not a parameter, gradient or optimizer state
-(activations saved for backward, temporaries, the batch) counts as activations."""
+CATEGORIES = ("parameters", "gradients", "buckets", "optimizer_state", "activations")
+"""Where live bytes are attributed; anything not a parameter, gradient, DDP gradient bucket or
+optimizer state (activations saved for backward, temporaries, the batch, FSDP's gathered
+parameters) counts as activations."""
 
 
 def rounded(nbytes: int) -> int:
@@ -85,7 +86,8 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
 
     def classify(self, tensors: Iterable[torch.Tensor | None], category: str) -> None:
         """Count `tensors` under `category`: new ones are added (tensors made before the mode
-        started, such as parameters), known ones move from their old category."""
+        started, such as parameters), known ones move from their old category (except DDP's
+        buckets, which stay buckets when gradients become views into them)."""
         for tensor in tensors:
             if tensor is None:
                 continue
@@ -94,7 +96,7 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
             known = self._live.get(key)
             if known is None:
                 self._count(tensor, category)
-            elif known[1] != category:
+            elif known[1] != category and known[1] != "buckets":
                 nbytes, old, number = known
                 self._by_category[old] -= nbytes
                 self._by_category[category] += nbytes
