@@ -114,6 +114,7 @@ def cached_probes(
             torch_minor=torch_minor,
             gradient_checkpointing=checkpointing,
             alloc_conf=request.alloc_conf,
+            parallelism=request.parallel_setup().probe_key,
         )
         if probe is None:
             return None
@@ -173,13 +174,14 @@ def job_key(request: PlanRequest, torch_minor: str) -> str:
         torch_minor,
         ",".join("on" if gc else "off" for gc in checkpointing_choices(request)),
         request.alloc_conf or "",
+        request.parallel_setup().probe_key,
     ]
     return "|".join(parts)
 
 
 def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
-    """What the worker reads: the workload, device, backend, checkpointing choices, torch minor and
-    allocator setting."""
+    """What the worker reads: the workload, device, backend, checkpointing choices, torch minor,
+    allocator setting and the data-parallel job one rank of which is probed."""
     return {
         "workload": request.workload.model_dump(mode="json"),
         "device": request.device.model_dump(mode="json") if request.device else None,
@@ -187,6 +189,7 @@ def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
         "gradient_checkpointing": checkpointing_choices(request),
         "torch_minor": torch_minor,
         "alloc_conf": request.alloc_conf,
+        "parallel": request.parallel_setup().model_dump(mode="json"),
     }
 
 

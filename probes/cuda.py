@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 
+from probes.parallel import wrap_on_gpu
 from probes.step import Phase, run_train_steps
 from probes.workloads import BuiltWorkload, build_workload
 from tuner.errors import ProbeError
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.results import WorkloadFacts
 from tuner.search_types import Trial
 from tuner.spec import DeviceSpec, WorkloadSpec
@@ -143,7 +145,13 @@ class CudaTrials:
     """
 
     def __init__(
-        self, spec: WorkloadSpec, *, gradient_checkpointing: bool, iterations: int = 2, seed: int = 0
+        self,
+        spec: WorkloadSpec,
+        *,
+        gradient_checkpointing: bool,
+        iterations: int = 2,
+        seed: int = 0,
+        parallel: ParallelSetup = SINGLE,
     ) -> None:
         if iterations < 2:
             raise ProbeError("A GPU trial needs at least two iterations (optimizer state is created lazily).")
@@ -152,15 +160,18 @@ class CudaTrials:
         self.gradient_checkpointing = gradient_checkpointing
         self.iterations = iterations
         self.seed = seed
+        self.parallel = parallel
+        """One rank of this job is what runs (`probes.parallel.wrap_on_gpu`)."""
         self._workload: BuiltWorkload | None = None
         self.facts: WorkloadFacts | None = None
 
     def _build(self) -> BuiltWorkload:
         if self._workload is None:
-            self._workload = build_workload(
+            built = build_workload(
                 self.spec, device="cuda", gradient_checkpointing=self.gradient_checkpointing, seed=self.seed
             )
-            self.facts = self._workload.facts
+            self.facts = built.facts
+            self._workload = wrap_on_gpu(built, self.parallel)
         return self._workload
 
     def prepare(self) -> None:
@@ -201,6 +212,9 @@ class CudaTrials:
                 iterations=iterations,
                 on_phase=phases.enter,
                 synchronize=torch.cuda.synchronize,
+                # Over a fake group the gathered parameters hold no real values: no value is read,
+                # so that a GradScaler cannot skip the step that creates the optimizer's state.
+                data_dependent=self.parallel.parallelism.strategy == "none",
             )
         except BaseException as exc:
             if not is_out_of_memory(exc):

@@ -232,3 +232,39 @@ def one_rank(workload: Any, setup: ParallelSetup, device_type: str) -> Iterator[
         with fake_process_group(setup.world_size):
             apply_fsdp(workload.model, setup.parallelism, setup.world_size, device_type)
             yield rank
+
+
+def start_fake_process_group(world_size: int) -> None:
+    """This process as rank 0 of a fake group of `world_size` (for the rest of its life: the
+    cuda backend's child process); a fake group of that size already there is kept."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        if dist.get_backend() == "fake" and dist.get_world_size() == world_size:
+            return
+        raise RuntimeError("A process group is initialised already; one rank is probed alone.")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+
+
+def wrap_on_gpu(workload: Any, setup: ParallelSetup) -> Any:
+    """`workload` (a `BuiltWorkload` on the GPU) as rank 0 of `setup`, for the cuda backend: the
+    real wrappers over a fake process group, so that the collectives are free while every buffer
+    (FSDP's all-gather outputs and sharded gradients, DDP's reducer buckets) is a real CUDA
+    allocation. Returns the workload to train (a copy whose model is the DDP wrapper, or the same
+    one with its model sharded in place)."""
+    from dataclasses import replace
+
+    spec = setup.parallelism
+    if spec.strategy == "none":
+        return workload
+    start_fake_process_group(setup.world_size)
+    if spec.strategy == "fsdp":
+        apply_fsdp(workload.model, spec, setup.world_size, "cuda")
+        return workload
+    ddp = nn.parallel.DistributedDataParallel(
+        workload.model,
+        device_ids=[torch.cuda.current_device()],
+        bucket_cap_mb=spec.bucket_cap_mb,
+        gradient_as_bucket_view=spec.gradient_as_bucket_view,
+    )
+    return replace(workload, model=ddp)

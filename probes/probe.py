@@ -36,6 +36,7 @@ from probes.child import ChildFailed, run_in_child, send_progress
 from tuner import __version__ as tuner_version
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import DeviceRequiredError, ProbeError, SpecError
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
 from tuner.settings import get_settings
@@ -87,6 +88,8 @@ class _Job:
     """Set when a prior is traced beside the search: how long the search may wait for it."""
     alloc_conf: str | None = None
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe runs under (None: PyTorch's default)."""
+    parallel: ParallelSetup = SINGLE
+    """The data-parallel job one rank of which is probed (`probes.parallel`)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ def run_probe(
     trial_factory: str | None = None,
     estimate_prior: bool | None = None,
     alloc_conf: str | None = None,
+    parallel: ParallelSetup = SINGLE,
 ) -> ProbeResult:
     """The largest micro-batch of `spec` on a device, with every trial that led there.
 
@@ -125,7 +129,9 @@ def run_probe(
     default allocator was probed on the estimate backend, `extra` also says how large a micro-batch
     `expandable_segments:True` would allow (`expandable_segments_max_batch_size`).
     `estimate_prior`: whether a guided cuda search gets the estimator's line as its prior
-    (default: yes, except with a `trial_factory`, whose memory the estimator does not model)."""
+    (default: yes, except with a `trial_factory`, whose memory the estimator does not model).
+    `parallel`: the data-parallel job (strategy and world size) of which one rank is probed;
+    the estimate's memory per category at the answer is in `extra["memory_per_rank"]`."""
     if backend not in ("cuda", "estimate"):
         raise SpecError(f"Unknown probe backend {backend!r}: use 'cuda' or 'estimate'.")
     if backend == "estimate" and device is None:
@@ -144,7 +150,7 @@ def run_probe(
     prior: _PriorInBackground | None = None
     if backend == "cuda" and strategy == "guided" and estimate_prior:
         prior_timeout = min(timeout, settings.estimate_timeout_seconds)
-        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes, alloc_conf)
+        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes, alloc_conf, parallel)
     job = _Job(
         spec=spec,
         backend=backend,
@@ -157,6 +163,7 @@ def run_probe(
         trial_factory=trial_factory,
         prior_timeout=None if prior is None else prior.timeout + PRIOR_HANDOVER_SECONDS,
         alloc_conf=alloc_conf,
+        parallel=parallel,
     )
     try:
         outcome: _Outcome = _in_child(
@@ -198,6 +205,7 @@ def run_probe(
         seconds=time.monotonic() - started,
         versions=outcome.versions,
         alloc_conf=alloc_conf,
+        parallelism=parallel.probe_key,
         facts=outcome.facts,
         verified_steps=verified,
         extra={"search_seconds": outcome.seconds, **outcome.extra, **notes},
@@ -247,6 +255,7 @@ def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
         # The cuda backend learns the facts when it first builds the model.
         facts = backend.facts if backend.facts is not None else getattr(backend.fits, "facts", None)
         extra = _expandable_alternative(job, search) if job.trial_factory is None else {}
+        extra.update(_memory_per_rank(job, search))
         extra.update(backend.notes)
     finally:
         if backend.close is not None:
@@ -286,6 +295,7 @@ def _expandable_alternative(job: _Job, search: SearchResult) -> dict[str, Any]:
         job.device.total_memory_bytes,
         gradient_checkpointing=job.gradient_checkpointing,
         alloc_conf=EXPANDABLE_SEGMENTS,
+        parallel=job.parallel,
     )
     alternative = find_max_batch(
         fits,
@@ -295,6 +305,23 @@ def _expandable_alternative(job: _Job, search: SearchResult) -> dict[str, Any]:
         max_trials=job.max_trials,
     )
     return {"expandable_segments_max_batch_size": alternative.max_batch_size}
+
+
+def _memory_per_rank(job: _Job, search: SearchResult) -> dict[str, Any]:
+    """For an estimate: one rank's traced bytes per category (parameters, gradients, DDP's buckets,
+    optimizer state, activations) at the peak of the answer's step."""
+    if job.backend != "estimate" or job.trial_factory is not None or search.max_batch_size < 1:
+        return {}
+    from probes.estimate.session import current_session
+
+    report = current_session().trace(
+        job.spec,
+        search.max_batch_size,
+        gradient_checkpointing=job.gradient_checkpointing,
+        alloc_conf=job.alloc_conf,
+        parallel=job.parallel,
+    )
+    return {"memory_per_rank": dict(report.categories)}
 
 
 def _receive_prior(inbox: Connection, timeout: float) -> MemoryLine | None:
@@ -357,7 +384,11 @@ def _estimate_backend(job: _Job) -> TrialBackend:
     assert job.device is not None  # run_probe refuses an estimate without a device
     total = job.device.total_memory_bytes
     fits = estimate_fits(
-        job.spec, total, gradient_checkpointing=job.gradient_checkpointing, alloc_conf=job.alloc_conf
+        job.spec,
+        total,
+        gradient_checkpointing=job.gradient_checkpointing,
+        alloc_conf=job.alloc_conf,
+        parallel=job.parallel,
     )
     return TrialBackend(
         fits=fits,
@@ -390,7 +421,9 @@ def _cuda_backend(job: _Job) -> TrialBackend:
     )
     if emulation is not None:
         cuda.apply_emulation(emulation)  # before the first allocation: the cap holds from the start
-    trials = cuda.CudaTrials(job.spec, gradient_checkpointing=job.gradient_checkpointing)
+    trials = cuda.CudaTrials(
+        job.spec, gradient_checkpointing=job.gradient_checkpointing, parallel=job.parallel
+    )
     capacity = cuda.usable_capacity_bytes() if emulation is None else emulation.allocator_limit_bytes
 
     return TrialBackend(
@@ -422,24 +455,30 @@ class _PriorInBackground:
         timeout: float,
         notes: dict[str, Any],
         alloc_conf: str | None = None,
+        parallel: ParallelSetup = SINGLE,
     ) -> None:
         self.timeout = timeout
         self.inbox, self._outbox = mp.get_context("spawn").Pipe(duplex=False)
         self._thread = threading.Thread(
             target=self._trace,
-            args=(spec, gradient_checkpointing, notes, alloc_conf),
+            args=(spec, gradient_checkpointing, notes, alloc_conf, parallel),
             name="tuner-prior",
             daemon=True,
         )
         self._thread.start()
 
     def _trace(
-        self, spec: WorkloadSpec, gradient_checkpointing: bool, notes: dict[str, Any], alloc_conf: str | None
+        self,
+        spec: WorkloadSpec,
+        gradient_checkpointing: bool,
+        notes: dict[str, Any],
+        alloc_conf: str | None,
+        parallel: ParallelSetup,
     ) -> None:
         started = time.monotonic()
         line = None
         try:
-            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf)
+            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf, parallel)
         finally:
             notes["prior_seconds"] = time.monotonic() - started
             # A few hundred bytes, which the pipe holds until the search reads them; a search that
@@ -461,6 +500,7 @@ def _prior_line(
     timeout: float,
     notes: dict[str, Any],
     alloc_conf: str | None = None,
+    parallel: ParallelSetup = SINGLE,
 ) -> MemoryLine | None:
     """The estimator's line for the guided search, or None with a note saying why not."""
     try:
@@ -469,6 +509,7 @@ def _prior_line(
             spec,
             gradient_checkpointing,
             alloc_conf,
+            parallel,
             timeout=timeout,
             what="prior estimate",
         )
@@ -480,7 +521,7 @@ def _prior_line(
 
 
 def _estimate_line_in_child(
-    spec: WorkloadSpec, gradient_checkpointing: bool, alloc_conf: str | None
+    spec: WorkloadSpec, gradient_checkpointing: bool, alloc_conf: str | None, parallel: ParallelSetup = SINGLE
 ) -> MemoryLine:
     from probes.estimate.session import estimate_line
 
@@ -489,6 +530,7 @@ def _estimate_line_in_child(
         gradient_checkpointing=gradient_checkpointing,
         batch_sizes=PRIOR_BATCH_SIZES,
         alloc_conf=alloc_conf,
+        parallel=parallel,
     )
     return line
 

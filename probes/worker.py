@@ -39,6 +39,7 @@ from storage import repository
 from storage.db import session_factory
 from storage.records import Accepts, JobRecord, WaiterRecord
 from tuner.errors import CLIENT_FAULT_CODES, NothingFitsError, TunerError, job_error_text
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.results import ProbeResult
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec, parse_plan_request, parse_workload
 
@@ -58,6 +59,7 @@ class ProbeRunner(Protocol):
         timeout: float | None = None,
         progress: Callable[[Any], None] | None = None,
         alloc_conf: str | None = None,
+        parallel: ParallelSetup = SINGLE,
     ) -> ProbeResult: ...
 
 
@@ -293,6 +295,8 @@ class Worker:
         payload = active.job.payload
         workload = parse_workload(payload["workload"])
         device = self._job_device(payload)
+        # A job queued before parallelism was part of it is a single process.
+        parallel = ParallelSetup.model_validate(payload.get("parallel") or {})
         torch_minor = str(payload.get("torch_minor") or self.torch_minor)
         if torch_minor != self.torch_minor:
             log.warning(
@@ -314,13 +318,14 @@ class Worker:
                     torch_minor=self.torch_minor,
                     gradient_checkpointing=bool(checkpointing),
                     alloc_conf=payload.get("alloc_conf"),
+                    parallelism=parallel.probe_key,
                 )
             if cached is not None and cached.id is not None:
                 # A worker that lost this job earlier may have stored some choices already.
                 probes.append(cached)
                 continue
             alloc_conf = payload.get("alloc_conf")
-            result = self._run_probe(active, workload, device, bool(checkpointing), alloc_conf)
+            result = self._run_probe(active, workload, device, bool(checkpointing), alloc_conf, parallel)
             with self._writing(active) as session:
                 # Renew the lease first: a worker that lost it must not store a duplicate.
                 if not repository.heartbeat(
@@ -338,6 +343,7 @@ class Worker:
         device: DeviceSpec,
         checkpointing: bool,
         alloc_conf: str | None,
+        parallel: ParallelSetup = SINGLE,
     ) -> ProbeResult:
         active.progress = {"gradient_checkpointing": checkpointing, "trials": 0}
 
@@ -361,6 +367,7 @@ class Worker:
             timeout=self.probe_timeout_seconds,
             progress=on_trial,
             alloc_conf=alloc_conf,
+            parallel=parallel,
         )
 
     def _job_device(self, payload: dict[str, Any]) -> DeviceSpec:

@@ -61,6 +61,7 @@ PROBE_KEY_COLUMNS = (
     "torch_minor",
     "gradient_checkpointing",
     "alloc_conf",
+    "parallelism",
 )
 """The columns of the probe cache key: unique among complete results."""
 DEFAULT_ALLOC_CONF = ""
@@ -137,6 +138,9 @@ class ProbeRow(Base):
     extra: Mapped[dict[str, Any]] = mapped_column(JSON)
     alloc_conf: Mapped[str] = mapped_column(String(500), default=DEFAULT_ALLOC_CONF, server_default="")
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe assumed ('' for the default allocator)."""
+    parallelism: Mapped[str] = mapped_column(String(500), default="", server_default="")
+    """The data-parallel job one rank of which was probed, as `ParallelismSpec.probe_key` ('' for
+    a single process; FSDP's names its world size)."""
     verified_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
 
@@ -225,6 +229,8 @@ class PlanRow(Base):
     hints: Mapped[list[str]] = mapped_column(JSON)
     accumulation_schedule: Mapped[list[dict[str, int]] | None] = mapped_column(JSON, nullable=True)
     versions: Mapped[dict[str, str]] = mapped_column(JSON)
+    memory_per_rank: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    """One rank's traced bytes per category at the chosen probe's answer (estimate backend)."""
 
     __table_args__ = (
         Index("ix_plans_created_at", "created_at"),

@@ -59,6 +59,7 @@ from storage.models import (
 from storage.records import Accepts, JobRecord, WaiterRecord
 from storage.workers import WorkerRecord, announce_worker, live_workers, retire_worker
 from tuner.errors import ConflictError, NotFoundError
+from tuner.parallelism import ParallelismSpec, default_parallelism
 from tuner.results import Plan, ProbeResult, WorkloadFacts
 from tuner.search_types import MemoryLine, Trial
 from tuner.spec import DeviceSpec, ModelSpec, PlanPolicy, WorkloadSpec
@@ -138,12 +139,14 @@ def find_cached_probe(
     torch_minor: str,
     gradient_checkpointing: bool,
     alloc_conf: str | None = None,
+    parallelism: str = "",
 ) -> ProbeResult | None:
     """The complete probe result for this cache key, with its trials; None on a miss. (The key is
     unique among complete results; superseded ones, kept by migrations 0002 and 0003, are never
     returned.) `alloc_conf` is canonical (`tuner.alloc_conf.canonical_alloc_conf`); None is the
-    default allocator."""
-    if _unstorable(fingerprint, device_name, backend, torch_minor, alloc_conf):
+    default allocator. `parallelism` is the probe key of the data-parallel job
+    (`tuner.parallelism.ParallelSetup.probe_key`; '' for a single process)."""
+    if _unstorable(fingerprint, device_name, backend, torch_minor, alloc_conf, parallelism):
         return None
     query = (
         select(ProbeRow)
@@ -155,6 +158,7 @@ def find_cached_probe(
             ProbeRow.torch_minor == torch_minor,
             ProbeRow.gradient_checkpointing == gradient_checkpointing,
             ProbeRow.alloc_conf == (alloc_conf or DEFAULT_ALLOC_CONF),
+            ProbeRow.parallelism == parallelism,
             ProbeRow.status == PROBE_COMPLETE,
         )
         .order_by(ProbeRow.created_at.desc(), ProbeRow.id.desc())
@@ -248,6 +252,7 @@ def _probe_values(result: ProbeResult) -> dict[str, Any]:
         "facts": None if result.facts is None else result.facts.model_dump(mode="json"),
         "extra": dict(result.extra),
         "alloc_conf": result.alloc_conf or DEFAULT_ALLOC_CONF,
+        "parallelism": result.parallelism,
         "verified_steps": result.verified_steps,
         "seconds": result.seconds,
     }
@@ -314,6 +319,7 @@ def _probe_from_row(row: ProbeRow) -> ProbeResult:
         seconds=row.seconds,
         versions=row.versions,
         alloc_conf=row.alloc_conf or None,
+        parallelism=row.parallelism or "",
         facts=None if row.facts is None else WorkloadFacts.model_validate(row.facts),
         verified_steps=row.verified_steps,
         extra=row.extra,
@@ -505,6 +511,7 @@ def _plan_values(plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
         if plan.accumulation_schedule is None
         else [dict(step) for step in plan.accumulation_schedule],
         versions=dict(plan.versions),
+        memory_per_rank=None if plan.memory_per_rank is None else dict(plan.memory_per_rank),
     )
 
 
@@ -536,4 +543,15 @@ def _plan_from_row(row: PlanRow) -> Plan:
         accumulation_schedule=row.accumulation_schedule,
         versions=row.versions,
         alloc_conf=(row.request or {}).get("alloc_conf"),
+        parallelism=_stored_parallelism(row.request),
+        memory_per_rank=row.memory_per_rank,
     )
+
+
+def _stored_parallelism(request: dict[str, Any] | None) -> ParallelismSpec:
+    """The parallelism of a stored plan's request (a plan stored before there was one: a single
+    process, or DDP at more than one rank, which is what such a request now means)."""
+    data = request or {}
+    if data.get("parallelism"):
+        return ParallelismSpec.model_validate(data["parallelism"])
+    return default_parallelism(int(data.get("world_size") or 1))

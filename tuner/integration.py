@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuner.errors import DeviceRequiredError, SpecError
+from tuner.parallelism import DEFAULT_BUCKET_CAP_MB, ParallelismSpec, ParamDtype, parse_parallelism_text
 from tuner.results import Plan, ProbeResult
 from tuner.settings import get_settings
 from tuner.spec import (
@@ -35,7 +36,14 @@ from tuner.spec import (
     parse_workload,
 )
 
-__all__ = ["detect_local_device", "detect_world_size", "plan_for", "plan_locally", "workload_for"]
+__all__ = [
+    "detect_local_device",
+    "detect_parallelism",
+    "detect_world_size",
+    "plan_for",
+    "plan_locally",
+    "workload_for",
+]
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 _TASK_SUFFIXES: tuple[tuple[str, Task], ...] = (
@@ -67,6 +75,7 @@ def plan_for(
     local: bool = False,
     keeps_outputs: bool | None = None,
     alloc_conf: str | None = None,
+    parallelism: ParallelismSpec | Mapping[str, Any] | str | None = None,
 ) -> Plan:
     """The plan for training `model_or_spec` at `effective_batch_size` samples per update.
 
@@ -82,6 +91,10 @@ def plan_for(
     environment variable); part of the probe's key.
 
     `world_size`: default `torch.distributed`'s when initialised, else `WORLD_SIZE`, else 1.
+    `parallelism`: `none`, `ddp` or `fsdp` (or a `ParallelismSpec` or its dict, with options);
+    default what the model already is (a `DistributedDataParallel` wrapper with its bucket size
+    and `gradient_as_bucket_view`, an FSDP2 `fully_shard` module with its resharding and
+    mixed-precision dtype), else `ddp` above one rank and `none` for one.
     `device`: default this process's CUDA GPU; without a GPU, give the device to plan for
     (`DeviceSpec(name=..., total_memory_bytes=...)`) and the plan is an estimate.
     `backend`: default `cuda` when planning for the local GPU, else `estimate`.
@@ -91,8 +104,9 @@ def plan_for(
     may hold the request before the client polls the job. `local`: probe here even when
     `TUNER_SERVER` is set.
     """
+    chosen_parallelism = _parallelism_of(parallelism, model_or_spec)
     workload = workload_for(
-        model_or_spec,
+        unwrapped(model_or_spec),
         factory=factory,
         factory_kwargs=factory_kwargs,
         inputs=inputs,
@@ -122,6 +136,7 @@ def plan_for(
         backend=backend,
         policy=policy,
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") if alloc_conf is None else alloc_conf,
+        parallelism=chosen_parallelism,
     )
     if url:
         from tuner.client import TunerClient
@@ -146,6 +161,7 @@ def plan_locally(request: PlanRequest) -> Plan:
             device=request.device,
             gradient_checkpointing=checkpointing,
             alloc_conf=request.alloc_conf,
+            parallel=request.parallel_setup(),
         )
         for checkpointing in choices
     }
@@ -312,9 +328,11 @@ def _plan_request(
     backend: Backend,
     policy: PlanPolicy | Mapping[str, Any] | None,
     alloc_conf: str | None = None,
+    parallelism: ParallelismSpec | None = None,
 ) -> PlanRequest:
     try:
         return PlanRequest(
+            parallelism=parallelism,
             workload=workload,
             effective_batch_size=effective_batch_size,
             world_size=world_size,
@@ -328,6 +346,91 @@ def _plan_request(
 
 
 # -- the machine ---------------------------------------------------------------------------------
+
+
+def unwrapped(model: Any) -> Any:
+    """The model inside a `DistributedDataParallel` wrapper (its `.module`); anything else as is
+    (an FSDP2 module is the model itself, sharded in place)."""
+    return model.module if _is_ddp(model) else model
+
+
+def _is_ddp(model: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def _parallelism_of(
+    given: ParallelismSpec | Mapping[str, Any] | str | None, model: Any
+) -> ParallelismSpec | None:
+    if isinstance(given, ParallelismSpec):
+        return given
+    try:
+        if isinstance(given, str):
+            return ParallelismSpec.model_validate(parse_parallelism_text(given))
+        if isinstance(given, Mapping):
+            return ParallelismSpec.model_validate(dict(given))
+    except ValidationError as exc:
+        message = format_validation_error(exc)
+        where = "" if message.startswith("parallelism.") else "parallelism."
+        raise SpecError(f"Invalid plan request: {where}{message}") from None
+    except ValueError as exc:
+        raise SpecError(f"Invalid plan request: parallelism: {exc}") from None
+    return detect_parallelism(model)
+
+
+MIB = 1 << 20
+
+
+def detect_parallelism(model: Any) -> ParallelismSpec | None:
+    """The parallelism a model is already wrapped in: DDP (its bucket size and
+    `gradient_as_bucket_view`) or FSDP2 (whether its blocks reshard after forward, the
+    mixed-precision parameter dtype); None for a bare model (the request's default applies)."""
+    if _is_ddp(model):
+        cap = getattr(model, "bucket_bytes_cap", None)
+        return ParallelismSpec(
+            strategy="ddp",
+            gradient_as_bucket_view=bool(getattr(model, "gradient_as_bucket_view", False)),
+            bucket_cap_mb=cap / MIB if isinstance(cap, int) and cap > 0 else DEFAULT_BUCKET_CAP_MB,
+        )
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2: nothing can be wrapped in it
+        return None
+    if not isinstance(model, FSDPModule):
+        return None
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    return ParallelismSpec(
+        strategy="fsdp",
+        reshard_after_forward=_reshards_after_forward(blocks[0] if blocks else model),
+        param_dtype=_param_dtype_name(model),
+    )
+
+
+def _fsdp_param_group(module: Any) -> Any:
+    state = module._get_fsdp_state() if callable(getattr(module, "_get_fsdp_state", None)) else None
+    return getattr(state, "_fsdp_param_group", None)
+
+
+def _reshards_after_forward(module: Any) -> bool:
+    group = _fsdp_param_group(module)
+    if group is None:
+        return True
+    # FSDP2 keeps a mesh to reshard to after forward only where it reshards.
+    return getattr(group, "post_forward_mesh_info", True) is not None
+
+
+def _param_dtype_name(module: Any) -> ParamDtype | None:
+    group = _fsdp_param_group(module)
+    dtype = getattr(getattr(group, "mp_policy", None), "param_dtype", None)
+    names: dict[str, ParamDtype] = {
+        "torch.float32": "fp32",
+        "torch.bfloat16": "bf16",
+        "torch.float16": "fp16",
+    }
+    return names.get(str(dtype)) if dtype is not None else None
 
 
 def detect_world_size() -> int:

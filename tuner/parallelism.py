@@ -1,7 +1,7 @@
 """How the ranks of a data-parallel job share the model: the plan request's `parallelism`.
 
 Pure pydantic, no torch. Each strategy changes what one rank holds:
-- `none`: one process, the whole model and its gradients;
+- `none`: no wrapper: each rank (or the one process) holds the whole model and its gradients;
 - `ddp` (`DistributedDataParallel`): the whole model on every rank, plus the reducer's gradient
   buckets, another copy of the gradients unless `gradient_as_bucket_view` makes the gradients
   views into the buckets;
@@ -174,3 +174,18 @@ class ParallelSetup(BaseModel):
 
 SINGLE = ParallelSetup()
 """One process, no data parallelism."""
+
+
+def parse_parallelism_text(text: str) -> dict[str, Any]:
+    """The `--parallelism` option's text as a `parallelism` dict: a strategy, optionally with
+    options after a colon, e.g. `fsdp`, `ddp:gradient_as_bucket_view=true,bucket_cap_mb=50`,
+    `fsdp:reshard_after_forward=false,param_dtype=bf16`. Raises `ValueError` on a malformed option."""
+    strategy, _, rest = text.strip().partition(":")
+    data: dict[str, Any] = {"strategy": strategy.strip()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        name, equals, value = item.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"option {item!r} should look like name=value")
+        word = value.strip()
+        data[name.strip()] = {"true": True, "false": False, "none": None}.get(word.lower(), word)
+    return data

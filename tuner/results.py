@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tuner.parallelism import NONE, ParallelismSpec
 from tuner.search_types import MemoryLine, Trial
 from tuner.spec import (
     Backend,
@@ -70,6 +71,11 @@ class ProbeResult(BaseModel):
     @classmethod
     def _canonical_alloc_conf(cls, value: str | None) -> str | None:
         return validated_alloc_conf(value)
+
+    parallelism: str = Field(default="", max_length=500)
+    """The data-parallel job one rank of which was traced or run, as its probe key
+    (`tuner.parallelism.ParallelismSpec.probe_key`: '' for a single process, e.g.
+    `fsdp:param_dtype=none,reshard_after_forward=true,world_size=8`). Part of the cache key."""
     facts: WorkloadFacts | None = None
     verified_steps: int | None = None
     """Steps the answer survived in a fresh process (None: not verified)."""
@@ -113,3 +119,10 @@ class Plan(BaseModel):
     alloc_conf: str | None = None
     """The `PYTORCH_CUDA_ALLOC_CONF` the plan assumes (the request's; None: PyTorch's default).
     Set it before the training process first touches CUDA."""
+    parallelism: ParallelismSpec = NONE
+    """How the ranks share the model (the request's, filled in): `micro_batch_size` and the
+    memory are per rank of that job."""
+    memory_per_rank: dict[str, int] | None = None
+    """One rank's bytes per category (parameters, gradients, buckets, optimizer_state,
+    activations) at the peak of the chosen probe's largest micro-batch (`micro_batch_size` key),
+    as the estimate traced it; None where the probe did not trace it (the cuda backend)."""

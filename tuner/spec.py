@@ -26,7 +26,7 @@ from tuner.alloc_conf import canonical_alloc_conf
 from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS, refuse_bool_for_number
 from tuner.config_keys import check_keys, check_model_type, check_task
 from tuner.errors import SpecError
-from tuner.parallelism import ParallelismSpec, default_parallelism
+from tuner.parallelism import ParallelismSpec, ParallelSetup, default_parallelism
 from tuner.settings import get_settings
 from tuner.transformers_config import canonical_config
 
@@ -356,6 +356,10 @@ class PlanRequest(_Spec):
     def chosen_parallelism(self) -> ParallelismSpec:
         """The parallelism, filled in (never None after validation)."""
         return self.parallelism or default_parallelism(self.world_size)
+
+    def parallel_setup(self) -> ParallelSetup:
+        """What one rank of this job is (strategy and world size): what its probe traces or runs."""
+        return ParallelSetup(parallelism=self.chosen_parallelism, world_size=self.world_size)
 
 
 FSDP_FAMILIES = frozenset({"transformers", "builtin", "python"})

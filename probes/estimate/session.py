@@ -19,6 +19,7 @@ from probes.estimate.report import EstimateReport
 from probes.estimate.trace import WARMUP_BATCH_SIZE, StepTrace, trace_step
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import EstimateError, SpecError
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.search import Strategy, find_max_batch, fit_line
 from tuner.search_types import MemoryLine, SearchResult, Trial
 from tuner.spec import WorkloadSpec
@@ -38,21 +39,35 @@ class EstimateSession:
     def __init__(self, *, device_model: DeviceModel = DEFAULT_DEVICE_MODEL) -> None:
         emulation.install_cuda_emulation()
         self.device_model = device_model
-        self._traces: dict[tuple[str, int, bool], StepTrace] = {}
-        self._reports: dict[tuple[str, int, bool, str | None], EstimateReport] = {}
-        self._needed: dict[tuple[str, int, bool, str | None], int] = {}
+        self._traces: dict[tuple[str, int, bool, str], StepTrace] = {}
+        self._reports: dict[tuple[str, int, bool, str | None, str], EstimateReport] = {}
+        self._needed: dict[tuple[str, int, bool, str | None, str], int] = {}
 
-    def step_trace(self, spec: WorkloadSpec, batch_size: int, *, gradient_checkpointing: bool) -> StepTrace:
-        """The traced step of `spec` at `batch_size` (traced at most once per session)."""
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing)
+    def step_trace(
+        self,
+        spec: WorkloadSpec,
+        batch_size: int,
+        *,
+        gradient_checkpointing: bool,
+        parallel: ParallelSetup = SINGLE,
+    ) -> StepTrace:
+        """The traced step of `spec` at `batch_size` as one rank of `parallel` (traced at most
+        once per session)."""
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, parallel.probe_key)
         if key not in self._traces:
-            self._traces[key] = trace_step(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+            self._traces[key] = trace_step(
+                spec, batch_size, gradient_checkpointing=gradient_checkpointing, parallel=parallel
+            )
         return self._traces[key]
 
-    def _warmup(self, spec: WorkloadSpec, gradient_checkpointing: bool) -> AllocationLog | None:
+    def _warmup(
+        self, spec: WorkloadSpec, gradient_checkpointing: bool, parallel: ParallelSetup = SINGLE
+    ) -> AllocationLog | None:
         """The warm-up step's log; None where that step cannot run (BatchNorm of one sample)."""
         try:
-            step = self.step_trace(spec, WARMUP_BATCH_SIZE, gradient_checkpointing=gradient_checkpointing)
+            step = self.step_trace(
+                spec, WARMUP_BATCH_SIZE, gradient_checkpointing=gradient_checkpointing, parallel=parallel
+            )
         except EstimateError:
             return None
         return step.log
@@ -64,13 +79,17 @@ class EstimateSession:
         *,
         gradient_checkpointing: bool = False,
         alloc_conf: str | None = None,
+        parallel: ParallelSetup = SINGLE,
     ) -> EstimateReport:
-        """The estimate of `spec` at `batch_size` with the allocator setting `alloc_conf`."""
+        """The estimate of `spec` at `batch_size` with the allocator setting `alloc_conf`, as
+        one rank of `parallel`."""
         conf = canonical_alloc_conf(alloc_conf)
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf, parallel.probe_key)
         if key not in self._reports:
-            step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
-            warmup = self._warmup(spec, gradient_checkpointing)
+            step = self.step_trace(
+                spec, batch_size, gradient_checkpointing=gradient_checkpointing, parallel=parallel
+            )
+            warmup = self._warmup(spec, gradient_checkpointing, parallel)
             report = step.report(self.device_model, parse_alloc_conf(conf), warmup=warmup)
             self._reports[key] = replace(report, alloc_conf=conf)
         return self._reports[key]
@@ -82,18 +101,23 @@ class EstimateSession:
         *,
         gradient_checkpointing: bool = False,
         alloc_conf: str | None = None,
+        parallel: ParallelSetup = SINGLE,
     ) -> int:
         """The smallest allocator capacity on which the step fits (both histories, slack kept out),
         to about 0.4 %: the boundary itself, which a search line and a memory budget compare with.
         Between the peak allocated bytes (below which nothing fits) and the peak reserved bytes
         of an unbounded card (where the allocator never has to return a cached segment)."""
         conf = canonical_alloc_conf(alloc_conf)
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf, parallel.probe_key)
         if key not in self._needed:
             report = self.trace(
-                spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=conf
+                spec,
+                batch_size,
+                gradient_checkpointing=gradient_checkpointing,
+                alloc_conf=conf,
+                parallel=parallel,
             )
-            fits = self._verdict(spec, batch_size, gradient_checkpointing, conf)
+            fits = self._verdict(spec, batch_size, gradient_checkpointing, conf, parallel)
             precision = max(SEGMENT_BYTES, report.peak_reserved_bytes // 256)
             self._needed[key] = smallest_passing_capacity(
                 fits, report.peak_allocated_bytes - 1, report.peak_reserved_bytes, precision=precision
@@ -101,11 +125,18 @@ class EstimateSession:
         return self._needed[key]
 
     def _verdict(
-        self, spec: WorkloadSpec, batch_size: int, gradient_checkpointing: bool, alloc_conf: str | None
+        self,
+        spec: WorkloadSpec,
+        batch_size: int,
+        gradient_checkpointing: bool,
+        alloc_conf: str | None,
+        parallel: ParallelSetup = SINGLE,
     ) -> Callable[[int], bool]:
-        step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+        step = self.step_trace(
+            spec, batch_size, gradient_checkpointing=gradient_checkpointing, parallel=parallel
+        )
         settings = parse_alloc_conf(alloc_conf)
-        warmup = self._warmup(spec, gradient_checkpointing)
+        warmup = self._warmup(spec, gradient_checkpointing, parallel)
 
         def fits(capacity: int) -> bool:
             stats = self.device_model.replay(
@@ -130,20 +161,31 @@ class EstimateSession:
         gradient_checkpointing: bool = False,
         memory_margin: float = 0.0,
         alloc_conf: str | None = None,
+        parallel: ParallelSetup = SINGLE,
     ) -> Trial:
         """One search trial: the step replayed through the caching allocator on the card's usable
         memory less the margin passes when no request runs out of it (the allocator's own retry,
         after returning cached segments, included). Its reserved peak is the capacity the step
         needs (`needed_bytes`), passing or not, so that a search's line and the card's capacity
         measure the same thing; its allocated peak is the unbounded replay's."""
-        step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing)
+        step = self.step_trace(
+            spec, batch_size, gradient_checkpointing=gradient_checkpointing, parallel=parallel
+        )
         capacity = self.capacity_bytes(device_total_bytes, memory_margin)
-        ok = self._verdict(spec, batch_size, gradient_checkpointing, alloc_conf)(capacity)
+        ok = self._verdict(spec, batch_size, gradient_checkpointing, alloc_conf, parallel)(capacity)
         report = self.trace(
-            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+            spec,
+            batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            alloc_conf=alloc_conf,
+            parallel=parallel,
         )
         needed = self.needed_bytes(
-            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+            spec,
+            batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            alloc_conf=alloc_conf,
+            parallel=parallel,
         )
         return Trial(
             batch_size=batch_size,
@@ -162,6 +204,7 @@ class EstimateSession:
         gradient_checkpointing: bool = False,
         batch_sizes: tuple[int, ...] = LINE_BATCH_SIZES,
         alloc_conf: str | None = None,
+        parallel: ParallelSetup = SINGLE,
     ) -> MemoryLine:
         """The capacity a step needs (`needed_bytes`) as fixed + per_sample × b, through the two
         largest of `batch_sizes`."""
@@ -169,7 +212,11 @@ class EstimateSession:
             raise SpecError("A memory line needs at least two different batch sizes.")
         peaks = {
             b: self.needed_bytes(
-                spec, b, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf
+                spec,
+                b,
+                gradient_checkpointing=gradient_checkpointing,
+                alloc_conf=alloc_conf,
+                parallel=parallel,
             )
             for b in sorted(set(batch_sizes))
         }
@@ -200,6 +247,7 @@ def estimate_fits(
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
     alloc_conf: str | None = None,
+    parallel: ParallelSetup = SINGLE,
 ) -> Callable[[int], Trial]:
     """`fits(b) -> Trial` of the estimate backend, for `tuner.search.find_max_batch`, with the
     allocator setting `alloc_conf`. Installs the emulation in this process: call it in a child
@@ -214,6 +262,7 @@ def estimate_fits(
             gradient_checkpointing=gradient_checkpointing,
             memory_margin=memory_margin,
             alloc_conf=alloc_conf,
+            parallel=parallel,
         )
 
     return fits
@@ -225,11 +274,16 @@ def estimate_line(
     gradient_checkpointing: bool,
     batch_sizes: tuple[int, ...] = LINE_BATCH_SIZES,
     alloc_conf: str | None = None,
+    parallel: ParallelSetup = SINGLE,
 ) -> MemoryLine:
     """The prior for a guided CUDA search: peak reserved ≈ fixed + per_sample × b. Installs the
     emulation in this process: call it in a child process."""
     return current_session().line(
-        spec, gradient_checkpointing=gradient_checkpointing, batch_sizes=batch_sizes, alloc_conf=alloc_conf
+        spec,
+        gradient_checkpointing=gradient_checkpointing,
+        batch_sizes=batch_sizes,
+        alloc_conf=alloc_conf,
+        parallel=parallel,
     )
 
 
@@ -244,6 +298,7 @@ def search_max_batch(
     max_trials: int = 32,
     on_trial: Callable[[Trial], None] | None = None,
     alloc_conf: str | None = None,
+    parallel: ParallelSetup = SINGLE,
 ) -> SearchResult:
     """The largest micro-batch whose step fits the card less the margin in the allocator replay,
     found by `tuner.search.find_max_batch` over estimates (guided: the line through b = 2 and 4
@@ -251,7 +306,9 @@ def search_max_batch(
     Installs the emulation in this process: call it in a child process."""
     session = current_session()
     prior = (
-        session.line(spec, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf)
+        session.line(
+            spec, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, parallel=parallel
+        )
         if strategy == "guided"
         else None
     )
@@ -261,6 +318,7 @@ def search_max_batch(
         gradient_checkpointing=gradient_checkpointing,
         memory_margin=memory_margin,
         alloc_conf=alloc_conf,
+        parallel=parallel,
     )
     return find_max_batch(
         fits,

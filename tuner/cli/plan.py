@@ -15,14 +15,17 @@ from tuner.cli._memory_chart import PlannedPoint, memory_chart_lines
 from tuner.cli._options import (
     ALLOC_CONF_HELP,
     MAX_TRIALS,
+    PARALLELISM_HELP,
     BackendChoice,
     alloc_conf_option,
+    parallelism_option,
     resolve_backend,
     target_device,
 )
 from tuner.cli._progress import trial_progress
 
 if TYPE_CHECKING:
+    from tuner.parallelism import ParallelismSpec
     from tuner.results import Plan, ProbeResult
     from tuner.search_types import Trial
     from tuner.spec import Backend, DeviceSpec, PlanRequest, WorkloadSpec
@@ -76,6 +79,7 @@ def plan(
     alloc_conf: str | None = typer.Option(
         None, "--alloc-conf", envvar="PYTORCH_CUDA_ALLOC_CONF", help=ALLOC_CONF_HELP
     ),
+    parallelism: str | None = typer.Option(None, "--parallelism", help=PARALLELISM_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Plan micro-batch size, accumulation steps and gradient checkpointing for an effective batch."""
@@ -102,7 +106,17 @@ def plan(
         if ramp_start is not None:
             policy["ramp"] = {"start_effective_batch_size": ramp_start, "ramp_steps": ramp_steps}
         conf = alloc_conf_option(alloc_conf)
-        request = _request(workload, effective_batch_size, world_size, device, chosen_backend, policy, conf)
+        parallel = parallelism_option(parallelism, world_size)
+        request = _request(
+            workload,
+            effective_batch_size,
+            world_size,
+            device,
+            chosen_backend,
+            policy,
+            conf,
+            parallel.parallelism,
+        )
         from tuner.intake import refuse_what_cannot_fit
 
         refuse_what_cannot_fit(request)  # a card too small for the parameters alone: no probe
@@ -152,6 +166,7 @@ def _request(
     backend: Backend,
     policy: dict[str, Any],
     alloc_conf: str | None = None,
+    parallelism: ParallelismSpec | None = None,
 ) -> PlanRequest:
     from tuner.spec import parse_plan_request
 
@@ -164,6 +179,7 @@ def _request(
             "backend": backend,
             "policy": policy,
             "alloc_conf": alloc_conf,
+            "parallelism": parallelism.model_dump(mode="json") if parallelism else None,
         }
     )
 
@@ -187,6 +203,7 @@ def _plan_locally(request: PlanRequest, *, show_progress: bool) -> tuple[Plan, d
                 max_trials=MAX_TRIALS,
                 progress=bar.advance,
                 alloc_conf=request.alloc_conf,
+                parallel=request.parallel_setup(),
             )
             bar.done(probes[checkpointing])
     return make_plan(request, probes), probes
@@ -236,6 +253,7 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = ()) -> None:
         table.add_row("micro-batch size", str(plan.micro_batch_size))
     table.add_row("accumulation steps", str(plan.accumulation_steps))
     table.add_row("world size", str(plan.world_size))
+    table.add_row("parallelism", plan.parallelism.describe(plan.world_size))
     table.add_row("effective batch", str(plan.effective_batch_size))
     table.add_row("gradient checkpointing", on_off(plan.gradient_checkpointing))
     largest = ", ".join(f"{key}: {value}" for key, value in plan.max_micro_batch_size.items())
@@ -245,6 +263,8 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = ()) -> None:
     if plan.predicted_samples_per_second is not None:
         table.add_row("predicted samples/s", f"{plan.predicted_samples_per_second:.1f} per device")
     table.add_row("backend", plan.backend)
+    for row in memory_per_rank_rows(plan.memory_per_rank):
+        table.add_row(*row)
     if plan.accumulation_schedule:
         ramp = ", ".join(
             f"{entry['accumulation_steps']} until step {entry['until_step']}"
@@ -265,3 +285,20 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = ()) -> None:
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
     for hint in plan.hints:
         out.print(f"[cyan]hint:[/] {hint}", highlight=False)
+
+
+MEMORY_CATEGORIES = ("parameters", "gradients", "buckets", "optimizer_state", "activations")
+
+
+def memory_per_rank_rows(memory: dict[str, int] | None) -> list[tuple[str, str]]:
+    """Table rows of one rank's bytes per category (`Plan.memory_per_rank`): none without it,
+    DDP's buckets only where there are any."""
+    from tuner.units import format_bytes
+
+    if not memory:
+        return []
+    rows = [(f"per rank at {memory.get('micro_batch_size', '?')}", "")]
+    for name in MEMORY_CATEGORIES:
+        if name in memory and (memory[name] or name != "buckets"):
+            rows.append((f"  {name.replace('_', ' ')}", format_bytes(memory[name])))
+    return rows
