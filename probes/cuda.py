@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from probes.parallel import wrap_on_gpu
+from probes.parallel import wrap_one_rank
 from probes.step import Phase, run_train_steps
 from probes.workloads import BuiltWorkload, build_workload
 from tuner.errors import ProbeError
@@ -161,7 +161,7 @@ class CudaTrials:
         self.iterations = iterations
         self.seed = seed
         self.parallel = parallel
-        """One rank of this job is what runs (`probes.parallel.wrap_on_gpu`)."""
+        """One rank of this job is what runs (`probes.parallel.wrap_one_rank`)."""
         self._workload: BuiltWorkload | None = None
         self.facts: WorkloadFacts | None = None
 
@@ -171,7 +171,7 @@ class CudaTrials:
                 self.spec, device="cuda", gradient_checkpointing=self.gradient_checkpointing, seed=self.seed
             )
             self.facts = built.facts
-            self._workload = wrap_on_gpu(built, self.parallel)
+            self._workload = wrap_one_rank(built, self.parallel)
         return self._workload
 
     def prepare(self) -> None:

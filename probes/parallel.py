@@ -246,25 +246,30 @@ def start_fake_process_group(world_size: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
 
 
-def wrap_on_gpu(workload: Any, setup: ParallelSetup) -> Any:
-    """`workload` (a `BuiltWorkload` on the GPU) as rank 0 of `setup`, for the cuda backend: the
-    real wrappers over a fake process group, so that the collectives are free while every buffer
-    (FSDP's all-gather outputs and sharded gradients, DDP's reducer buckets) is a real CUDA
+def wrap_one_rank(workload: Any, setup: ParallelSetup, device_type: str = "cuda") -> Any:
+    """`workload` (a `BuiltWorkload` on `device_type`) as rank 0 of `setup`, for the cuda backend:
+    the real wrappers over a fake process group, so that the collectives are free while every
+    buffer (FSDP's all-gather outputs and sharded gradients, DDP's reducer buckets) is a real
     allocation. Returns the workload to train (a copy whose model is the DDP wrapper, or the same
-    one with its model sharded in place)."""
+    one with its model sharded in place). The fake group stays for the rest of the process."""
     from dataclasses import replace
+
+    from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 
     spec = setup.parallelism
     if spec.strategy == "none":
         return workload
     start_fake_process_group(setup.world_size)
     if spec.strategy == "fsdp":
-        apply_fsdp(workload.model, spec, setup.world_size, "cuda")
+        apply_fsdp(workload.model, spec, setup.world_size, device_type)
         return workload
     ddp = nn.parallel.DistributedDataParallel(
         workload.model,
-        device_ids=[torch.cuda.current_device()],
+        device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
         bucket_cap_mb=spec.bucket_cap_mb,
         gradient_as_bucket_view=spec.gradient_as_bucket_view,
     )
+    # The fake group's all-reduce completes with no result, which the reducer refuses; the
+    # no-op hook hands each bucket back as reduced, so the buckets are real and the sums free.
+    ddp.register_comm_hook(None, noop_hook)
     return replace(workload, model=ddp)

@@ -46,6 +46,8 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
         self.log = AllocationLog()
         """Every storage's allocation (its exact bytes) and free, in order."""
         self._storages_seen = 0
+        self._finalized: set[int] = set()
+        """Storages with a finalizer already (one each, however often resized)."""
         self._by_category: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -72,10 +74,36 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
                 self._count(value, "activations")
         return output
 
+    def __enter__(self) -> Any:
+        # FSDP frees and re-allocates its unsharded parameters by resizing their storages, past
+        # the dispatcher: seen here, a resize to nothing is a free and a resize from nothing an
+        # allocation, as the caching allocator sees them.
+        self._resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage: Any, size: int) -> Any:
+            result = tracker._resize(storage, size)
+            tracker._resized(storage, int(size))
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
     def __exit__(self, *exc_info: Any) -> Any:
+        torch.UntypedStorage.resize_ = self._resize
         # What the log holds after this (the model and optimizer dying) is not part of the step.
         self.log.end = len(self.log)
         return super().__exit__(*exc_info)
+
+    def _resized(self, storage: Any, nbytes: int) -> None:
+        key = id(storage)
+        known = self._live.get(key)
+        if known is not None:
+            if rounded(nbytes) == known[0]:
+                return
+            self._release(key)
+        if nbytes > 0:
+            self._add(key, storage, nbytes, known[1] if known is not None else "activations")
 
     def set_phase(self, phase: str, iteration: int) -> None:
         """Attribute what happens from now on to `phase` of `iteration`."""
@@ -110,12 +138,17 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
         exact = storage.nbytes()
         if exact == 0:
             return  # CUDA hands out no block for an empty storage
+        self._add(key, storage, exact, category)
+
+    def _add(self, key: int, storage: Any, exact: int, category: str) -> None:
         nbytes = rounded(exact)
         number = self._storages_seen
         self._storages_seen += 1
         self._live[key] = (nbytes, category, number)
         self.log.allocate(number, exact)
-        weakref.finalize(storage, self._release, key)
+        if key not in self._finalized:
+            self._finalized.add(key)
+            weakref.finalize(storage, self._forget, key)
         self._by_category[category] += nbytes
         self.live_bytes += nbytes
         if self.live_bytes > self.peak_by_phase.get(self.phase, 0):
@@ -125,6 +158,10 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
             self.peak_phase = self.phase
             self.peak_iteration = self.iteration
             self.peak_categories = dict(self._by_category)
+
+    def _forget(self, key: int) -> None:
+        self._finalized.discard(key)
+        self._release(key)
 
     def _release(self, key: int) -> None:
         entry = self._live.pop(key, None)

@@ -79,3 +79,24 @@ def fake_trace(workload: dict[str, Any], setup: dict[str, Any], batch_size: int)
     emulation.install_cuda_emulation()
     step = trace_step(parse_workload(workload), batch_size, parallel=ParallelSetup.model_validate(setup))
     return {"peak_bytes": step.peak_bytes, "peak_phase": step.peak_phase, "categories": step.peak_categories}
+
+
+def real_tensors_on_a_fake_group(workload: dict[str, Any], setup: dict[str, Any], batch_size: int) -> int:
+    """What the cuda backend runs, on the CPU: the real wrapper (`wrap_one_rank`) over a fake
+    process group, real tensors, the tracker counting every storage. In a child process (the
+    fake group lives as long as the process)."""
+    from probes.estimate import emulation
+    from probes.estimate.tracker import MemoryTracker
+    from probes.parallel import wrap_one_rank
+    from probes.step import run_train_steps
+    from probes.workloads import build_workload
+
+    emulation.install_cuda_emulation()
+    built = build_workload(parse_workload(workload), device="cpu", seed=0)
+    tracker = MemoryTracker()
+    with tracker:
+        tracker.classify(built.model.parameters(), "parameters")
+        rank = wrap_one_rank(built, ParallelSetup.model_validate(setup), "cpu")
+        optimizer = rank.make_optimizer()
+        run_train_steps(rank, batch_size, iterations=2, optimizer=optimizer, data_dependent=False)
+    return tracker.peak_bytes
