@@ -71,7 +71,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             best = result.max_batch_size
             categories = (
-                session.trace(workload, best, parallel=setup).categories
+                session.trace(workload, best, gradient_checkpointing=checkpointing, parallel=setup).categories
                 if best > 0
                 else dict.fromkeys(CATEGORIES, 0)
             )
