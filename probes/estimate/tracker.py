@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from probes.estimate.allocator import AllocationLog
@@ -131,6 +131,10 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
                 self._live[key] = (nbytes, category, number)
 
     def _count(self, tensor: torch.Tensor, category: str) -> None:
+        if is_traceable_wrapper_subclass(tensor):
+            # A DTensor (FSDP's parameters, gradients, optimizer state) holds no memory of its
+            # own: its local shard, made by an op of its own, is what is counted.
+            return
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live:

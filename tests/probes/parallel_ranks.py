@@ -86,6 +86,7 @@ def real_tensors_on_a_fake_group(workload: dict[str, Any], setup: dict[str, Any]
     process group, real tensors, the tracker counting every storage. In a child process (the
     fake group lives as long as the process)."""
     from probes.estimate import emulation
+    from probes.estimate.trace import _attribute_gradients_and_state
     from probes.estimate.tracker import MemoryTracker
     from probes.parallel import wrap_one_rank
     from probes.step import run_train_steps
@@ -98,5 +99,8 @@ def real_tensors_on_a_fake_group(workload: dict[str, Any], setup: dict[str, Any]
         tracker.classify(built.model.parameters(), "parameters")
         rank = wrap_one_rank(built, ParallelSetup.model_validate(setup), "cpu")
         optimizer = rank.make_optimizer()
+        # The trace's own hooks, which also count the sharded gradients FSDP2 assigns past the
+        # dispatcher (views of its reduce-scatter output), so that both sides see the same.
+        _attribute_gradients_and_state(rank.model, optimizer, tracker)
         run_train_steps(rank, batch_size, iterations=2, optimizer=optimizer, data_dependent=False)
     return tracker.peak_bytes
