@@ -28,6 +28,7 @@ from api.plan_service import PlanService, installed_torch_minor
 from api.routers import health, jobs, metrics, plans, probes, ui
 from storage import repository
 from storage.db import count_statements, ensure_schema, make_engine, session_factory
+from tuner.job_status import ACTIVE_JOB_STATUSES
 from tuner.settings import Settings, get_settings
 from tuner.spec import PlanRequest
 
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         torch_minor=torch_minor,
         max_attempts=settings.max_attempts,
         job_poll_seconds=settings.job_poll_seconds,
+        allowed_factory_packages=settings.allowed_factory_package_set,
     )
     api_metrics.add_wait_figures(
         waiting_requests=lambda: plans_service.watcher.waiting_requests,
@@ -126,7 +128,7 @@ def _with_session(sessions: Any, read: Any) -> Any:
 
 def _active_job_counts(sessions: Any) -> dict[str, int]:
     counts = _with_session(sessions, repository.job_counts)
-    return {status: counts.get(status, 0) for status in ("queued", "running")}
+    return {status: counts.get(status, 0) for status in ACTIVE_JOB_STATUSES}
 
 
 def __getattr__(name: str) -> Any:

@@ -38,7 +38,6 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any, TypeVar
 
 import anyio
@@ -55,37 +54,25 @@ from api.worker_availability import job_worker_available, require_live_worker
 from storage import repository
 from storage.db import connection_capacity
 from storage.models import FINISHED_JOB_STATUSES
+from storage.planning import (
+    cached_probes,
+    canonical_request,
+    checkpointing_choices,
+    derive_plan,
+    installed_torch_minor,
+    job_key,
+    job_payload,
+)
 from storage.records import JobRecord
-from tuner.errors import DeviceRequiredError, TunerError, client_fault_error, job_error_text, parse_job_error
+from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, TunerError, client_fault_error
 from tuner.intake import refuse_what_cannot_fit
-from tuner.planner import make_plan, per_rank_batch
-from tuner.results import Plan, ProbeResult
+from tuner.planner import per_rank_batch
+from tuner.results import Plan
 from tuner.spec import PlanRequest, parse_plan_request
 
 MAX_WAIT_SECONDS = 300.0
 
 T = TypeVar("T")
-
-
-def installed_torch_minor() -> str:
-    """`2.13` for an installed torch 2.13.1+cu126, read from the package metadata (torch is never
-    imported by the API); `unknown` where torch is not installed."""
-    try:
-        version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-    return repository.torch_minor(version)
-
-
-def checkpointing_choices(request: PlanRequest) -> list[bool]:
-    """The checkpointing choices the request's policy needs a probe for, off first."""
-    return {"off": [False], "on": [True], "auto": [False, True]}[request.policy.gradient_checkpointing]
-
-
-def canonical_request(request: PlanRequest) -> dict[str, Any]:
-    """The request with every default filled in: what is stored with a plan and compared."""
-    data: dict[str, Any] = request.model_dump(mode="json")
-    return data
 
 
 def request_hash(request: PlanRequest) -> str:
@@ -94,103 +81,6 @@ def request_hash(request: PlanRequest) -> str:
     (`storage.identity.plan_request_hash`) adds the probe ids."""
     text = json.dumps(canonical_request(request), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def cached_probes(
-    session: Session, *, request: PlanRequest, torch_minor: str
-) -> dict[bool, ProbeResult] | None:
-    """The cached probe of every checkpointing choice the request needs, or None if one is missing
-    (or the request names no device, so nothing can be looked up)."""
-    if request.device is None:
-        return None
-    probes: dict[bool, ProbeResult] = {}
-    for checkpointing in checkpointing_choices(request):
-        probe = repository.find_cached_probe(
-            session,
-            fingerprint=request.workload.fingerprint(),
-            device_name=request.device.name,
-            device_memory_bytes=request.device.total_memory_bytes,
-            backend=request.backend,
-            torch_minor=torch_minor,
-            gradient_checkpointing=checkpointing,
-            alloc_conf=request.alloc_conf,
-            parallelism=request.parallel_setup().probe_key,
-        )
-        if probe is None:
-            return None
-        probes[checkpointing] = probe
-    return probes
-
-
-def derive_plan(
-    session: Session,
-    *,
-    request: PlanRequest,
-    torch_minor: str,
-    cache_hit: bool = True,
-    waiter_id: int | None = None,
-) -> Plan | None:
-    """The plan for `request` from cached probes, or None when a probe it needs is not cached.
-
-    The plan stored for the same request and probes (`repository.find_plan_by_request`) is
-    returned with `cache_hit` true; otherwise `make_plan` derives a new one, which is saved (and
-    committed) with `cache_hit` as given: true when no probe ran for this request, false when a
-    worker derives the plan of a request that waited on its probe. Saving is insert-or-return-
-    existing: when another process stored the same plan meanwhile, that one is returned (with
-    `cache_hit` true) and no second row is made. With `waiter_id`, that waiter is resolved to the
-    plan (the new one or the stored one), so that every waiter of a job with the same request
-    gets the same plan. Torch-free: the worker calls it too. The request must name
-    its device (a worker fills in its own for a device-less cuda request).
-    Raises the planner's `PlanError`/`NothingFitsError` when the probes allow no plan.
-    """
-    probes = cached_probes(session, request=request, torch_minor=torch_minor)
-    if probes is None:
-        return None
-    canonical = canonical_request(request)
-    probe_ids = {("on" if gc else "off"): probe.id for gc, probe in probes.items() if probe.id is not None}
-    earlier = repository.find_plan_by_request(
-        session, request_hash=repository.plan_request_hash(canonical, probe_ids)
-    )
-    if earlier is not None and earlier.id is not None:
-        if waiter_id is not None:
-            repository.resolve_waiter(session, waiter_id=waiter_id, plan_id=earlier.id)
-        return earlier.model_copy(update={"cache_hit": True})
-    plan = make_plan(request, probes).model_copy(update={"cache_hit": cache_hit})
-    plan_id, created = repository.save_plan_or_existing(
-        session, plan=plan, request=canonical, waiter_id=waiter_id
-    )
-    stored = repository.get_plan(session, plan_id=plan_id)
-    return stored if created else stored.model_copy(update={"cache_hit": True})
-
-
-def job_key(request: PlanRequest, torch_minor: str) -> str:
-    """One job per probe cache key and set of checkpointing choices; `*` stands for any device."""
-    device = request.device
-    parts = [
-        request.workload.fingerprint(),
-        device.name if device else "*",
-        str(device.total_memory_bytes) if device else "*",
-        request.backend,
-        torch_minor,
-        ",".join("on" if gc else "off" for gc in checkpointing_choices(request)),
-        request.alloc_conf or "",
-        request.parallel_setup().probe_key,
-    ]
-    return "|".join(parts)
-
-
-def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
-    """What the worker reads: the workload, device, backend, checkpointing choices, torch minor,
-    allocator setting and the data-parallel job one rank of which is probed."""
-    return {
-        "workload": request.workload.model_dump(mode="json"),
-        "device": request.device.model_dump(mode="json") if request.device else None,
-        "backend": request.backend,
-        "gradient_checkpointing": checkpointing_choices(request),
-        "torch_minor": torch_minor,
-        "alloc_conf": request.alloc_conf,
-        "parallel": request.parallel_setup().model_dump(mode="json"),
-    }
 
 
 def job_plan_id(session: Session, *, job_id: int) -> int | None:
@@ -233,12 +123,11 @@ def job_view(session: Session, job: JobRecord) -> JobOut:
 
 
 def job_error(job: JobRecord) -> TunerError:
-    """The error a failed job gives its waiters: the client's own mistake (the worker stores such
-    errors as `<code>: <sentence>`, e.g. `nothing_fits: ...`) keeps its code and is a 4xx;
-    anything else is the service's failure (503)."""
-    code, message = parse_job_error(job.error)
-    if code is not None:
-        return client_fault_error(code, message)
+    """The error a failed job gives its waiters: the client's own mistake (the job's `error_code`,
+    e.g. `nothing_fits`) keeps its code and is a 4xx; anything else is the service's failure (503)."""
+    message = job.error or "The probe job failed without a message."
+    if job.error_code in CLIENT_FAULT_CODES:
+        return client_fault_error(job.error_code, message)
     return JobFailedError(f"The probe job {job.id} failed after {job.attempts} attempt(s): {message}")
 
 
@@ -308,8 +197,11 @@ class PlanService:
         torch_minor: str,
         max_attempts: int,
         job_poll_seconds: float | None = None,
+        allowed_factory_packages: frozenset[str] = frozenset(),
     ) -> None:
         self.sessions = sessions
+        self.allowed_factory_packages = allowed_factory_packages
+        """The packages a `python` factory may come from (the app's setting, checked at intake)."""
         self.cache = cache
         self.metrics = metrics
         self.torch_minor = torch_minor
@@ -338,7 +230,7 @@ class PlanService:
         return found
 
     async def create(self, raw_body: bytes, *, wait: float, queue_without_worker: bool = False) -> Answer:
-        request = parse_body(raw_body)
+        request = parse_body(raw_body, allowed_factory_packages=self.allowed_factory_packages)
         if request.backend == "estimate" and request.device is None:
             raise DeviceRequiredError(
                 "The estimate backend needs a device: give device.name and device.total_memory_bytes "
@@ -398,7 +290,7 @@ class PlanService:
             planned = await asyncio.shield(shared.task)
         except TunerError as exc:
             if not joined:
-                await self._in_thread(self._fail_waiters, [waiter_id], job_error_text(exc))
+                await self._in_thread(self._fail_waiters, [waiter_id], exc)
             raise
         if not joined and planned is not None and planned.plan.id is not None:
             # Came after the shared derivation had started: resolve this waiter on its own.
@@ -513,7 +405,9 @@ class PlanService:
             try:
                 plan = derive_plan(session, request=request, torch_minor=self.torch_minor, cache_hit=False)
             except TunerError as exc:
-                repository.fail_waiters(session, waiter_ids=waiter_ids, error=job_error_text(exc))
+                repository.fail_waiters(
+                    session, waiter_ids=waiter_ids, error=exc.message, error_code=exc.client_fault_code
+                )
                 raise
             if plan is None or plan.id is None:
                 return None
@@ -528,9 +422,11 @@ class PlanService:
         with self.sessions() as session:
             repository.resolve_waiters(session, waiter_ids=waiter_ids, plan_id=plan_id)
 
-    def _fail_waiters(self, waiter_ids: list[int], error: str) -> None:
+    def _fail_waiters(self, waiter_ids: list[int], error: TunerError) -> None:
         with self.sessions() as session:
-            repository.fail_waiters(session, waiter_ids=waiter_ids, error=error)
+            repository.fail_waiters(
+                session, waiter_ids=waiter_ids, error=error.message, error_code=error.client_fault_code
+            )
 
     def _get_job(self, job_id: int) -> JobRecord:
         with self.sessions() as session:
@@ -541,7 +437,7 @@ class PlanService:
             return job_view(session, job)
 
 
-def parse_body(raw_body: bytes) -> PlanRequest:
+def parse_body(raw_body: bytes, *, allowed_factory_packages: frozenset[str] = frozenset()) -> PlanRequest:
     """The plan request in a raw body: 422 `invalid_json` for what is not JSON, 422
     `invalid_spec` naming every bad field for JSON that does not validate."""
     if not raw_body.strip():
@@ -553,7 +449,7 @@ def parse_body(raw_body: bytes) -> PlanRequest:
         raise MalformedJSONError(f"The request body is not valid JSON{where}.") from None
     if not isinstance(data, dict):
         raise MalformedJSONError(f"The request body must be a JSON object, got {type(data).__name__}.")
-    return parse_plan_request(data)
+    return parse_plan_request(data, allowed_factory_packages=allowed_factory_packages)
 
 
 __all__ = [

@@ -13,11 +13,15 @@ if it had arrived after it (200 or 409).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy.orm import Session
 
 from storage import repository
 from tuner.errors import ConflictError, NotFoundError, SpecError
+from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
+from tuner.spec import refuse_unlisted_factory
 
 
 def same_result(a: ProbeResult, b: ProbeResult) -> bool:
@@ -29,13 +33,18 @@ def same_result(a: ProbeResult, b: ProbeResult) -> bool:
     )
 
 
-def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[ProbeResult, bool]:
-    """The stored result and whether this call created it."""
+def store_uploaded_probe(
+    session: Session, *, result: ProbeResult, allowed_factory_packages: Collection[str]
+) -> tuple[ProbeResult, bool]:
+    """The stored result and whether this call created it. A `python` factory must be in one of
+    `allowed_factory_packages` (the app's setting), as for a plan request."""
+    refuse_unlisted_factory(result.workload, allowed_factory_packages, field="workload.model")
     if result.fingerprint != result.workload.fingerprint():
         raise SpecError(
             f"fingerprint {result.fingerprint!r} is not the workload's fingerprint "
             f"({result.workload.fingerprint()!r}); send the workload's own fingerprint."
         )
+    refuse_unmeasured(result)
     torch_version = result.versions.get("torch")
     minor = repository.torch_minor(torch_version)
     if minor == repository.UNKNOWN_TORCH:
@@ -49,22 +58,13 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
         except NotFoundError:
             named = None
         if named is not None:
-            if _key(named) == _key(result) and same_result(named, result):
+            if ProbeKey.of_result(named) == ProbeKey.of_result(result) and same_result(named, result):
                 return named, False
             raise ConflictError(
                 f"Probe result {result.id} is stored with different content; "
                 "leave out 'id' to store a new result."
             )
-    existing = repository.find_cached_probe(
-        session,
-        fingerprint=result.fingerprint,
-        device_name=result.device.name,
-        device_memory_bytes=result.device.total_memory_bytes,
-        backend=result.backend,
-        torch_minor=minor,
-        gradient_checkpointing=result.gradient_checkpointing,
-        alloc_conf=result.alloc_conf,
-    )
+    existing = repository.find_cached_probe(session, ProbeKey.of_result(result))
     if existing is None:
         # Nothing stored a moment ago; another upload may still store first, and then the
         # insert finds its row instead of making a second one.
@@ -84,12 +84,21 @@ def store_uploaded_probe(session: Session, *, result: ProbeResult) -> tuple[Prob
     )
 
 
-def _key(probe: ProbeResult) -> tuple[object, ...]:
-    return (
-        probe.fingerprint,
-        probe.device,
-        probe.backend,
-        repository.torch_minor(probe.versions.get("torch")),
-        probe.gradient_checkpointing,
-        probe.alloc_conf,
-    )
+def refuse_unmeasured(result: ProbeResult) -> None:
+    """A result that does not measure the device it names is not stored: a CPU run (autotune
+    without CUDA), or a cuda result whose passing trials carry no peak memory (what a CPU run
+    labelled cuda looks like: it ran, but measured nothing of the GPU)."""
+    if result.backend == "cpu":
+        raise SpecError(
+            f"backend: a probe run on CPU is no measurement of {result.device.name} and is not stored; "
+            "run autotune on that GPU."
+        )
+    if result.backend == "cuda":
+        unmeasured = [t.batch_size for t in result.trials if t.ok and t.peak_reserved_bytes is None]
+        if unmeasured:
+            raise SpecError(
+                f"trials: a cuda result needs the peak memory of every passing trial (peak_reserved_bytes), "
+                f"and the trials at batch sizes {unmeasured[:5]} have none; a run that measured no GPU "
+                "memory is not stored as that GPU's."
+            )
+

@@ -12,12 +12,12 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, Field
 
+from tuner.job_status import JobStatus
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest
 
 __all__ = ["ErrorOut", "HealthOut", "JobOut", "Plan", "PlanList", "PlanRequest", "ProbeResult", "RowId"]
 
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
 
 RowId = Annotated[int, Path(ge=1, le=(1 << 31) - 1, description="A row id.")]
 """Ids are 32-bit integers in the database: larger ones are a 422, not a database error."""

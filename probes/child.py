@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from tuner.errors import ProbeError, TunerError
+from tuner.errors import CLIENT_FAULT_CODES, ProbeError, TunerError
 
 # Exit codes of a child killed by a signal are negative; name the common ones for messages.
 _SIGNAL_NAMES = {
@@ -42,6 +42,8 @@ class ChildFailure:
     message: str
     error_type: str | None = None
     error_code: str | None = None
+    traceback: str | None = None
+    """The child's own traceback of an `exception`, for the caller's log."""
 
 
 class ChildFailed(ProbeError):
@@ -52,6 +54,8 @@ class ChildFailed(ProbeError):
         self.failure = failure
         if failure.error_code:
             self.code = failure.error_code
+        # An error the child raised keeps its fault; a crash or a hang is never the request's.
+        self.client_fault = failure.kind == "exception" and failure.error_code in CLIENT_FAULT_CODES
 
 
 _PARENT: Connection | None = None
@@ -75,7 +79,7 @@ def _child_main(
     except BaseException as exc:
         code = exc.code if isinstance(exc, TunerError) else None
         message = exc.message if isinstance(exc, TunerError) else f"{type(exc).__name__}: {exc}"
-        conn.send(("error", type(exc).__name__, code, message, traceback.format_exc(limit=8)))
+        conn.send(("error", type(exc).__name__, code, message, traceback.format_exc(limit=-16)))
     else:
         conn.send(("ok", result))
     finally:
@@ -169,8 +173,21 @@ def run_in_child(
         _kill(process)
     if message[0] == "ok":
         return message[1]
-    _, error_type, code, text, _trace = message
-    raise ChildFailed(ChildFailure("exception", text, error_type=error_type, error_code=code))
+    _, error_type, code, text, trace = message
+    failure = ChildFailure("exception", text, error_type=error_type, error_code=code, traceback=trace)
+    raise ChildFailed(failure)
+
+
+def child_traceback(error: BaseException | None) -> str | None:
+    """The traceback a child sent with the failure `error` was raised from (followed through the
+    errors it caused), or None: what the caller logs, where the child's frames are."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ChildFailed) and error.failure.traceback:
+            return error.failure.traceback
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _crash(what: str, exitcode: int | None) -> ChildFailure:

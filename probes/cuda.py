@@ -23,6 +23,7 @@ from probes.parallel import wrap_one_rank
 from probes.step import Phase, run_train_steps
 from probes.workloads import BuiltWorkload, build_workload
 from tuner.errors import ProbeError
+from tuner.oom import out_of_memory_types
 from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.results import WorkloadFacts
 from tuner.search_types import Trial
@@ -33,18 +34,9 @@ KERNEL_ALLOWANCE_BYTES = 256 << 20
 the capacity is measured: kept out of the capacity that predictions aim at."""
 
 
-def out_of_memory_types() -> tuple[type[BaseException], ...]:
-    """The exception types that mean "this batch does not fit", most specific first."""
-    types: list[type[BaseException]] = [torch.cuda.OutOfMemoryError]
-    generic = getattr(torch, "OutOfMemoryError", None)  # torch ≥ 2.5: any device's OOM
-    if isinstance(generic, type) and generic not in types:
-        types.append(generic)
-    return tuple(types)
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether `exc` is an out-of-memory error (by type, never by message text)."""
-    return isinstance(exc, out_of_memory_types())
+    return isinstance(exc, out_of_memory_types(torch))
 
 
 def require_cuda() -> None:

@@ -33,14 +33,15 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 from probes.child import ChildFailed, run_in_child, send_progress
-from tuner import __version__ as tuner_version
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
-from tuner.errors import DeviceRequiredError, ProbeError, SpecError
+from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, ProbeError, SpecError, client_fault_error
 from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
-from tuner.settings import get_settings
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS
+from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec
+from tuner.version import __version__ as tuner_version
 
 EXPANDABLE_SEGMENTS = "expandable_segments:True"
 PRIOR_BATCH_SIZES = (4, 16)
@@ -112,10 +113,11 @@ def run_probe(
     gradient_checkpointing: bool,
     strategy: Strategy = "guided",
     min_batch_size: int = 1,
-    max_batch_size: int = 65536,
-    max_trials: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_trials: int = DEFAULT_MAX_TRIALS,
     verify_steps: int = 0,
-    timeout: float | None = None,
+    timeout: float = DEFAULT_PROBE_TIMEOUT_SECONDS,
+    prior_timeout: float = DEFAULT_ESTIMATE_TIMEOUT_SECONDS,
     progress: Callable[[Trial], None] | None = None,
     trial_factory: str | None = None,
     estimate_prior: bool | None = None,
@@ -130,6 +132,8 @@ def run_probe(
     `expandable_segments:True` would allow (`expandable_segments_max_batch_size`).
     `estimate_prior`: whether a guided cuda search gets the estimator's line as its prior
     (default: yes, except with a `trial_factory`, whose memory the estimator does not model).
+    `timeout` bounds the probe's child, `prior_timeout` the prior's trace: the caller passes its
+    settings (`probe_timeout_seconds`, `estimate_timeout_seconds`); nothing here reads them.
     `parallel`: the data-parallel job (strategy and world size) of which one rank is probed;
     the estimate's memory per category at the answer is in `extra["memory_per_rank"]`."""
     if backend not in ("cuda", "estimate"):
@@ -141,16 +145,14 @@ def run_probe(
     if verify_steps < 0:
         raise SpecError(f"verify_steps must not be negative, got {verify_steps}.")
     alloc_conf = canonical_alloc_conf(alloc_conf)
-    settings = get_settings()
-    timeout = settings.probe_timeout_seconds if timeout is None else timeout
     started = time.monotonic()
     notes: dict[str, Any] = {}
     if estimate_prior is None:
         estimate_prior = trial_factory is None
     prior: _PriorInBackground | None = None
     if backend == "cuda" and strategy == "guided" and estimate_prior:
-        prior_timeout = min(timeout, settings.estimate_timeout_seconds)
-        prior = _PriorInBackground(spec, gradient_checkpointing, prior_timeout, notes, alloc_conf, parallel)
+        prior_limit = min(timeout, prior_timeout)
+        prior = _PriorInBackground(spec, gradient_checkpointing, prior_limit, notes, alloc_conf, parallel)
     job = _Job(
         spec=spec,
         backend=backend,
@@ -217,10 +219,15 @@ def _in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str, **k
     try:
         return run_in_child(fn, *args, timeout=timeout, what=what, **kwargs)
     except ChildFailed as exc:
-        if exc.failure.error_code is not None:
-            raise  # a TunerError from the child (a model that cannot be built...) keeps its code
+        code = exc.failure.error_code
+        if code in CLIENT_FAULT_CODES and exc.failure.kind == "exception":
+            # The request's own fault (a model that cannot be built...): its own error class.
+            raise client_fault_error(str(code), exc.message) from None
+        if code is not None:
+            raise  # any other TunerError from the child keeps its code
         if exc.failure.kind == "exception":
-            raise ProbeError(f"The {what} failed: {exc.message}") from None
+            # `from exc`: the child's traceback stays reachable (`probes.child.child_traceback`).
+            raise ProbeError(f"The {what} failed: {exc.message}") from exc
         raise ProbeError(exc.message) from None  # a crash or a timeout: the message names `what`
 
 
@@ -396,6 +403,7 @@ def _estimate_backend(job: _Job) -> TrialBackend:
         capacity_bytes=current_session().capacity_bytes(total),
         facts=_facts_on_meta(job.spec),
         versions=_versions(),
+        notes=current_session().notes,  # filled in by the traces: read after the search
     )
 
 

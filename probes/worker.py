@@ -7,12 +7,12 @@ whatever device it names. Many workers on many machines share one database: clai
 
 Failures: an error the client's spec causes (a model that does not build, an estimate that
 cannot trace it, a workload of which not even one sample fits the card) fails the job at once,
-stored as `<code>: <sentence>` (`tuner.errors.CLIENT_FAULT_CODES`), which the API gives its waiters
-as a 422; a job whose probes succeeded but none of whose requests could be planned fails the same
-way, with the first request's reason, so that nobody polls a job that names no plan. A crash or
-hang of the probe child is retried with backoff until the job's attempts are spent. The worker
-itself lives on. On SIGTERM/SIGINT it stops claiming, lets the current job finish within a grace
-period, else releases it to the queue.
+its code stored in the job's own `error_code` column (`tuner.errors.TunerError.client_fault`),
+which the API gives its waiters as a 422; a job whose probes succeeded but none of whose
+requests could be planned fails the same way, with the first request's reason, so that nobody
+polls a job that names no plan. A crash or hang of the probe child is retried with backoff until
+the job's attempts are spent. The worker itself lives on. On SIGTERM/SIGINT it stops claiming,
+lets the current job finish within a grace period, else releases it to the queue.
 A worker whose lease was lost (a heartbeat refused) abandons its result: another worker owns it.
 """
 
@@ -21,29 +21,41 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 from types import FrameType
 from typing import Any, Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from probes.child import ChildFailed
+from probes.child import child_traceback
 from storage import repository
 from storage.db import session_factory
+from storage.planning import derive_plan, installed_torch_minor
 from storage.records import Accepts, JobRecord, WaiterRecord
-from tuner.errors import CLIENT_FAULT_CODES, NothingFitsError, TunerError, job_error_text
+from tuner.checkpointing import on_off
+from tuner.errors import DeviceRequiredError, NothingFitsError, SpecError, TunerError
 from tuner.parallelism import SINGLE, ParallelSetup
+from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
+from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
 from tuner.spec import Backend, DeviceSpec, WorkloadSpec, parse_plan_request, parse_workload
 
 log = logging.getLogger("tuner.worker")
+
+
+def new_worker_id(backend: str, device_name: str | None = None) -> str:
+    """Unique per process and readable in `GET /v1/jobs`: host, pid, backend (and the device a
+    worker was given). `tuner serve` finds its own worker's row by the `:<pid>:` in it."""
+    suffix = f":{device_name}" if device_name else ""
+    return f"{socket.gethostname()}:{os.getpid()}:{backend}{suffix}"
 
 
 class ProbeRunner(Protocol):
@@ -56,7 +68,8 @@ class ProbeRunner(Protocol):
         backend: Backend,
         device: DeviceSpec,
         gradient_checkpointing: bool,
-        timeout: float | None = None,
+        timeout: float = ...,
+        prior_timeout: float = ...,
         progress: Callable[[Any], None] | None = None,
         alloc_conf: str | None = None,
         parallel: ParallelSetup = SINGLE,
@@ -95,19 +108,9 @@ class _ActiveJob:
 
 
 def is_client_fault(error: BaseException) -> bool:
-    """True for an error that retrying cannot fix (the spec is at fault); False for a crash, a
-    hang, or anything unexpected, which deserves another attempt."""
-    if isinstance(error, ChildFailed) and error.failure.kind in ("timeout", "crash"):
-        return False
-    return isinstance(error, TunerError) and error.code in CLIENT_FAULT_CODES
-
-
-def installed_torch_minor() -> str:
-    """The torch minor this worker probes with (`2.13`), read without importing torch."""
-    try:
-        return repository.torch_minor(metadata.version("torch"))
-    except metadata.PackageNotFoundError:
-        return repository.UNKNOWN_TORCH
+    """True for an error that retrying cannot fix (the spec is at fault, `TunerError.client_fault`);
+    False for a crash, a hang, or anything unexpected, which deserves another attempt."""
+    return isinstance(error, TunerError) and error.client_fault
 
 
 class Worker:
@@ -125,7 +128,8 @@ class Worker:
         poll_seconds: float = 1.0,
         retry_backoff_seconds: float = 10.0,
         grace_seconds: float = 30.0,
-        probe_timeout_seconds: float | None = None,
+        probe_timeout_seconds: float = DEFAULT_PROBE_TIMEOUT_SECONDS,
+        estimate_timeout_seconds: float = DEFAULT_ESTIMATE_TIMEOUT_SECONDS,
         probe_runner: ProbeRunner | None = None,
     ) -> None:
         if backend == "cuda" and device is None:
@@ -142,6 +146,7 @@ class Worker:
         self.retry_backoff_seconds = retry_backoff_seconds
         self.grace_seconds = grace_seconds
         self.probe_timeout_seconds = probe_timeout_seconds
+        self.estimate_timeout_seconds = estimate_timeout_seconds
         self.torch_minor = installed_torch_minor()
         self._sessions = session_factory(engine)
         self._probe_runner = probe_runner
@@ -309,17 +314,16 @@ class Worker:
         probes: list[ProbeResult] = []
         for checkpointing in payload["gradient_checkpointing"]:
             with self._session() as session:
-                cached = repository.find_cached_probe(
-                    session,
-                    fingerprint=workload.fingerprint(),
-                    device_name=device.name,
-                    device_memory_bytes=device.total_memory_bytes,
+                key = ProbeKey.of(
+                    workload,
+                    device,
                     backend=self.backend,
                     torch_minor=self.torch_minor,
                     gradient_checkpointing=bool(checkpointing),
                     alloc_conf=payload.get("alloc_conf"),
                     parallelism=parallel.probe_key,
                 )
+                cached = repository.find_cached_probe(session, key)
             if cached is not None and cached.id is not None:
                 # A worker that lost this job earlier may have stored some choices already.
                 probes.append(cached)
@@ -365,6 +369,7 @@ class Worker:
             device=device,
             gradient_checkpointing=checkpointing,
             timeout=self.probe_timeout_seconds,
+            prior_timeout=self.estimate_timeout_seconds,
             progress=on_trial,
             alloc_conf=alloc_conf,
             parallel=parallel,
@@ -382,8 +387,6 @@ class Worker:
         """Plan every request waiting on the job from the probes now cached: the plans made, and
         why each request that could not be planned could not. Identical requests (the ranks of
         one fleet job) are planned once and their waiters resolved together."""
-        from api.plan_service import derive_plan  # torch-free; imported when first needed
-
         plan_ids: list[int] = []
         refusals: list[TunerError] = []
         with self._session() as session:
@@ -407,7 +410,12 @@ class Worker:
                 # The probe is stored and serves the cache; this one request cannot be planned.
                 log.info("Job %d: waiter %d cannot be planned: %s", active.id, waiter.id, exc.message)
                 with self._session() as session:
-                    repository.fail_waiters(session, waiter_ids=[waiter.id, *same], error=job_error_text(exc))
+                    repository.fail_waiters(
+                        session,
+                        waiter_ids=[waiter.id, *same],
+                        error=exc.message,
+                        error_code=exc.client_fault_code,
+                    )
                 refusals.append(exc)
                 continue
             if plan is not None and plan.id is not None:
@@ -418,27 +426,29 @@ class Worker:
 
     def _fail(self, active: _ActiveJob, error: Exception, *, seconds: float) -> None:
         client_fault = is_client_fault(error)
-        if client_fault:
-            assert isinstance(error, TunerError)
-            text = job_error_text(error)
-        else:
-            text = _message(error)
-            if not isinstance(error, TunerError):
-                log.exception("Job %d hit an unexpected error.", active.id, exc_info=error)
+        text = _message(error)
+        error_code = error.client_fault_code if isinstance(error, TunerError) else None
+        shown = f"{error_code}: {text}" if error_code else text
+        if not isinstance(error, TunerError):
+            log.exception("Job %d hit an unexpected error.", active.id, exc_info=error)
+        trace = child_traceback(error)
+        if trace is not None:
+            log.info("Job %d: the probe child's traceback:\n%s", active.id, trace.rstrip())
         with self._writing(active) as session:
             updated = repository.fail_job(
                 session,
                 job_id=active.id,
                 worker_id=self.worker_id,
                 error=text,
+                error_code=error_code,
                 retry_backoff_seconds=self.retry_backoff_seconds,
                 retry=not client_fault,
             )
         if updated is None:
-            log.warning("Job %d failed after its lease was lost: %s", active.id, text)
+            log.warning("Job %d failed after its lease was lost: %s", active.id, shown)
         elif updated.status == "failed":
             log.info(
-                "Job %d failed after %.1f s (attempt %d): %s", active.id, seconds, updated.attempts, text
+                "Job %d failed after %.1f s (attempt %d): %s", active.id, seconds, updated.attempts, shown
             )
         else:
             log.info(
@@ -446,7 +456,7 @@ class Worker:
                 active.id,
                 updated.attempts,
                 seconds,
-                text,
+                shown,
             )
 
     # ------------------------------------------------------------------------- lease keeping
@@ -550,7 +560,7 @@ def _job_refusal(
     if plan_ids:
         return None
     if refusals:
-        return refusals[0] if refusals[0].code in CLIENT_FAULT_CODES else None
+        return refusals[0] if refusals[0].client_fault else None
     if all(probe.max_batch_size == 0 for probe in probes):
         from tuner.planner import nothing_fits_message
 
@@ -559,12 +569,12 @@ def _job_refusal(
     return None
 
 
-class _NoDevice(TunerError):
-    code = "device_required"
+class _NoDevice(DeviceRequiredError):
+    pass
 
 
-class _BadJob(TunerError):
-    code = "invalid_spec"
+class _BadJob(SpecError):
+    pass
 
 
 def _identical_requests(waiters: list[WaiterRecord]) -> list[tuple[WaiterRecord, list[int]]]:
@@ -591,5 +601,5 @@ def _describe(payload: dict[str, Any]) -> str:
     except Exception:
         model = "unreadable workload"
     device = (payload.get("device") or {}).get("name", "this worker's GPU")
-    choices = ",".join("on" if gc else "off" for gc in payload.get("gradient_checkpointing", []))
+    choices = ",".join(on_off(gc) for gc in payload.get("gradient_checkpointing", []))
     return f"{model} on {device}, {payload.get('backend')}, checkpointing [{choices}]"

@@ -20,16 +20,16 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from probes.builtin_models import BlockModel, DecoderOutput, build_builtin
+from tuner.block_checkpointing import CheckpointedForward, checkpoint_blocks
 from tuner.errors import ModelBuildError
 from tuner.results import WorkloadFacts
 from tuner.settings import get_settings
@@ -242,11 +242,11 @@ def _build_transformers(spec: WorkloadSpec, dtype: torch.dtype) -> nn.Module:
                 f"model.task {spec.model.task!r} is not available for model_type {model_type!r} "
                 "in transformers."
             ) from None
-        raise ModelBuildError(f"model.config: transformers cannot build {model_type!r}: {exc}") from None
+        raise ModelBuildError(f"model.config: transformers cannot build {model_type!r}: {exc}") from exc
     except Exception as exc:
         raise ModelBuildError(
             f"model.config: transformers cannot build {model_type!r}: {type(exc).__name__}: {exc}"
-        ) from None
+        ) from exc
     return model
 
 
@@ -267,7 +267,7 @@ def _build_torchvision(spec: WorkloadSpec) -> nn.Module:
     except Exception as exc:
         raise ModelBuildError(
             f"model.name/kwargs: torchvision cannot build {spec.model.name!r}: {type(exc).__name__}: {exc}"
-        ) from None
+        ) from exc
     return model
 
 
@@ -287,31 +287,80 @@ def _build_python(spec: WorkloadSpec) -> nn.Module:
         )
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ModelBuildError(
+            f"model.factory {factory!r}: cannot import module {module_name!r} here ({exc}): install the "
+            f"package that provides it where the probe runs (the worker's environment), or start that "
+            "process from a directory (or with a PYTHONPATH) from which it imports."
+        ) from None
     except Exception as exc:
         raise ModelBuildError(
             f"model.factory {factory!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from None
+        ) from exc
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ModelBuildError(
             f"model.factory {factory!r}: module {module_name!r} has no function {function_name!r}."
         )
+    config_class = _config_class_of(function)
+    if config_class is None:
+        try:
+            inspect.signature(function).bind(**spec.model.kwargs)
+        except TypeError as exc:
+            raise ModelBuildError(f"model.kwargs do not fit factory {factory!r}: {exc}.") from None
+        except ValueError:
+            pass  # no signature to check (a builtin or C function): let the call decide
     try:
-        inspect.signature(function).bind(**spec.model.kwargs)
-    except TypeError as exc:
-        raise ModelBuildError(f"model.kwargs do not fit factory {factory!r}: {exc}.") from None
-    except ValueError:
-        pass  # no signature to check (a builtin or C function): let the call decide
-    try:
-        model = function(**spec.model.kwargs)
-    except torch.OutOfMemoryError:
+        if config_class is not None:
+            model = _build_pretrained_class(function, config_class, spec.model.kwargs, factory)
+        else:
+            model = function(**spec.model.kwargs)
+    except (torch.OutOfMemoryError, ModelBuildError):
         raise
     except Exception as exc:
-        raise ModelBuildError(f"model.factory {factory!r} raised {type(exc).__name__}: {exc}") from None
+        # `from exc`: the factory's own frames reach the traceback a probe child sends its caller.
+        raise ModelBuildError(f"model.factory {factory!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelBuildError(
             f"model.factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module."
         )
+    return model
+
+
+def _config_class_of(factory: Any) -> type | None:
+    """The config class of a transformers-style model class (`PreTrainedModel.config_class`);
+    None for a plain function or an `nn.Module` class without one."""
+    if not isinstance(factory, type):
+        return None
+    config_class = getattr(factory, "config_class", None)
+    if isinstance(config_class, type) and callable(getattr(config_class, "to_diff_dict", None)):
+        return config_class
+    return None
+
+
+def _build_pretrained_class(
+    model_class: type, config_class: type, kwargs: dict[str, Any], factory: str
+) -> nn.Module:
+    """`model_class(config_class(**kwargs["config"]))`: a custom-code model built as its script
+    builds it (see `tuner.custom_code`)."""
+    extra = sorted(set(kwargs) - {"config"})
+    if extra:
+        raise ModelBuildError(
+            f"model.kwargs of the model class {factory!r} take only 'config' (its config as a dict), "
+            f"got {extra}."
+        )
+    values = kwargs.get("config", {})
+    if not isinstance(values, dict):
+        raise ModelBuildError(f"model.kwargs.config of {factory!r} must be a dict of its config's values.")
+    try:
+        config = config_class(**values)
+    except Exception as exc:
+        raise ModelBuildError(
+            f"model.kwargs.config: {config_class.__name__} refuses it: {type(exc).__name__}: {exc}"
+        ) from None
+    if hasattr(config, "use_cache"):
+        config.use_cache = False  # training keeps no key/value cache
+    model: nn.Module = model_class(config)
     return model
 
 
@@ -330,26 +379,18 @@ def _enable_checkpointing(model: nn.Module, family: str) -> None:
             elif callable(enable):
                 enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         except ValueError as exc:
-            raise ModelBuildError(f"model: gradient checkpointing is not supported here: {exc}") from None
+            # A custom-code model that inherits the switch but refuses it (MiniMind's): checkpoint
+            # its repeated blocks instead, as its user would (`tuner.training.checkpoint_blocks`).
+            try:
+                checkpoint_blocks(model)
+            except ValueError:
+                raise ModelBuildError(f"model: gradient checkpointing is not supported here: {exc}") from None
     elif isinstance(model, BlockModel) or (
         family == "python" and isinstance(getattr(model, "gradient_checkpointing", None), bool)
     ):
         model.gradient_checkpointing = True
     else:
         checkpoint_children(model)
-
-
-class _CheckpointedForward:
-    """A child's `forward`, recomputed in the backward pass while the child is training."""
-
-    def __init__(self, module: nn.Module, forward: Callable[..., Any]) -> None:
-        self.module = module
-        self.forward = forward
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.module.training and torch.is_grad_enabled():
-            return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
-        return self.forward(*args, **kwargs)
 
 
 def checkpoint_children(model: nn.Module) -> int:
@@ -359,10 +400,10 @@ def checkpoint_children(model: nn.Module) -> int:
     Returns how many children were wrapped."""
     wrapped = 0
     for child in model.children():
-        if isinstance(child.forward, _CheckpointedForward) or not any(True for _ in child.parameters()):
+        if isinstance(child.forward, CheckpointedForward) or not any(True for _ in child.parameters()):
             continue
         # An instance attribute shadows the class's `forward`, which `Module.__call__` looks up.
-        setattr(child, "forward", _CheckpointedForward(child, child.forward))  # noqa: B010
+        setattr(child, "forward", CheckpointedForward(child, child.forward))  # noqa: B010
         wrapped += 1
     return wrapped
 
@@ -422,6 +463,11 @@ def _loss_from_output(out: Any, labels: torch.Tensor) -> torch.Tensor:
         return out
     given = getattr(out, "loss", None)
     if isinstance(given, torch.Tensor):
+        # A custom-code MoE model that returns its router loss beside the loss (MiniMind's
+        # `res.loss + res.aux_loss`); transformers' own MoE models add it into `loss` themselves.
+        aux = getattr(out, "aux_loss", None)
+        if isinstance(aux, torch.Tensor) and aux.numel() == 1:
+            return _as_scalar(given) + aux.reshape(())
         return _as_scalar(given)
     logits = _logits_of(out)
     if logits.dim() == 3 and labels.dim() == 2:
@@ -482,6 +528,11 @@ def _facts(model: nn.Module, family: str) -> WorkloadFacts:
 def _has_moe(model: nn.Module, family: str) -> bool:
     if any(getattr(m, "is_moe_layer", False) for m in model.modules()):
         return True
+    if family == "python":  # a custom-code MoE layer keeps its experts in a list
+        return any(
+            isinstance(getattr(m, "experts", None), nn.ModuleList) and len(getattr(m, "experts")) > 1  # noqa: B009
+            for m in model.modules()
+        )
     if family != "transformers":
         return False
     config = getattr(model, "config", None)

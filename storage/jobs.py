@@ -17,9 +17,6 @@ fleet are expected to keep their clocks in sync (NTP).
 
 from __future__ import annotations
 
-import os
-import socket
-import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -48,37 +45,14 @@ from storage.models import (
 )
 from storage.records import Accepts, JobRecord, WaiterRecord
 from tuner.errors import ConflictError, NotFoundError
+from tuner.job_status import sql_in
 
 JOBS = cast(Table, JobRow.__table__)
 WAITERS = cast(Table, JobWaiterRow.__table__)
 
 LEASE_EXPIRED_ERROR = "The worker running this job stopped heart-beating and its lease expired."
-_ACTIVE_KEY_PREDICATE = text("status IN ('queued', 'running')")
+_ACTIVE_KEY_PREDICATE = text(sql_in(ACTIVE_JOB_STATUSES))
 _ENQUEUE_TRIES = 10
-
-
-def new_worker_id() -> str:
-    """A worker id unique to this process: host, pid and a random suffix."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def probe_cache_key(
-    *,
-    fingerprint: str,
-    device_name: str | None,
-    device_memory_bytes: int | None,
-    backend: str,
-    torch_minor: str,
-    gradient_checkpointing: bool,
-) -> str:
-    """The job key of the probe a cache lookup missed: one active job per key.
-
-    Same parts as `find_cached_probe`'s lookup; a device of None (a cuda job for whichever GPU
-    the worker has) is written `any`.
-    """
-    checkpointing = "ckpt" if gradient_checkpointing else "nockpt"
-    memory = "any" if device_memory_bytes is None else str(device_memory_bytes)
-    return f"{backend}:{fingerprint}:{torch_minor}:{checkpointing}:{memory}:{device_name or 'any'}"
 
 
 # ---------------------------------------------------------------------------------------- enqueue
@@ -362,6 +336,7 @@ def complete_job(session: Bind, *, job_id: int, worker_id: str, probe_id: int) -
                 status=JOB_SUCCEEDED,
                 probe_id=probe_id,
                 error=None,
+                error_code=None,
                 lease_until=None,
                 finished_at=now,
                 updated_at=now,
@@ -381,6 +356,7 @@ def fail_job(
     job_id: int,
     worker_id: str,
     error: str,
+    error_code: str | None = None,
     retry_backoff_seconds: float,
     retry: bool = True,
 ) -> JobRecord | None:
@@ -388,7 +364,8 @@ def fail_job(
     queue, due after `retry_backoff_seconds × 2^(attempts − 1)`; otherwise it ends `failed` with
     `error`, its pending waiters fail with it, and its end is signalled to waiters. Returns the
     job as updated, or None when the lease was lost. Pass `retry=False` for errors that another
-    attempt cannot fix (a spec that does not build)."""
+    attempt cannot fix (a spec that does not build), with their `error_code`
+    (`tuner.errors.CLIENT_FAULT_CODES`); a failure of the service has none."""
     with write_transaction(session) as db:
         held = select(JOBS).where(*_held_by(job_id, worker_id)).with_for_update()
         row = db.execute(held).mappings().first()
@@ -397,7 +374,13 @@ def fail_job(
         now = utcnow()
         attempts = int(row["attempts"])
         final = not retry or attempts >= int(row["max_attempts"])
-        values: dict[str, Any] = {"error": error, "worker_id": None, "lease_until": None, "updated_at": now}
+        values: dict[str, Any] = {
+            "error": error,
+            "error_code": error_code,
+            "worker_id": None,
+            "lease_until": None,
+            "updated_at": now,
+        }
         if final:
             values.update(status=JOB_FAILED, finished_at=now)
         else:
@@ -409,7 +392,7 @@ def fail_job(
             .one()
         )
         if final:
-            _fail_waiters(db, job_ids=[job_id], error=error)
+            _fail_waiters(db, job_ids=[job_id], error=error, error_code=error_code)
             notify_finished(db, [job_id])
     if final:
         publish_finished([job_id])
@@ -476,11 +459,11 @@ def _rowcount(result: Any) -> int:
     return int(result.rowcount)
 
 
-def _fail_waiters(db: Session, *, job_ids: list[int], error: str) -> None:
+def _fail_waiters(db: Session, *, job_ids: list[int], error: str, error_code: str | None = None) -> None:
     db.execute(
         update(WAITERS)
         .where(WAITERS.c.job_id.in_(job_ids), WAITERS.c.status == WAITER_PENDING)
-        .values(status=WAITER_FAILED, error=error, resolved_at=utcnow())
+        .values(status=WAITER_FAILED, error=error, error_code=error_code, resolved_at=utcnow())
     )
 
 
@@ -529,7 +512,7 @@ def job_counts(session: Bind) -> dict[str, int]:
     """How many jobs are in each status (every status present, zero included)."""
     with bound_session(session) as db:
         counted = db.execute(select(JOBS.c.status, func.count()).group_by(JOBS.c.status)).all()
-    counts = dict.fromkeys(JOB_STATUSES, 0)
+    counts: dict[str, int] = dict.fromkeys(JOB_STATUSES, 0)
     counts.update({str(status): int(count) for status, count in counted})
     return counts
 
@@ -584,7 +567,9 @@ def resolve_waiters(session: Bind, *, waiter_ids: Sequence[int], plan_id: int) -
         return _rowcount(result)
 
 
-def fail_waiters(session: Bind, *, waiter_ids: Sequence[int], error: str) -> int:
+def fail_waiters(
+    session: Bind, *, waiter_ids: Sequence[int], error: str, error_code: str | None = None
+) -> int:
     """`fail_waiter` for many waiters in one statement; returns how many were still pending."""
     if not waiter_ids:
         return 0
@@ -592,17 +577,17 @@ def fail_waiters(session: Bind, *, waiter_ids: Sequence[int], error: str) -> int
         result = db.execute(
             update(WAITERS)
             .where(WAITERS.c.id.in_(list(waiter_ids)), WAITERS.c.status == WAITER_PENDING)
-            .values(status=WAITER_FAILED, error=error, resolved_at=utcnow())
+            .values(status=WAITER_FAILED, error=error, error_code=error_code, resolved_at=utcnow())
         )
         return _rowcount(result)
 
 
-def fail_waiter(session: Bind, *, waiter_id: int, error: str) -> bool:
+def fail_waiter(session: Bind, *, waiter_id: int, error: str, error_code: str | None = None) -> bool:
     """Mark a pending waiter failed (its plan could not be derived). False when not pending."""
     with write_transaction(session) as db:
         result = db.execute(
             update(WAITERS)
             .where(WAITERS.c.id == waiter_id, WAITERS.c.status == WAITER_PENDING)
-            .values(status=WAITER_FAILED, error=error, resolved_at=utcnow())
+            .values(status=WAITER_FAILED, error=error, error_code=error_code, resolved_at=utcnow())
         )
         return _rowcount(result) == 1

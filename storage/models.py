@@ -32,18 +32,35 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-JOB_QUEUED = "queued"
-JOB_RUNNING = "running"
-JOB_SUCCEEDED = "succeeded"
-JOB_FAILED = "failed"
-JOB_STATUSES = (JOB_QUEUED, JOB_RUNNING, JOB_SUCCEEDED, JOB_FAILED)
-ACTIVE_JOB_STATUSES = (JOB_QUEUED, JOB_RUNNING)
-FINISHED_JOB_STATUSES = (JOB_SUCCEEDED, JOB_FAILED)
+from tuner.job_status import (
+    ACTIVE_JOB_STATUSES,
+    FINISHED_JOB_STATUSES,
+    JOB_FAILED,
+    JOB_QUEUED,
+    JOB_RUNNING,
+    JOB_STATUSES,
+    JOB_SUCCEEDED,
+    WAITER_FAILED,
+    WAITER_PENDING,
+    WAITER_RESOLVED,
+    WAITER_STATUSES,
+    sql_in,
+)
+from tuner.probe_key import PROBE_KEY_FIELDS
 
-WAITER_PENDING = "pending"
-WAITER_RESOLVED = "resolved"
-WAITER_FAILED = "failed"
-WAITER_STATUSES = (WAITER_PENDING, WAITER_RESOLVED, WAITER_FAILED)
+__all__ = [
+    "ACTIVE_JOB_STATUSES",
+    "FINISHED_JOB_STATUSES",
+    "JOB_FAILED",
+    "JOB_QUEUED",
+    "JOB_RUNNING",
+    "JOB_STATUSES",
+    "JOB_SUCCEEDED",
+    "WAITER_FAILED",
+    "WAITER_PENDING",
+    "WAITER_RESOLVED",
+    "WAITER_STATUSES",
+]
 
 PROBE_COMPLETE = "complete"
 PROBE_SUPERSEDED = "superseded"
@@ -53,17 +70,8 @@ cache key unique. It stays readable by id (plans name it), but no cache lookup r
 # The condition of the unique cache-key index: only results a lookup may return are unique.
 PROBE_CURRENT = text("status = 'complete'")
 
-PROBE_KEY_COLUMNS = (
-    "fingerprint",
-    "device_name",
-    "device_memory_bytes",
-    "backend",
-    "torch_minor",
-    "gradient_checkpointing",
-    "alloc_conf",
-    "parallelism",
-)
-"""The columns of the probe cache key: unique among complete results."""
+PROBE_KEY_COLUMNS = PROBE_KEY_FIELDS
+"""The columns of the probe cache key (`tuner.probe_key.ProbeKey`): unique among complete results."""
 DEFAULT_ALLOC_CONF = ""
 """`probe_results.alloc_conf` of PyTorch's default allocator (None in `ProbeResult`): a key
 column is never NULL, so that the unique index sees two default-allocator results as equal."""
@@ -180,6 +188,10 @@ class TrialRow(Base):
     num_alloc_retries: Mapped[int | None] = mapped_column(Integer, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
     samples_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    step_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Wall time of the last (steady) iteration (migration 0005; NULL on older trials)."""
+    move: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """Why the guided search ran this size (`tuner.search_types.Move`; migration 0005)."""
     peak_phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
@@ -248,7 +260,7 @@ class JobRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(512))
-    """The cache key of the probe this job produces (`storage.repository.probe_cache_key`)."""
+    """One active job per key: the probes it produces (`storage.planning.job_key`)."""
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     """What to probe, as the worker reads it."""
     backend: Mapped[str] = mapped_column(String(16))
@@ -265,6 +277,8 @@ class JobRow(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The code of a failure the request caused (NULL: the service's failure); migration 0005."""
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     probe_id: Mapped[int | None] = mapped_column(
         ForeignKey("probe_results.id", ondelete="SET NULL"), nullable=True
@@ -275,17 +289,14 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'failed')",
-            name="status",
-        ),
+        CheckConstraint(sql_in(JOB_STATUSES), name="status"),
         # One active job per key: concurrent enqueue-or-join calls for one probe meet here.
         Index(
             "uq_jobs_active_key",
             "key",
             unique=True,
-            postgresql_where=text("status IN ('queued', 'running')"),
-            sqlite_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text(sql_in(ACTIVE_JOB_STATUSES)),
+            sqlite_where=text(sql_in(ACTIVE_JOB_STATUSES)),
         ),
         # What a claim scans (queued, due) and what the requeue of stalled jobs scans.
         Index("ix_jobs_status_run_after", "status", "run_after"),
@@ -304,11 +315,12 @@ class JobWaiterRow(Base):
     status: Mapped[str] = mapped_column(String(16), default=WAITER_PENDING)
     plan_id: Mapped[int | None] = mapped_column(ForeignKey("plans.id", ondelete="SET NULL"), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'resolved', 'failed')", name="status"),
+        CheckConstraint(sql_in(WAITER_STATUSES), name="status"),
         Index("ix_job_waiters_job_id_status", "job_id", "status"),
     )
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from tuner.job_status import ACTIVE_JOB_STATUSES
+
 
 @dataclass(frozen=True)
 class JobRecord:
@@ -17,7 +19,7 @@ class JobRecord:
 
     id: int
     key: str
-    """The cache key of the probe the job produces (`probe_cache_key`)."""
+    """One job per key: the probes it produces (`storage.planning.job_key`)."""
     payload: dict[str, Any]
     """What to probe, as given to `enqueue_or_join`."""
     backend: str
@@ -36,7 +38,10 @@ class JobRecord:
     heartbeat_at: datetime | None
     worker_id: str | None
     error: str | None
-    """The last error (kept while retrying; cleared on success)."""
+    """The last error's sentence (kept while retrying; cleared on success)."""
+    error_code: str | None
+    """The code of a failure the request caused (`tuner.errors.CLIENT_FAULT_CODES`); None for a
+    failure of the service, and while the job has not failed."""
     progress: dict[str, Any] | None
     """What the worker last reported (e.g. trials so far)."""
     probe_id: int | None
@@ -50,7 +55,7 @@ class JobRecord:
     @property
     def active(self) -> bool:
         """True while queued or running."""
-        return self.status in ("queued", "running")
+        return self.status in ACTIVE_JOB_STATUSES
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> JobRecord:
@@ -70,6 +75,8 @@ class WaiterRecord:
     """`pending`, `resolved` (see `plan_id`) or `failed` (see `error`)."""
     plan_id: int | None
     error: str | None
+    error_code: str | None
+    """The client-fault code of `error`, as on the job."""
     created_at: datetime
     resolved_at: datetime | None
 

@@ -9,7 +9,6 @@ return domain types (`tuner.results.ProbeResult`, `tuner.results.Plan`) or froze
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -36,8 +35,6 @@ from storage.jobs import (
     job_counts,
     list_jobs,
     list_waiters,
-    new_worker_id,
-    probe_cache_key,
     queue_depth,
     release_job,
     requeue_expired,
@@ -60,14 +57,17 @@ from storage.records import Accepts, JobRecord, WaiterRecord
 from storage.workers import WorkerRecord, announce_worker, live_workers, retire_worker
 from tuner.errors import ConflictError, NotFoundError
 from tuner.parallelism import ParallelismSpec, default_parallelism
+from tuner.probe_key import UNKNOWN_TORCH, ProbeKey, torch_minor
 from tuner.results import Plan, ProbeResult, WorkloadFacts
 from tuner.search_types import MemoryLine, Trial
 from tuner.spec import DeviceSpec, ModelSpec, PlanPolicy, WorkloadSpec
 
 __all__ = [
     "LEASE_EXPIRED_ERROR",
+    "UNKNOWN_TORCH",
     "Accepts",
     "JobRecord",
+    "ProbeKey",
     "WaiterRecord",
     "WorkerRecord",
     "add_waiter",
@@ -93,9 +93,7 @@ __all__ = [
     "list_plans",
     "list_waiters",
     "live_workers",
-    "new_worker_id",
     "plan_request_hash",
-    "probe_cache_key",
     "queue_depth",
     "release_job",
     "requeue_expired",
@@ -109,8 +107,6 @@ __all__ = [
     "torch_minor",
 ]
 
-UNKNOWN_TORCH = "unknown"
-_MINOR = re.compile(r"^\s*(\d+)\.(\d+)")
 
 
 def _unstorable(*texts: str | None) -> bool:
@@ -120,45 +116,27 @@ def _unstorable(*texts: str | None) -> bool:
     return any(text is not None and "\x00" in text for text in texts)
 
 
-def torch_minor(version: str | None) -> str:
-    """The minor release of a torch version, part of the cache key: `2.13.1+cu126` → `2.13`."""
-    match = _MINOR.match(version or "")
-    return f"{match.group(1)}.{match.group(2)}" if match else UNKNOWN_TORCH
-
-
 # ----------------------------------------------------------------------------------------- probes
 
 
-def find_cached_probe(
-    session: Bind,
-    *,
-    fingerprint: str,
-    device_name: str,
-    device_memory_bytes: int,
-    backend: str,
-    torch_minor: str,
-    gradient_checkpointing: bool,
-    alloc_conf: str | None = None,
-    parallelism: str = "",
-) -> ProbeResult | None:
+def find_cached_probe(session: Bind, key: ProbeKey) -> ProbeResult | None:
     """The complete probe result for this cache key, with its trials; None on a miss. (The key is
     unique among complete results; superseded ones, kept by migrations 0002 and 0003, are never
-    returned.) `alloc_conf` is canonical (`tuner.alloc_conf.canonical_alloc_conf`); None is the
-    default allocator. `parallelism` is the probe key of the data-parallel job
+    returned.) `key.parallelism` is the data-parallel job's probe key
     (`tuner.parallelism.ParallelSetup.probe_key`; '' for a single process)."""
-    if _unstorable(fingerprint, device_name, backend, torch_minor, alloc_conf, parallelism):
+    if _unstorable(*key.texts()):
         return None
     query = (
         select(ProbeRow)
         .where(
-            ProbeRow.fingerprint == fingerprint,
-            ProbeRow.device_name == device_name,
-            ProbeRow.device_memory_bytes == device_memory_bytes,
-            ProbeRow.backend == backend,
-            ProbeRow.torch_minor == torch_minor,
-            ProbeRow.gradient_checkpointing == gradient_checkpointing,
-            ProbeRow.alloc_conf == (alloc_conf or DEFAULT_ALLOC_CONF),
-            ProbeRow.parallelism == parallelism,
+            ProbeRow.fingerprint == key.fingerprint,
+            ProbeRow.device_name == key.device_name,
+            ProbeRow.device_memory_bytes == key.device_memory_bytes,
+            ProbeRow.backend == key.backend,
+            ProbeRow.torch_minor == key.torch_minor,
+            ProbeRow.gradient_checkpointing == key.gradient_checkpointing,
+            ProbeRow.alloc_conf == (key.alloc_conf or DEFAULT_ALLOC_CONF),
+            ProbeRow.parallelism == key.parallelism,
             ProbeRow.status == PROBE_COMPLETE,
         )
         .order_by(ProbeRow.created_at.desc(), ProbeRow.id.desc())
@@ -283,6 +261,8 @@ def _trial_values(probe_id: int, index: int, trial: Trial) -> dict[str, Any]:
         "num_alloc_retries": trial.num_alloc_retries,
         "seconds": trial.seconds,
         "samples_per_second": trial.samples_per_second,
+        "step_seconds": trial.step_seconds,
+        "move": trial.move,
         "peak_phase": trial.peak_phase,
         "error": trial.error,
     }
@@ -309,6 +289,8 @@ def _probe_from_row(row: ProbeRow) -> ProbeResult:
                 seconds=trial.seconds,
                 num_alloc_retries=trial.num_alloc_retries,
                 samples_per_second=trial.samples_per_second,
+                step_seconds=trial.step_seconds,
+                move=trial.move,
                 peak_phase=trial.peak_phase,
                 error=trial.error,
             )

@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tuner import __version__
 from tuner.errors import SpecError
+from tuner.oom import out_of_memory_types
 from tuner.results import ProbeResult
-from tuner.search_types import MemoryLine, Trial
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, MemoryLine, Trial
 from tuner.settings import get_settings
 from tuner.spec import DeviceSpec, WorkloadSpec
+from tuner.version import __version__
 
 __all__ = ["autotune", "out_of_memory_types"]
 
@@ -36,9 +37,9 @@ def autotune(
     device: DeviceSpec | None = None,
     server: str | None = None,
     strategy: str = "guided",
-    max_batch_size: int = 65536,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     min_batch_size: int = 1,
-    max_trials: int = 32,
+    max_trials: int = DEFAULT_MAX_TRIALS,
     prior: MemoryLine | None = None,
     upload: bool = True,
     gradient_checkpointing: bool = False,
@@ -61,6 +62,10 @@ def autotune(
     `gradient_checkpointing`: whether `step_fn` uses it (recorded, not applied).
     `upload`: store the result on the server (`server` or `TUNER_SERVER`; skipped with none);
     the uploaded result, with its id, is returned.
+
+    Without CUDA the search runs `step_fn` on CPU (to try a step function out): the result's
+    backend is `cpu`, its trials carry no peak memory, and it is never uploaded (with a server and
+    `upload=True`, autotune refuses before searching; the server refuses such uploads too).
     """
     import torch
 
@@ -71,6 +76,13 @@ def autotune(
     on_cuda = torch.cuda.is_available()
     device = device or _local_device(torch)
     url = server or get_settings().server
+    if not on_cuda and upload and url:
+        # Refused before the search: a CPU run would only be refused by the server afterwards.
+        raise SpecError(
+            f"autotune sees no CUDA GPU here, so its search would run on CPU, which measures nothing of "
+            f"{device.name}: such a result is never uploaded. Run it on that GPU, plan for the GPU by "
+            "estimate with plan_for(..., device=...), or pass upload=False to try step_fn on CPU."
+        )
     bearer = token or _settings_token()
     workload = _resolve_workload(fingerprint, workload, url, bearer)
     capacity = int(device.total_memory_bytes * (1 - memory_margin)) if on_cuda else None
@@ -91,7 +103,8 @@ def autotune(
         fingerprint=fingerprint,
         workload=workload,
         device=device,
-        backend="cuda",  # real trials of a real training step
+        # Real trials of a real step; without CUDA they measured no GPU memory, and say so.
+        backend="cuda" if on_cuda else "cpu",
         gradient_checkpointing=gradient_checkpointing,
         max_batch_size=search.max_batch_size,
         strategy=strategy,
@@ -110,13 +123,6 @@ def autotune(
         with TunerClient(url, token=bearer) as client:
             return client.upload_probe(result)
     return result
-
-
-def out_of_memory_types(torch: Any) -> tuple[type[BaseException], ...]:
-    """`torch.cuda.OutOfMemoryError`, then `torch.OutOfMemoryError` (the same class in recent
-    torch; either may be missing in older ones)."""
-    found = (getattr(torch.cuda, "OutOfMemoryError", None), getattr(torch, "OutOfMemoryError", None))
-    return tuple(dict.fromkeys(t for t in found if isinstance(t, type)))
 
 
 def _trial_runner(step_fn: StepFn, *, steps_per_trial: int, on_cuda: bool) -> Callable[[int], Trial]:
@@ -178,8 +184,9 @@ def _release_memory(torch: Any, on_cuda: bool) -> None:
 def _local_device(torch: Any) -> DeviceSpec:
     if not torch.cuda.is_available():
         raise SpecError(
-            "autotune measures on this process's CUDA GPU and none is visible: "
-            "pass device=DeviceSpec(...) naming the device step_fn runs on."
+            "autotune measures on this process's CUDA GPU and none is visible: run it on the GPU you "
+            "train on, or plan for a GPU by estimate with plan_for(..., device=DeviceSpec(...)). "
+            "To try step_fn on CPU, pass device= and upload=False (the result's backend is then 'cpu')."
         )
     properties = torch.cuda.get_device_properties(torch.cuda.current_device())
     return DeviceSpec(name=str(properties.name), total_memory_bytes=int(properties.total_memory))

@@ -12,17 +12,17 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tuner import __version__
-from tuner.errors import ServiceError, parse_job_error
+from tuner.errors import CLIENT_FAULT_CODES, ServiceError
+from tuner.job_status import JobStatus
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest
+from tuner.version import __version__
 
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -136,14 +136,16 @@ class TunerClient:
         max_seconds: float | None = None,
         progress: bool | None = None,
         queue_without_worker: bool = False,
+        on_update: Callable[[Job], None] | None = None,
     ) -> Plan:
         """`POST /v1/plans`, then, on a 202, poll `GET /v1/jobs/{id}` until the job finishes.
 
         `wait`: seconds the server may hold the first request (0–300). `max_seconds`: give up
         polling after this long (None: wait for the job however long it takes). `progress`: show a
         progress bar on stderr (None: only when stderr is a terminal). `queue_without_worker`: as
-        in `submit_plan`. A failed job raises `ServiceError` with the job's error and code
-        (`nothing_fits`, ...).
+        in `submit_plan`. `on_update(job)`: called at every poll too (e.g. to log the job's state
+        where no terminal shows the bar). A failed job raises `ServiceError` with the job's error
+        and code (`nothing_fits`, ...); a job past `max_seconds` raises one with code `job_timeout`.
 
         A job is shared by every request for the same probes, so once it succeeds the request is
         sent again: the server answers it from the probes now cached, with this request's own
@@ -154,7 +156,13 @@ class TunerClient:
             return submitted
         show = sys.stderr.isatty() if progress is None else progress
         with _JobProgress(request.workload.describe(), enabled=show) as bar:
-            job = self.wait_for_job(submitted, max_seconds=max_seconds, on_update=bar.update)
+
+            def updated(job: Job) -> None:
+                bar.update(job)
+                if on_update is not None:
+                    on_update(job)
+
+            job = self.wait_for_job(submitted, max_seconds=max_seconds, on_update=updated)
         if request.device is None and job.probe_id is not None:
             # A request for whichever GPU a worker has: plan it for the device that was probed.
             request = request.model_copy(update={"device": self.get_probe(job.probe_id).device})
@@ -339,9 +347,8 @@ def _describe_progress(progress: Any) -> tuple[float | None, str]:
 def _job_failure(job: Job) -> ServiceError:
     """The error of a failed job: its own sentence and code where the request was at fault (as
     `POST /v1/plans?wait=` answers it: 422), else `probe_failed` with what the job last said."""
-    code, message = parse_job_error(job.error)
-    if code is not None:
-        return ServiceError(message, status_code=422, code=code)
+    if job.error_code in CLIENT_FAULT_CODES:
+        return ServiceError(job.error or "The probe job failed.", status_code=422, code=job.error_code)
     return ServiceError(
         f"Job {job.id} failed after {job.attempts} attempt(s): {job.error or 'no reason given'}",
         status_code=503,

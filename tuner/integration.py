@@ -10,17 +10,20 @@ spec, a device and a server given, nothing imports it.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from tuner.errors import DeviceRequiredError, SpecError
+from tuner.checkpointing import checkpointing_choices
+from tuner.custom_code import custom_code_workload, factory_package, is_custom_code, trusting_factory
+from tuner.errors import DeviceRequiredError, ModelBuildError, SpecError
+from tuner.live_config import json_safe, parameter_dtype_name, without_implied_values
 from tuner.parallelism import DEFAULT_BUCKET_CAP_MB, ParallelismSpec, ParamDtype, parse_parallelism_text
 from tuner.results import Plan, ProbeResult
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, Trial
 from tuner.settings import get_settings
 from tuner.spec import (
     Backend,
@@ -31,6 +34,7 @@ from tuner.spec import (
     PlanRequest,
     Precision,
     Task,
+    TokensInputs,
     WorkloadSpec,
     format_validation_error,
     parse_workload,
@@ -42,6 +46,8 @@ __all__ = [
     "detect_world_size",
     "plan_for",
     "plan_locally",
+    "probe_locally",
+    "search_ceiling",
     "workload_for",
 ]
 
@@ -54,6 +60,8 @@ _TASK_SUFFIXES: tuple[tuple[str, Task], ...] = (
 )
 DEFAULT_SERVER_WAIT = 30.0
 """Seconds the server may hold the plan request before answering with a job to poll."""
+DEFAULT_MAX_WAIT = 3600.0
+"""Seconds `plan_for` waits for a server's probe job in all before giving up (`job_timeout`)."""
 
 
 def plan_for(
@@ -76,6 +84,7 @@ def plan_for(
     keeps_outputs: bool | None = None,
     alloc_conf: str | None = None,
     parallelism: ParallelismSpec | Mapping[str, Any] | str | None = None,
+    max_wait: float | None = DEFAULT_MAX_WAIT,
 ) -> Plan:
     """The plan for training `model_or_spec` at `effective_batch_size` samples per update.
 
@@ -101,12 +110,15 @@ def plan_for(
     `server`: the tuner service's URL (default `TUNER_SERVER`); with none, each checkpointing
     choice the policy needs is probed here and the plan is made locally.
     `token`: bearer token for the server (default `TUNER_API_TOKEN`). `wait`: seconds the server
-    may hold the request before the client polls the job. `local`: probe here even when
-    `TUNER_SERVER` is set.
+    may hold the request before the client polls the job. `max_wait`: seconds to wait for the
+    job in all (None: however long it takes), then `ServiceError` (`job_timeout`) naming the job;
+    while waiting, a bar on a terminal, else log lines (the `tuner` logger) and a warning once the
+    job has waited a minute for a worker. `local`: probe here even when `TUNER_SERVER` is set.
     """
     chosen_parallelism = _parallelism_of(parallelism, model_or_spec)
+    model = unwrapped(model_or_spec)  # a DDP wrapper's model is what is planned
     workload = workload_for(
-        unwrapped(model_or_spec),
+        model,
         factory=factory,
         factory_kwargs=factory_kwargs,
         inputs=inputs,
@@ -114,6 +126,64 @@ def plan_for(
         optimizer=optimizer,
         keeps_outputs=keeps_outputs,
     )
+    package = factory_package(str(workload.model.factory)) if is_custom_code(model) else None
+    with trusting_factory(package):  # the script imported the model's module: its own probes may too
+        plan = _plan(
+            workload,
+            effective_batch_size=effective_batch_size,
+            world_size=world_size,
+            server=server,
+            device=device,
+            backend=backend,
+            policy=policy,
+            token=token,
+            wait=wait,
+            local=local,
+            alloc_conf=alloc_conf,
+            parallelism=chosen_parallelism,
+            max_wait=max_wait,
+        )
+    if _length_defaulted(model, inputs, factory):
+        assert isinstance(workload.inputs, TokensInputs)
+        plan = plan.model_copy(
+            update={
+                "hints": [
+                    *plan.hints,
+                    f"Planned for {workload.inputs.seq_len} tokens per sample, the config's maximum "
+                    "positions (no inputs= given): pass inputs=SEQ_LEN for the length your training "
+                    "uses, which usually allows a larger micro-batch.",
+                ]
+            }
+        )
+    return plan
+
+
+def _length_defaulted(model_or_spec: Any, inputs: Any, factory: str | None) -> bool:
+    """Whether the sequence length came from a transformers config's maximum positions."""
+    return (
+        inputs is None
+        and factory is None
+        and not isinstance(model_or_spec, WorkloadSpec | Mapping)
+        and not is_custom_code(model_or_spec)
+    )
+
+
+def _plan(
+    workload: WorkloadSpec,
+    *,
+    effective_batch_size: int,
+    world_size: int | None,
+    server: str | None,
+    device: DeviceSpec | None,
+    backend: Backend | None,
+    policy: PlanPolicy | Mapping[str, Any] | None,
+    token: str | None,
+    wait: float,
+    local: bool,
+    alloc_conf: str | None,
+    parallelism: ParallelismSpec | None,
+    max_wait: float | None,
+) -> Plan:
     # With a device given, the local GPU only matters for choosing the backend, and only when
     # this process uses torch at all (a script that never imported it is planning ahead).
     look_here = device is None or (backend is None and "torch" in sys.modules)
@@ -136,36 +206,69 @@ def plan_for(
         backend=backend,
         policy=policy,
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") if alloc_conf is None else alloc_conf,
-        parallelism=chosen_parallelism,
+        parallelism=parallelism,
     )
     if url:
         from tuner.client import TunerClient
 
         settings_token = get_settings().api_token
         bearer = token or (settings_token.get_secret_value() if settings_token else None)
+        from tuner.job_log import JobLog
+
         with TunerClient(url, token=bearer) as client:
-            return client.create_plan(request, wait=wait)
+            log = JobLog(workload.describe(), url=url)
+            return client.create_plan(request, wait=wait, max_seconds=max_wait, on_update=log)
     return plan_locally(request)
+
+
+def search_ceiling(request: PlanRequest) -> int:
+    """The largest micro-batch a local probe for `request` tries: no plan can use more than the
+    caller's cap (`policy.max_micro_batch_size`), so searching beyond it is wasted."""
+    return request.policy.max_micro_batch_size or DEFAULT_MAX_BATCH_SIZE
+
+
+def probe_locally(
+    request: PlanRequest, checkpointing: bool, *, progress: Callable[[Trial], None] | None = None
+) -> ProbeResult:
+    """The probe of one checkpointing choice of `request` in this machine, searched up to the
+    request's ceiling: what `plan_locally` and `tuner plan` (without `--server`) both run."""
+    from probes.probe import run_probe
+
+    settings = get_settings()
+    return run_probe(
+        request.workload,
+        backend=request.backend,
+        device=request.device,
+        gradient_checkpointing=checkpointing,
+        max_batch_size=search_ceiling(request),
+        max_trials=DEFAULT_MAX_TRIALS,
+        timeout=settings.probe_timeout_seconds,
+        prior_timeout=settings.estimate_timeout_seconds,
+        progress=progress,
+        alloc_conf=request.alloc_conf,
+        parallel=request.parallel_setup(),
+    )
 
 
 def plan_locally(request: PlanRequest) -> Plan:
     """Probe each checkpointing choice the policy needs in this machine, then plan (no server)."""
-    from probes.probe import run_probe
     from tuner.planner import make_plan
 
-    choices = {"off": (False,), "on": (True,), "auto": (False, True)}[request.policy.gradient_checkpointing]
-    probes: dict[bool, ProbeResult] = {
-        checkpointing: run_probe(
-            request.workload,
-            backend=request.backend,
-            device=request.device,
-            gradient_checkpointing=checkpointing,
-            alloc_conf=request.alloc_conf,
-            parallel=request.parallel_setup(),
-        )
-        for checkpointing in choices
-    }
-    return make_plan(request, probes)
+    policy = request.policy.gradient_checkpointing
+    probes: dict[bool, ProbeResult] = {}
+    dropped: list[str] = []
+    for checkpointing in checkpointing_choices(policy):
+        try:
+            probes[checkpointing] = probe_locally(request, checkpointing)
+        except ModelBuildError as exc:
+            # Under auto, a choice the model cannot be built with is one choice less, not no plan.
+            if policy != "auto" or not probes:
+                raise
+            dropped.append(
+                f"Checkpointing on was not considered: the model cannot be built with it ({exc.message})."
+            )
+    plan = make_plan(request, probes)
+    return plan.model_copy(update={"hints": [*plan.hints, *dropped]}) if dropped else plan
 
 
 # -- the workload --------------------------------------------------------------------------------
@@ -208,6 +311,8 @@ def workload_for(
         return parse_workload({"model": model, **overrides})
     config = getattr(model_or_spec, "config", None)
     if config is not None and callable(getattr(config, "to_diff_dict", None)):
+        if is_custom_code(model_or_spec):
+            return custom_code_workload(model_or_spec, overrides)
         return _transformers_workload(model_or_spec, config, overrides)
     raise SpecError(
         f"Cannot describe a {type(model_or_spec).__name__} as a workload: pass a WorkloadSpec, a "
@@ -216,7 +321,7 @@ def workload_for(
 
 
 def _transformers_workload(model: Any, config: Any, overrides: dict[str, Any]) -> WorkloadSpec:
-    config_dict = _without_implied_values(config, _json_safe(config.to_diff_dict()))
+    config_dict = without_implied_values(config, json_safe(config.to_diff_dict()))
     config_dict.setdefault("model_type", getattr(config, "model_type", None))
     if "inputs" not in overrides:
         seq_len = next((config_dict[k] for k in _POSITION_KEYS if isinstance(config_dict.get(k), int)), None)
@@ -231,44 +336,10 @@ def _transformers_workload(model: Any, config: Any, overrides: dict[str, Any]) -
                 "inputs=SEQ_LEN (tokens per sample)."
             )
         overrides["inputs"] = {"kind": "tokens", "seq_len": seq_len}
-    if "precision" not in overrides and _parameter_dtype_name(model) == "bfloat16":
+    if "precision" not in overrides and parameter_dtype_name(model) == "bfloat16":
         overrides["precision"] = "bf16"  # bf16 weights: no autocast, no fp32 master copy
     spec = {"model": {"family": "transformers", "config": config_dict, "task": _task_of(model)}, **overrides}
     return parse_workload(spec)
-
-
-def _without_implied_values(config: Any, config_dict: dict[str, Any]) -> dict[str, Any]:
-    """`config_dict` less every value the config class would derive by itself without it.
-
-    `to_diff_dict` keeps values a class computes when they are left out (Llama's
-    `num_key_value_heads` and `head_dim`, its `rope_parameters`), which a person writing the same
-    spec by hand leaves out; dropping them gives the hand-written spec's fingerprint. A value is
-    dropped only when the class, built without it, has exactly the same configuration.
-    """
-    config_class = type(config)
-    reference = _comparable_config(config)
-    result = dict(config_dict)
-    transformers_logger = logging.getLogger("transformers")
-    level = transformers_logger.level
-    transformers_logger.setLevel(logging.ERROR)  # the trial builds repeat the config's own warnings
-    try:
-        for key in [k for k in config_dict if k != "model_type"]:
-            trial = {k: v for k, v in result.items() if k not in (key, "model_type")}
-            try:
-                rebuilt = config_class(**trial)
-            except Exception:  # the class needs the value (or refuses the rest without it): keep it
-                continue
-            if _comparable_config(rebuilt) == reference:
-                result.pop(key)
-    finally:
-        transformers_logger.setLevel(level)
-    return result
-
-
-def _comparable_config(config: Any) -> Any:
-    values = _json_safe(config.to_dict())
-    values.pop("transformers_version", None)
-    return values
 
 
 def _task_of(model: Any) -> Task:
@@ -277,26 +348,6 @@ def _task_of(model: Any) -> Task:
         if name.endswith(suffix):
             return task
     return "causal-lm"  # a bare backbone: plan for it with the LM head (the larger of the two)
-
-
-def _parameter_dtype_name(model: Any) -> str | None:
-    parameters = getattr(model, "parameters", None)
-    if not callable(parameters):
-        return None
-    for parameter in parameters():
-        return str(parameter.dtype).removeprefix("torch.")
-    return None
-
-
-def _json_safe(value: Any) -> Any:
-    """A config dict as JSON values (transformers may keep a torch.dtype or a tuple in it)."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value).removeprefix("torch.")
 
 
 def _inputs_dict(inputs: InputsSpec | Mapping[str, Any] | int) -> dict[str, Any]:

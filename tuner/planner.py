@@ -27,9 +27,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from tuner.checkpointing import checkpointing_choices
+from tuner.checkpointing import on_off as _label
 from tuner.errors import NothingFitsError, PlanError
 from tuner.results import Plan, ProbeResult
 from tuner.search_types import Trial
+from tuner.search_types import peak_of as _peak
 from tuner.spec import DeviceSpec, PlanPolicy, PlanRequest, RampSpec
 from tuner.units import format_bytes
 
@@ -119,7 +122,7 @@ def make_plan(request: PlanRequest, probes: Mapping[bool, ProbeResult]) -> Plan:
         fingerprint=chosen.option.probe.fingerprint,
         workload=request.workload,
         device=device,
-        backend=chosen.option.probe.backend,
+        backend="estimate" if chosen.option.probe.backend == "estimate" else "cuda",  # cpu: refused above
         effective_batch_size=request.effective_batch_size,
         world_size=request.world_size,
         micro_batch_size=split.micro_batch_size,
@@ -176,13 +179,18 @@ def _probes_for_policy(
     request: PlanRequest, probes: Mapping[bool, ProbeResult]
 ) -> list[tuple[bool, ProbeResult]]:
     for key, probe in probes.items():
+        if probe.backend == "cpu":
+            raise PlanError(
+                "A probe run on CPU (autotune without CUDA) measured no GPU memory: plan from a cuda "
+                "probe of the device, or from an estimate."
+            )
         if probe.gradient_checkpointing != key:
             raise PlanError(
                 f"The probe given for checkpointing {_label(key)} was run with checkpointing "
                 f"{_label(probe.gradient_checkpointing)}."
             )
     policy = request.policy.gradient_checkpointing
-    wanted = {"off": [False], "on": [True], "auto": [False, True]}[policy]
+    wanted = checkpointing_choices(policy)
     chosen = [(gc, probes[gc]) for gc in wanted if gc in probes]
     if not chosen:
         needed = " or ".join(f"checkpointing {_label(gc)}" for gc in wanted)
@@ -257,10 +265,6 @@ def predicted_peak_bytes(probe: ProbeResult, batch_size: int) -> int | None:
 
 def _reserved(trial: Trial) -> int:
     return int(trial.peak_reserved_bytes or 0)
-
-
-def _peak(trial: Trial) -> int | None:
-    return trial.peak_reserved_bytes if trial.peak_reserved_bytes is not None else trial.peak_allocated_bytes
 
 
 # --- throughput -------------------------------------------------------------------------------
@@ -476,15 +480,8 @@ def _not_reachable_warning(chosen: _Candidate, request: PlanRequest, per_rank: i
 def _hints(chosen: _Candidate, request: PlanRequest) -> list[str]:
     split, effective = chosen.split, request.effective_batch_size
     hints: list[str] = []
-    if effective != split.micro_batch_size:
-        ratio = effective / split.micro_batch_size
-        hints.append(
-            f"Learning rate (not applied): the effective batch {effective} is {ratio:.3g}× one device's "
-            f"micro-batch of {split.micro_batch_size}. If the learning rate was tuned at batch B0, scale it "
-            f"by {effective}/B0 (linear rule, e.g. ×{ratio:.3g} from {split.micro_batch_size}) or by "
-            f"sqrt({effective}/B0) (square-root rule, often better for Adam-type optimizers; "
-            f"×{math.sqrt(ratio):.3g})."
-        )
+    # No learning-rate scaling hint: a factor means something only against the batch the rate was
+    # tuned at, which the request does not say (MiniMind's 32 × 8 plan is its own batch: ×1, not ×8).
     if split.sizes:
         hints.append(
             "Micro-batches differ in size: sum the loss over each micro-batch's items and divide by the "
@@ -499,8 +496,10 @@ def _hints(chosen: _Candidate, request: PlanRequest) -> list[str]:
     if chosen.option.checkpointing:
         hints.append(
             "Turn on gradient checkpointing: model.gradient_checkpointing_enable("
-            "gradient_checkpointing_kwargs={'use_reentrant': False}) for transformers models, or "
-            "torch.utils.checkpoint per block for others."
+            "gradient_checkpointing_kwargs={'use_reentrant': False}) for transformers models that "
+            "support it; for others (a custom-code model such as MiniMind's, which refuses it) "
+            "tuner.training.checkpoint_blocks(model), which runs each repeated block through "
+            "torch.utils.checkpoint as the probe did (before wrapping the model in DDP)."
         )
     if request.policy.ramp is not None:
         start = request.policy.ramp.start_effective_batch_size
@@ -517,6 +516,13 @@ def _hints(chosen: _Candidate, request: PlanRequest) -> list[str]:
             f"(checkpointing {_label(chosen.option.checkpointing)}): the caching allocator then strands no "
             "free memory at the ends of its segments. Set it before the process first uses CUDA and plan "
             "with alloc_conf 'expandable_segments:True'."
+        )
+    assumptions = chosen.option.probe.extra.get("estimate_assumptions")
+    if isinstance(assumptions, list) and assumptions:
+        hints.append(
+            "The estimate assumed what its trace could not read from tensor values: "
+            + "; ".join(str(a) for a in assumptions)
+            + "."
         )
     if chosen.option.probe.backend == "estimate":
         hints.append(
@@ -605,9 +611,6 @@ def describe_split(split: Split) -> str:
     noun = "micro-batches" if first_count > 1 else "micro-batch"
     return " and ".join([f"{first_count} {noun} of {first}", *(f"{n} of {size}" for size, n in rest)])
 
-
-def _label(checkpointing: bool) -> str:
-    return "on" if checkpointing else "off"
 
 
 def _nothing_fits_message(

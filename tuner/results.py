@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +17,11 @@ from tuner.spec import (
     refuse_nul_characters,
     validated_alloc_conf,
 )
+
+ProbeBackend = Literal["cuda", "estimate", "cpu"]
+"""Where a probe's trials ran: `cuda` (a real GPU), `estimate` (a fake-tensor trace), or `cpu`: an
+`autotune` run without CUDA, which measured no GPU memory. A `cpu` result is never stored or
+planned from; the label keeps a CPU run from passing for the GPU it was meant for."""
 
 
 class WorkloadFacts(BaseModel):
@@ -46,7 +51,7 @@ class ProbeResult(BaseModel):
     fingerprint: str
     workload: WorkloadSpec
     device: DeviceSpec
-    backend: Backend
+    backend: ProbeBackend
     gradient_checkpointing: bool
     max_batch_size: int
     """Largest micro-batch that fit (0: nothing fits)."""
@@ -126,3 +131,17 @@ class Plan(BaseModel):
     """One rank's bytes per category (parameters, gradients, buckets, optimizer_state,
     activations) at the peak of the chosen probe's largest micro-batch (`micro_batch_size` key),
     as the estimate traced it; None where the probe did not trace it (the cuda backend)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON values (what the HTTP API returns): for a checkpoint, beside the
+        model's and optimizer's state, so that a resumed run keeps the same micro-batch and
+        accumulation steps, and the step counter keeps meaning the same samples."""
+        dumped: dict[str, Any] = self.model_dump(mode="json")
+        return dumped
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The plan `to_dict` saved. A spec read back is not checked against this process's
+        factory allow-list (intake does that), so a plan for the script's own custom-code model
+        reads back without `TUNER_ALLOWED_FACTORY_PACKAGES`."""
+        return cls.model_validate(data)

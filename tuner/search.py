@@ -37,11 +37,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from tuner.errors import ProbeError, SpecError
-from tuner.search_types import MemoryLine, SearchResult, StopReason, Trial
+from tuner.search_types import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_TRIALS,
+    SEGMENT_BYTES,
+    MemoryLine,
+    Move,
+    SearchResult,
+    StopReason,
+    Trial,
+)
+from tuner.search_types import peak_of as _peak
 
 __all__ = [
     "STRATEGIES",
@@ -59,9 +69,6 @@ Strategy = Literal["guided", "doubling", "backoff"]
 STRATEGIES: tuple[Strategy, ...] = ("guided", "doubling", "backoff")
 FitsFn = Callable[[int], Trial]
 
-SEGMENT_BYTES = 2 << 20
-"""The caching allocator reserves whole 2 MiB segments: reserved peaks are only known to within
-this, so a line cannot tell apart sizes whose peaks differ by less."""
 BACKOFF_FACTOR = 0.9
 """Accelerate's factor: the next size after a failure is int(b × 0.9)."""
 GROWTH_CAP = 16
@@ -83,8 +90,8 @@ def find_max_batch(
     capacity_bytes: int | None = None,
     prior: MemoryLine | None = None,
     min_batch_size: int = 1,
-    max_batch_size: int = 65536,
-    max_trials: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_trials: int = DEFAULT_MAX_TRIALS,
     tolerance: int = 0,
     on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchResult:
@@ -200,13 +207,15 @@ class _TrialLog:
     def exhausted(self) -> bool:
         return len(self.trials) >= self.max_trials
 
-    def run(self, batch_size: int) -> Trial:
+    def run(self, batch_size: int, move: Move | None = None) -> Trial:
         trial = self.fits(batch_size)
         if trial.batch_size != batch_size:
             raise ProbeError(
                 f"The trial function was asked for batch size {batch_size} "
                 f"but reported batch size {trial.batch_size}."
             )
+        if move is not None:
+            trial = replace(trial, move=move)
         self.trials.append(trial)
         self.latest[batch_size] = trial
         self.runs[batch_size] = self.runs.get(batch_size, 0) + 1
@@ -248,10 +257,6 @@ class _TrialLog:
             if failed_peak is not None and (capacity is None or failed_peak > capacity):
                 peaks[hi] = failed_peak
         return peaks
-
-
-def _peak(trial: Trial) -> int | None:
-    return trial.peak_reserved_bytes if trial.peak_reserved_bytes is not None else trial.peak_allocated_bytes
 
 
 def _closed(lo: int, hi: int | None, tolerance: int) -> StopReason | None:
@@ -312,7 +317,7 @@ class _Guided:
         self.tolerance = tolerance
         self.widths: list[int] = []  # bracket width after each trial, for the bisection safeguard
         self.above_step = 1  # grows while the line keeps under-predicting with no failure above
-        self.last_move = ""  # how the previous size was chosen: predict, above, below, bisect, grow
+        self.last_move: Move | None = None  # how the previous size was chosen
 
     def run(self) -> StopReason:
         while True:
@@ -322,12 +327,14 @@ class _Guided:
                 repeat = self._repeat_before_stopping(lo, hi)
                 if repeat is None or self.log.exhausted:
                     return reason
-                self.log.run(repeat)
+                self.log.run(repeat, Move.CONFIRM)
                 continue
             if self.log.exhausted:
                 return "max_trials"
+            if self._prior_refuted(lo, hi):
+                self.prior = None
             size, self.last_move = self._propose(lo, hi)
-            self.log.run(size)
+            self.log.run(size, self.last_move)
             new_lo, new_hi = self.log.bracket()
             self.above_step = self.above_step * 2 if (new_lo == size and size == lo + self.above_step) else 1
             self.widths.append((new_hi if new_hi is not None else self.high + 1) - new_lo)
@@ -374,25 +381,35 @@ class _Guided:
             return MemoryLine(fixed_bytes=peaks[top] - slope * top, per_sample_bytes=slope)
         return None
 
-    def _propose(self, lo: int, hi: int | None) -> tuple[int, str]:
-        """The next size to try, and how it was chosen."""
+    def _line_misleads(self, hi: int | None) -> bool:
+        """Bisect regardless of the line: it keeps missing, or it just failed to confirm a top."""
+        return self._bisect_now(hi) or (self.last_move is Move.ABOVE and not self.log.trials[-1].ok)
+
+    def _prior_refuted(self, lo: int, hi: int | None) -> bool:
+        """Whether the prior is refuted before the next proposal: it failed where the prior says
+        15 % of the card is free (only asked where the proposal would consult the line)."""
+        if self.capacity is None or self.prior is None or self._line_misleads(hi):
+            return False
+        return lo == 0 and hi is not None and self.prior.at(hi) <= FIRST_AIM * self.capacity
+
+    def _propose(self, lo: int, hi: int | None) -> tuple[int, Move]:
+        """The next size to try, and the move that chose it (reads the search's state, changes
+        none of it)."""
         upper = hi if hi is not None else self.high + 1
         base = max(lo, self.low - 1)  # the size below the bracket: `low - 1` while nothing passed
-        bisect = ((base + upper) // 2, "bisect")
+        bisect = ((base + upper) // 2, Move.BISECT)
         if self.capacity is None:
             return self._bracketing_step(lo, hi, factor=2)
-        if self._bisect_now(hi) or (self.last_move == "above" and not self.log.trials[-1].ok):
+        if self._line_misleads(hi):
             return bisect  # the line misleads, or it cannot resolve single sizes here
-        if lo == 0 and hi is not None and self.prior and self.prior.at(hi) <= FIRST_AIM * self.capacity:
-            self.prior = None  # it failed where the prior says 15 % of the card is free
         line = self._line()
         if line is None and lo == 0 and self.prior is not None:
             line = self.prior
         if line is None:
             if lo == 0:
-                return self.low, "first"  # the first cheap trial (also after a refuted prior)
+                return self.low, Move.FIRST  # the first cheap trial (also after a refuted prior)
             if len(self.log.passing_peaks()) == 1 and 4 * lo < upper:
-                return min(self.high, 4 * lo), "second"  # the second cheap trial pins the line
+                return min(self.high, 4 * lo), Move.SECOND  # the second cheap trial pins the line
             return self._bracketing_step(lo, hi, factor=GROWTH_CAP // 2)
         aim = self.capacity * (FIRST_AIM if lo == 0 and hi is not None else 1.0)
         predicted = raw = line.largest_batch_under(aim)
@@ -400,18 +417,18 @@ class _Guided:
             predicted = min(predicted, GROWTH_CAP * lo)
         predicted = min(predicted, self.high)
         if base < predicted < upper:
-            return predicted, "predict"
+            return predicted, Move.PREDICT
         if predicted <= base:
             # Confirm the pass is the top: one size above, or one segment's worth of samples
             # where a sample is smaller than the allocator's rounding.
             step = max(self.above_step, math.ceil(SEGMENT_BYTES / line.per_sample_bytes))
             if step > 1 and base + step >= upper - 1:
                 return bisect  # the whole bracket is within the line's resolution
-            return min(base + step, upper - 1), "above"
-        if self.last_move == "predict" and raw <= upper:
-            return upper - 1, "below"  # the prediction just failed: the line is likely off by one
+            return min(base + step, upper - 1), Move.ABOVE
+        if self.last_move is Move.PREDICT and raw <= upper:
+            return upper - 1, Move.BELOW  # the prediction just failed: the line is likely off by one
         if hi is not None and self.log.runs[hi] == 1 and self._near_boundary_line(hi):
-            return hi, "repeat"  # two passes near it say the failure should fit: an allocator hiccup?
+            return hi, Move.REPEAT  # two passes near it say the failure should fit: an allocator hiccup?
         return bisect  # the line keeps overshooting a known failure: do not trust it
 
     def _near_boundary_line(self, hi: int) -> bool:
@@ -426,7 +443,7 @@ class _Guided:
         """Bisect when two trials in a row failed to halve a bounded bracket (the line misleads)."""
         return hi is not None and len(self.widths) >= 3 and 2 * self.widths[-1] > self.widths[-3]
 
-    def _bracketing_step(self, lo: int, hi: int | None, *, factor: int) -> tuple[int, str]:
+    def _bracketing_step(self, lo: int, hi: int | None, *, factor: int) -> tuple[int, Move]:
         if hi is None:
-            return (self.low, "first") if lo == 0 else (min(self.high, factor * lo), "grow")
-        return (max(lo, self.low - 1) + hi) // 2, "bisect"
+            return (self.low, Move.FIRST) if lo == 0 else (min(self.high, factor * lo), Move.GROW)
+        return (max(lo, self.low - 1) + hi) // 2, Move.BISECT

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
+
+DEFAULT_MAX_BATCH_SIZE = 65536
+"""The largest micro-batch a search tries unless told otherwise (a plan's caller may cap it lower:
+`PlanPolicy.max_micro_batch_size`)."""
+DEFAULT_MAX_TRIALS = 32
+"""A search's trial budget unless told otherwise."""
+SEGMENT_BYTES = 2 << 20
+"""The caching allocator reserves memory from the driver in whole 2 MiB segments: reserved peaks
+are only known to within this, so a line cannot tell apart sizes whose peaks differ by less."""
 
 StopReason = Literal[
     "exact",  # the largest passing size is one below the smallest failing size
@@ -12,6 +22,43 @@ StopReason = Literal[
     "nothing_fits",  # min_batch_size does not fit
     "max_trials",  # trial budget spent before the bracket closed
 ]
+
+
+class Move(StrEnum):
+    """Why the guided search ran a trial at its size (recorded in `Trial.move`)."""
+
+    FIRST = "first"
+    """The first cheap trial, at the smallest size (no line to predict with yet)."""
+    SECOND = "second"
+    """The second cheap trial, four times the first pass: with the first it pins the line."""
+    PREDICT = "predict"
+    """The memory line's prediction of the largest size that fits."""
+    ABOVE = "above"
+    """Just above a pass the line puts at the top: confirms that it is the top."""
+    BELOW = "below"
+    """One below a prediction that just failed: the line is likely off by one."""
+    REPEAT = "repeat"
+    """A failure the passes near it say should fit, run again (an allocator hiccup?)."""
+    CONFIRM = "confirm"
+    """Before stopping: the one trial that decides the answer against the line, run again."""
+    BISECT = "bisect"
+    """The middle of the bracket: the line misleads there, or cannot resolve single sizes."""
+    GROW = "grow"
+    """No failure yet and no line: a multiple of the largest pass."""
+
+
+MOVE_REASONS: dict[str, str] = {
+    Move.FIRST: "first cheap trial",
+    Move.SECOND: "second cheap trial, pins the memory line",
+    Move.PREDICT: "the memory line's prediction",
+    Move.ABOVE: "just above the predicted top, to confirm it",
+    Move.BELOW: "one below a failed prediction",
+    Move.REPEAT: "a failure the line says fits, repeated",
+    Move.CONFIRM: "repeated before trusting a result the line contradicts",
+    Move.BISECT: "the middle of the bracket",
+    Move.GROW: "growing from the largest pass",
+}
+"""How the CLI and the pages say why a trial ran."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +85,14 @@ class Trial:
     """forward, backward or optimizer: where the peak happened (when known)."""
     error: str | None = None
     """Why it failed: `out_of_memory`, or a message for anything else."""
+    move: str | None = None
+    """Why the guided search chose this size (a `Move`); None for the other strategies."""
+
+
+def peak_of(trial: Trial) -> int | None:
+    """A trial's peak as the search and the planner compare it: reserved (what runs out), else
+    allocated, else None."""
+    return trial.peak_reserved_bytes if trial.peak_reserved_bytes is not None else trial.peak_allocated_bytes
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,12 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_PROBE_TIMEOUT_SECONDS = 900.0
+"""Wall-clock limit of one probe's child process, unless the caller passes its own (the CLI and
+the worker pass `probe_timeout_seconds`)."""
+DEFAULT_ESTIMATE_TIMEOUT_SECONDS = 300.0
+"""Wall-clock limit of one estimate trace's child process, unless the caller passes its own."""
+
 
 class Settings(BaseSettings):
     """Everything a tuner process reads from its environment."""
@@ -47,10 +53,10 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long a worker lets its current job finish before releasing it."""
 
-    probe_timeout_seconds: float = Field(default=900.0, gt=0)
+    probe_timeout_seconds: float = Field(default=DEFAULT_PROBE_TIMEOUT_SECONDS, gt=0)
     """Wall-clock limit of one probe's child process."""
 
-    estimate_timeout_seconds: float = Field(default=300.0, gt=0)
+    estimate_timeout_seconds: float = Field(default=DEFAULT_ESTIMATE_TIMEOUT_SECONDS, gt=0)
     """Wall-clock limit of one estimate trace's child process."""
 
     job_poll_seconds: float | None = Field(default=None, gt=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -35,6 +36,7 @@ Backend = Literal["cuda", "estimate"]
 CheckpointingPolicy = Literal["auto", "on", "off"]
 Family = Literal["transformers", "torchvision", "builtin", "python"]
 Task = Literal["causal-lm", "masked-lm", "seq-classification"]
+MoeRouting = Literal["balanced", "hottest"]
 
 MAX_SEQ_LEN = 131_072
 MAX_DIM = 65_536
@@ -179,14 +181,26 @@ class ModelSpec(_Spec):
 
 
 def _check_factory(factory: str | None) -> None:
+    # Only the reference's shape: which packages may be imported is the checking process's own
+    # setting, checked at intake (`refuse_unlisted_factory`), so that a stored spec validates
+    # wherever it is read.
     if factory is None or not _FACTORY.match(factory):
         raise ValueError("model.factory must look like 'package.module:function' for family 'python'")
+
+
+def refuse_unlisted_factory(
+    workload: WorkloadSpec, allowed: Collection[str], *, field: str = "model"
+) -> None:
+    """Raise `SpecError` when the workload's `python` factory is in a package not in `allowed`
+    (the `TUNER_ALLOWED_FACTORY_PACKAGES` of the process taking the spec in)."""
+    factory = workload.model.factory
+    if workload.model.family != "python" or factory is None:
+        return
     package = factory.split(":", 1)[0].split(".", 1)[0]
-    allowed = get_settings().allowed_factory_package_set
     if package not in allowed:
-        raise ValueError(
-            f"model.factory package {package!r} is not allowed on this server; "
-            "list it in the TUNER_ALLOWED_FACTORY_PACKAGES setting (comma-separated) to allow it"
+        raise SpecError(
+            f"{field}.factory: package {package!r} is not allowed on this server; "
+            "list it in the TUNER_ALLOWED_FACTORY_PACKAGES setting (comma-separated) to allow it."
         )
 
 
@@ -245,6 +259,11 @@ class WorkloadSpec(_Spec):
     precision: Precision = "bf16-mixed"
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     loop: LoopSpec = Field(default_factory=LoopSpec)
+    moe_routing: MoeRouting = "balanced"
+    """How an estimate splits the tokens of a MoE layer among its experts, a value the trace
+    cannot see: `balanced` (each expert k/E of the tokens) or `hottest` (k experts take every
+    token: the worst case). Part of the fingerprint only when not the default, so that every
+    workload without MoE keeps its fingerprint."""
 
     @model_validator(mode="after")
     def _check_inputs_match_model(self) -> WorkloadSpec:
@@ -267,7 +286,10 @@ class WorkloadSpec(_Spec):
 
     def canonical_json(self) -> str:
         """Sorted keys, no whitespace, defaults filled in: the text the fingerprint hashes."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if data["moe_routing"] == "balanced":
+            del data["moe_routing"]  # the default: fingerprints from before the field stay the same
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON: equal for specs that build the same workload."""
@@ -404,15 +426,27 @@ def _parse(model: type[_Spec], data: Any, what: str) -> Any:
         raise SpecError(f"Invalid {what}: {format_validation_error(exc)}") from None
 
 
-def parse_workload(data: Any) -> WorkloadSpec:
-    """Validate a workload dict; raise `SpecError` naming every bad field."""
+def _allowed(allowed_factory_packages: Collection[str] | None) -> Collection[str]:
+    # The caller's own setting where it passes one (the API passes the app's); else this process's.
+    if allowed_factory_packages is not None:
+        return allowed_factory_packages
+    return get_settings().allowed_factory_package_set
+
+
+def parse_workload(data: Any, *, allowed_factory_packages: Collection[str] | None = None) -> WorkloadSpec:
+    """Validate a workload dict taken in from a user; raise `SpecError` naming every bad field,
+    and for a `python` factory outside `allowed_factory_packages` (default: this process's
+    `TUNER_ALLOWED_FACTORY_PACKAGES`)."""
     result: WorkloadSpec = _parse(WorkloadSpec, data, "workload spec")
+    refuse_unlisted_factory(result, _allowed(allowed_factory_packages))
     return result
 
 
-def parse_plan_request(data: Any) -> PlanRequest:
-    """Validate a plan request dict; raise `SpecError` naming every bad field."""
+def parse_plan_request(data: Any, *, allowed_factory_packages: Collection[str] | None = None) -> PlanRequest:
+    """Validate a plan request dict taken in from a user; raise `SpecError` naming every bad
+    field (and an unlisted factory, as `parse_workload`)."""
     result: PlanRequest = _parse(PlanRequest, data, "plan request")
+    refuse_unlisted_factory(result.workload, _allowed(allowed_factory_packages), field="workload.model")
     return result
 
 

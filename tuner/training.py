@@ -22,7 +22,10 @@ import torch
 from torch import nn
 from torch.distributed import ReduceOp
 
-__all__ = ["GradientAccumulator", "summed_loss", "windows"]
+from tuner.block_checkpointing import checkpoint_blocks
+from tuner.targets import count_targets, summed
+
+__all__ = ["GradientAccumulator", "checkpoint_blocks", "count_targets", "summed", "summed_loss", "windows"]
 
 
 class GradientAccumulator:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from api.deps import SessionDep, WriteAccess
+from api.deps import ContextDep, SessionDep, WriteAccess
 from api.probe_service import store_uploaded_probe
 from api.schemas import ErrorOut, ProbeResult, RowId
 from storage import repository
@@ -41,8 +41,12 @@ def get_probe(probe_id: RowId, session: SessionDep) -> ProbeResult:
     },
     summary="Store a probe result measured elsewhere",
 )
-def upload_probe(result: ProbeResult, session: SessionDep, response: Response) -> ProbeResult:
-    stored, created = store_uploaded_probe(session, result=result)
+def upload_probe(
+    result: ProbeResult, session: SessionDep, context: ContextDep, response: Response
+) -> ProbeResult:
+    stored, created = store_uploaded_probe(
+        session, result=result, allowed_factory_packages=context.settings.allowed_factory_package_set
+    )
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/probes/{stored.id}"

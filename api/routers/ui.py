@@ -32,6 +32,7 @@ from storage.records import JobRecord
 from tuner.errors import NotFoundError
 from tuner.planner import divisors_up_to
 from tuner.results import Plan, ProbeResult
+from tuner.search_types import MOVE_REASONS
 from tuner.units import format_bytes
 
 router = APIRouter(prefix="/ui", tags=["ui"], include_in_schema=False)
@@ -98,6 +99,8 @@ def _environment() -> Environment:
     env.filters["bytes"] = format_bytes
     env.filters["when"] = format_time
     env.filters["count"] = format_count
+    # Why the guided search ran a trial (`Trial.move`), in the words the CLI uses.
+    env.filters["move"] = lambda move: MOVE_REASONS.get(move, move) if move else "—"
     return env
 
 

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 from probes.estimate.allocator import AllocationLog, AllocatorStats, replay
 from tuner.alloc_conf import AllocatorSettings
+from tuner.search_types import SEGMENT_BYTES
 
 MIB = 1 << 20
 GIB = 1 << 30
-SEGMENT_BYTES = 2 * MIB
-"""The caching allocator reserves memory from the driver in multiples of 2 MiB."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tuner.errors import EstimateError, ModelBuildError, SpecError
-from tuner.settings import get_settings
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE
+from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS
 from tuner.spec import WorkloadSpec
 
 if TYPE_CHECKING:
@@ -28,8 +29,8 @@ def estimate_peak(
     """The estimate of one train step of `spec` at `batch_size`, traced in a fresh child.
 
     A trace that fails is an `EstimateError` (a model that cannot be built at all stays a
-    `ModelBuildError`); so is a child that crashes or runs past `timeout` seconds (default:
-    the `estimate_timeout_seconds` setting)."""
+    `ModelBuildError`); so is a child that crashes or runs past `timeout` seconds (the caller's
+    `estimate_timeout_seconds` setting; default `DEFAULT_ESTIMATE_TIMEOUT_SECONDS`)."""
     report: EstimateReport = run_estimate_child(
         _trace_in_child,
         spec,
@@ -49,7 +50,7 @@ def estimate_max_batch(
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
     strategy: Strategy = "guided",
-    max_batch_size: int = 65536,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     timeout: float | None = None,
     alloc_conf: str | None = None,
 ) -> SearchResult:
@@ -76,15 +77,16 @@ def run_estimate_child(fn: Callable[..., Any], *args: Any, timeout: float | None
     built stays a `ModelBuildError`, a bad argument a `SpecError`)."""
     from probes.child import ChildFailed, run_in_child
 
-    limit = timeout if timeout is not None else get_settings().estimate_timeout_seconds
+    limit = timeout if timeout is not None else DEFAULT_ESTIMATE_TIMEOUT_SECONDS
     try:
         return run_in_child(fn, *args, timeout=limit, what=what)
     except ChildFailed as exc:
+        # `from exc`: the child's traceback stays reachable (`probes.child.child_traceback`).
         if exc.failure.error_code == ModelBuildError.code:
-            raise ModelBuildError(exc.failure.message) from None
+            raise ModelBuildError(exc.failure.message) from exc
         if exc.failure.error_code == SpecError.code:
-            raise SpecError(exc.failure.message) from None
-        raise EstimateError(exc.failure.message) from None
+            raise SpecError(exc.failure.message) from exc
+        raise EstimateError(exc.failure.message) from exc
 
 
 def _trace_in_child(

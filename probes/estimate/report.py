@@ -40,3 +40,6 @@ class EstimateReport:
     """Of the peaks, the activations CUDA keeps beyond the trace (`DeviceModel.activation_slack`)."""
     alloc_conf: str | None = None
     """The `PYTORCH_CUDA_ALLOC_CONF` the allocator replay assumed (None: PyTorch's default)."""
+    assumptions: tuple[str, ...] = ()
+    """What the trace assumed for tensor values it cannot read (MoE routing, conditions), in words
+    with the model's file and line (`probes.estimate.value_reads`)."""

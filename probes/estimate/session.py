@@ -14,14 +14,21 @@ from dataclasses import replace
 from probes.estimate import emulation
 from probes.estimate.allocator import AllocationLog, smallest_passing_capacity
 from probes.estimate.calibration import TracedTrial
-from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, SEGMENT_BYTES, DeviceModel
+from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel
 from probes.estimate.report import EstimateReport
 from probes.estimate.trace import WARMUP_BATCH_SIZE, StepTrace, trace_step
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import EstimateError, SpecError
 from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.search import Strategy, find_max_batch, fit_line
-from tuner.search_types import MemoryLine, SearchResult, Trial
+from tuner.search_types import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_TRIALS,
+    SEGMENT_BYTES,
+    MemoryLine,
+    SearchResult,
+    Trial,
+)
 from tuner.spec import WorkloadSpec
 
 LINE_BATCH_SIZES = (1, 2, 4)
@@ -42,6 +49,9 @@ class EstimateSession:
         self._traces: dict[tuple[str, int, bool, str], StepTrace] = {}
         self._reports: dict[tuple[str, int, bool, str | None, str], EstimateReport] = {}
         self._needed: dict[tuple[str, int, bool, str | None, str], int] = {}
+        self.notes: dict[str, list[str]] = {}
+        """What a probe's result should say about these traces: `estimate_assumptions`, the
+        assumptions made for values the traces could not read (filled in as they are traced)."""
 
     def step_trace(
         self,
@@ -58,6 +68,10 @@ class EstimateSession:
             self._traces[key] = trace_step(
                 spec, batch_size, gradient_checkpointing=gradient_checkpointing, parallel=parallel
             )
+            stated = self.notes.setdefault("estimate_assumptions", [])
+            stated.extend(a for a in self._traces[key].assumptions if a not in stated)
+            if not stated:
+                del self.notes["estimate_assumptions"]
         return self._traces[key]
 
     def _warmup(
@@ -294,8 +308,8 @@ def search_max_batch(
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
     strategy: Strategy = "guided",
-    max_batch_size: int = 65536,
-    max_trials: int = 32,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_trials: int = DEFAULT_MAX_TRIALS,
     on_trial: Callable[[Trial], None] | None = None,
     alloc_conf: str | None = None,
     parallel: ParallelSetup = SINGLE,

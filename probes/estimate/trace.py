@@ -28,6 +28,7 @@ from probes.estimate.allocator import AllocationLog
 from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel, compute_dtype_bytes
 from probes.estimate.report import EstimateReport
 from probes.estimate.tracker import MemoryTracker
+from probes.estimate.value_reads import ValueReads, user_location
 from probes.parallel import Rank, local_tensors
 from probes.workloads import BuiltWorkload
 from tuner.alloc_conf import AllocatorSettings, parse_alloc_conf
@@ -57,6 +58,8 @@ class StepTrace:
     peak_by_phase: dict[str, int]
     ops: tuple[str, ...]
     seconds: float
+    assumptions: tuple[str, ...] = ()
+    """What the trace assumed for the values it could not read (`probes.estimate.value_reads`)."""
 
     def report(
         self, device_model: DeviceModel, settings: AllocatorSettings, *, warmup: AllocationLog | None = None
@@ -90,6 +93,7 @@ class StepTrace:
                 gradient_checkpointing=self.gradient_checkpointing,
                 compute_dtype_bytes=self.compute_dtype_bytes,
             ),
+            assumptions=self.assumptions,
         )
 
 
@@ -122,8 +126,9 @@ def trace_step(
         raise EstimateError(f"The batch size must be at least 1, got {batch_size}.")
     started = time.perf_counter()
     tracker = MemoryTracker(record_ops=record_ops)
+    reads = ValueReads(spec.moe_routing, name=spec.describe())
     try:
-        _run(spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors, parallel)
+        _run(spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors, parallel, reads)
     except TunerError:
         raise
     except torch.OutOfMemoryError:
@@ -145,6 +150,7 @@ def trace_step(
         peak_by_phase=dict(tracker.peak_by_phase),
         ops=tuple(sorted(tracker.ops)) if tracker.ops is not None else (),
         seconds=time.perf_counter() - started,
+        assumptions=tuple(reads.assumptions),
     )
 
 
@@ -191,6 +197,7 @@ def _run(
     tracker: MemoryTracker,
     real_tensors: bool,
     parallel: ParallelSetup,
+    value_reads: ValueReads,
 ) -> None:
     from probes.parallel import one_rank
     from probes.workloads import build_workload
@@ -198,7 +205,9 @@ def _run(
     # Fake CPU tensors, never fake CUDA ones: on a CPU-only build autograd aborts the process on
     # fake CUDA tensors that require grad (DESIGN.md §5).
     tensors = contextlib.nullcontext() if real_tensors else FakeTensorMode(allow_non_fake_inputs=False)
-    with tensors, _quiet_fake_tensor_log():
+    # Over the fake tensors, the reads of values they do not have (real tensors have them).
+    reads = contextlib.nullcontext() if real_tensors else value_reads
+    with tensors, reads, _quiet_fake_tensor_log():
         workload = build_workload(spec, device="cpu", gradient_checkpointing=gradient_checkpointing, seed=0)
         emulation.patch_transformers()  # building imported transformers where the model needs it
         if parallel == SINGLE:
@@ -286,15 +295,17 @@ def _attribute_gradients_and_state(
 
 def _explain(spec: WorkloadSpec, exc: Exception) -> str:
     name = spec.describe()
+    where = user_location(exc)
     if isinstance(exc, _DATA_DEPENDENT) or "_local_scalar_dense" in str(exc):
+        op = getattr(exc, "func", None)
         return (
             f"The {name} workload cannot be estimated without a GPU: its training step reads tensor "
-            "values (e.g. .item(), .tolist(), nonzero or boolean indexing), which a fake-tensor trace "
-            "cannot do; use the cuda backend."
+            f"values at {where} ({op or 'a data-dependent op'}), which a fake-tensor trace cannot do "
+            "and has no stand-in for; use the cuda backend."
         )
     if isinstance(exc, UnsupportedOperatorException):
         return (
-            f"The {name} workload cannot be estimated without a GPU: it uses the op {exc.func}, which "
-            "fake tensors do not support; use the cuda backend."
+            f"The {name} workload cannot be estimated without a GPU: it uses the op {exc.func} at {where}, "
+            "which fake tensors do not support; use the cuda backend."
         )
-    return f"The {name} workload cannot be estimated without a GPU: {type(exc).__name__}: {exc}"
+    return f"The {name} workload cannot be estimated without a GPU: {type(exc).__name__} at {where}: {exc}"

@@ -25,6 +25,8 @@ def test_item_in_forward_is_a_clear_estimate_error() -> None:
     assert "cannot be estimated without a GPU" in message
     assert ".item()" in message
     assert "cuda backend" in message
+    # The line of the user's model that reads the value, not a line inside torch.
+    assert "tests/probes/factories.py:80" in message
     assert caught.value.code == "estimate_failed"
 
 

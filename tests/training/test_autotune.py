@@ -71,7 +71,8 @@ def test_finds_the_largest_batch_exactly(strategy: str, limit: int) -> None:
     assert any(not t.ok and t.batch_size == limit + 1 for t in result.trials)
     # Two steps per passing trial (the optimizer's state appears at the first step).
     assert len(calls) == sum(2 if t.ok else 1 for t in result.trials)
-    assert result.backend == "cuda" and result.extra["source"] == "autotune"
+    assert result.backend == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert result.extra["source"] == "autotune"
     assert result.fingerprint == WORKLOAD.fingerprint() and result.device == DEVICE
 
 
@@ -159,6 +160,7 @@ def test_without_cuda_a_device_is_required() -> None:
         )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="only a GPU run is uploaded")
 def test_result_is_uploaded_and_the_workload_found_by_fingerprint(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -180,6 +182,66 @@ def test_result_is_uploaded_and_the_workload_found_by_fingerprint(
     assert stored.max_batch_size == 21 and stored.trials == uploaded.trials
     in_database = repository.get_probe(service.engine, probe_id=int(uploaded.id))
     assert in_database.backend == "cuda" and in_database.extra["source"] == "autotune"
+
+
+RTX_3090 = DeviceSpec(name="NVIDIA GeForce RTX 3090", total_memory_bytes=25_769_803_776)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_cuda_a_named_gpu_is_never_uploaded_as_measured(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TUNER_API_TOKEN", service.token)
+    calls: list[int] = []
+    with pytest.raises(SpecError, match="never uploaded") as caught:
+        autotune(
+            memory_limited_step(32, calls),
+            fingerprint=WORKLOAD.fingerprint(),
+            workload=WORKLOAD,
+            device=RTX_3090,
+            server=service.url,
+        )
+    assert "RTX 3090" in caught.value.message
+    assert calls == []  # refused before the search ran the step at all
+    stored = repository.find_cached_probe(
+        service.engine,
+        fingerprint=WORKLOAD.fingerprint(),
+        device_name=RTX_3090.name,
+        device_memory_bytes=RTX_3090.total_memory_bytes,
+        backend="cuda",
+        torch_minor=repository.torch_minor(torch.__version__),
+        gradient_checkpointing=False,
+        alloc_conf=None,
+    )
+    assert stored is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_cuda_a_trial_run_is_labelled_cpu_and_the_server_refuses_it(service: Service) -> None:
+    from tuner.errors import PlanError, ServiceError
+    from tuner.planner import make_plan
+
+    result = autotune(
+        memory_limited_step(32, []),
+        fingerprint=WORKLOAD.fingerprint(),
+        workload=WORKLOAD,
+        device=RTX_3090,
+        upload=False,
+        max_batch_size=64,
+    )
+    assert result.backend == "cpu" and result.max_batch_size == 32 and result.extra["cuda"] is False
+    assert all(t.peak_reserved_bytes is None for t in result.trials)
+    with pytest.raises(PlanError, match="on CPU"):
+        make_plan(PlanRequest(workload=WORKLOAD, effective_batch_size=64, device=RTX_3090), {False: result})
+    with TunerClient(service.url, token=service.token) as client:
+        with pytest.raises(ServiceError) as as_cpu:
+            client.upload_probe(result)
+        # Relabelled cuda, as a CPU run was stored before: refused for its missing peak memory.
+        with pytest.raises(ServiceError) as as_cuda:
+            client.upload_probe(result.model_copy(update={"backend": "cuda"}))
+    assert as_cpu.value.status_code == 422
+    assert "no measurement of NVIDIA GeForce RTX 3090" in as_cpu.value.message
+    assert as_cuda.value.status_code == 422 and "peak memory" in as_cuda.value.message
 
 
 def test_without_workload_or_server_it_says_what_is_missing() -> None:

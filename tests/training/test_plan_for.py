@@ -202,6 +202,7 @@ def test_without_a_server_it_probes_and_plans_locally(monkeypatch: pytest.Monkey
     )
     assert plan.backend == "estimate" and plan.id is None
     assert (plan.micro_batch_size, plan.accumulation_steps, plan.world_size) == (32, 3, 1)
-    assert plan.max_micro_batch_size["off"] > 32  # the estimate found more room than the cap
+    # The search stopped at the caller's cap, as `tuner plan` does: no plan may use more.
+    assert plan.max_micro_batch_size["off"] == 32
     assert plan.predicted_peak_bytes is not None and 0 < plan.predicted_peak_bytes < A100.total_memory_bytes
     assert os.environ.get("TUNER_SERVER") is None

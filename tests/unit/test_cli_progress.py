@@ -72,3 +72,14 @@ def test_backend_choice_and_target_device() -> None:
     with pytest.raises(typer.Exit):
         target_device(None, "A100")
 
+
+
+def test_describe_trial_says_why_the_guided_search_ran_it() -> None:
+    from tuner.search_types import Move
+
+    assert describe_trial(Trial(52, True, 60 * MIB, 64 * MIB, seconds=1.0, move=Move.PREDICT)) == (
+        "batch 52 fits (reserved 64.00 MiB, 1.0 s): the memory line's prediction"
+    )
+    assert describe_trial(Trial(53, False, None, None, seconds=0.5, move=Move.ABOVE)) == (
+        "batch 53 does not fit (out of memory, 0.5 s): just above the predicted top, to confirm it"
+    )

@@ -192,8 +192,8 @@ def test_plan_properties(case: dict[str, Any]) -> None:
     # 2 or 3 steps only when memory forces them.
     if plan.accumulation_steps in (2, 3):
         assert per_rank > usable
-    lr_hint = any("Learning rate (not applied)" in hint for hint in plan.hints)
-    assert lr_hint == (effective != plan.micro_batch_size)
+    # No scaling rule without the batch the learning rate was tuned at, which no request names.
+    assert not any("learning rate" in hint.lower() for hint in plan.hints if plan.policy.ramp is None)
     uneven_hint = any("GradientAccumulator.backward" in hint for hint in plan.hints)
     assert uneven_hint == (plan.micro_batch_sizes is not None)
 
@@ -489,7 +489,7 @@ def test_worked_example_of_the_docs() -> None:
     assert "against 96.0 samples/s" in plan.reason and "81.2 samples/s (micro-batch 128)" in plan.reason
     assert "largest usable micro-batch is 49" in plan.reason
     assert has(plan, "effective batches of 490 or 539 split evenly at 49, or allow uneven micro-batches")
-    assert any("×16 from 32" in hint and "×4)" in hint for hint in plan.hints)
+    assert not any("learning rate" in hint.lower() for hint in plan.hints)  # 16 × 32 may be the tuned batch
 
     uneven = make_plan(request(512, allow_uneven_micro_batches=True), {False: off, True: on})
     assert uneven.micro_batch_sizes == [47] * 6 + [46] * 5 and not uneven.warnings

@@ -13,6 +13,7 @@ import tuner.search
 from tests.unit.synthetic_devices import GiB, MiB, SyntheticDevice, table
 from tuner.errors import ProbeError, SpecError
 from tuner.search import MemoryLine, SearchResult, Trial, find_max_batch
+from tuner.search_types import Move
 
 PRIOR_ERRORS = (-0.10, -0.05, 0.0, 0.05, 0.10)
 DEVICES = {device.name: device for device in table()}
@@ -334,3 +335,40 @@ def test_guided_is_exact_on_random_devices_with_a_floor(
     assert guided.max_batch_size == device.true_max
     _assert_answer_rule(guided)
     assert len(guided.trials) <= len(doubling.trials) + 2, [t.batch_size for t in guided.trials]
+
+
+def test_every_guided_trial_says_why_it_ran() -> None:
+    # An exact prior: its prediction passes, the size above confirms the top by failing.
+    exact = _search_guided(DEVICES["gpt2-like linear"].fresh(), 0.0)
+    assert [(t.batch_size, t.move) for t in exact.trials] == [(52, Move.PREDICT), (53, Move.ABOVE)]
+    # No capacity to predict with: the first cheap trial, doubling, then bisecting the bracket.
+    blind = find_max_batch(DEVICES["gpt2-like linear"].fresh().fits, capacity_bytes=None)
+    moves = [t.move for t in blind.trials]
+    assert moves[:7] == [Move.FIRST, *[Move.GROW] * 6] and set(moves[7:]) == {Move.BISECT}
+    # Without a prior: two cheap trials pin the line, which then predicts.
+    line = _search_guided(DEVICES["gpt2-like linear"].fresh(), None)
+    assert [t.move for t in line.trials][:3] == [Move.FIRST, Move.SECOND, Move.PREDICT]
+    # Every guided trial on every device has its move; the other strategies record none.
+    for name in DEVICES:
+        for prior_error in (None, 0.1):
+            result = _search_guided(DEVICES[name].fresh(), prior_error)
+            assert all(isinstance(t.move, Move) for t in result.trials), name
+    doubling = find_max_batch(DEVICES["gpt2-like linear"].fresh().fits, strategy="doubling")
+    assert {t.move for t in doubling.trials} == {None}
+
+
+def test_a_refuted_prior_starts_over_from_the_first_cheap_trial() -> None:
+    """The prior is dropped between trials (not while a size is proposed): after the failure
+    where it said 15 % of the card is free, the next move is the first cheap trial."""
+    device = SyntheticDevice(
+        "floor fills the card",
+        79 * GiB,
+        fixed=1 * GiB,
+        per_sample=4 * MiB,
+        floor=59 * GiB,
+        frag=0.35,
+        max_batch_size=8192,
+    )
+    result = _search_guided(device.fresh(), 0.0)
+    assert result.trials[0].move is Move.PREDICT and not result.trials[0].ok
+    assert result.trials[1].move is Move.FIRST and result.trials[1].batch_size == 1

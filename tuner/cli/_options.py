@@ -8,12 +8,13 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from tuner.cli._common import fail
+from tuner.search_types import DEFAULT_MAX_TRIALS
 
 if TYPE_CHECKING:
     from tuner.parallelism import ParallelSetup
     from tuner.spec import Backend, DeviceSpec
 
-MAX_TRIALS = 32
+MAX_TRIALS = DEFAULT_MAX_TRIALS
 """A probe's trial budget unless `--max-trials` says otherwise."""
 PARALLELISM_HELP = (
     "none, ddp or fsdp, with options after a colon: ddp:gradient_as_bucket_view=true,bucket_cap_mb=50, "

@@ -62,11 +62,14 @@ def trial_progress(
 
 
 def describe_trial(trial: Trial) -> str:
-    """`batch 48 fits (reserved 70.20 GiB, 3.1 s)` or `batch 96 does not fit (out of memory)`."""
+    """`batch 48 fits (reserved 70.20 GiB, 3.1 s)` or `batch 96 does not fit (out of memory)`,
+    then why the guided search ran it: `: the memory line's prediction`."""
+    from tuner.search_types import MOVE_REASONS
     from tuner.units import format_bytes
 
+    reason = f": {MOVE_REASONS.get(trial.move, trial.move)}" if trial.move else ""
     if not trial.ok:
         why = "out of memory" if trial.error in (None, "out_of_memory") else trial.error
-        return f"batch {trial.batch_size} does not fit ({why}, {trial.seconds:.1f} s)"
+        return f"batch {trial.batch_size} does not fit ({why}, {trial.seconds:.1f} s){reason}"
     peak = trial.peak_reserved_bytes or trial.peak_allocated_bytes
-    return f"batch {trial.batch_size} fits (reserved {format_bytes(peak)}, {trial.seconds:.1f} s)"
+    return f"batch {trial.batch_size} fits (reserved {format_bytes(peak)}, {trial.seconds:.1f} s){reason}"

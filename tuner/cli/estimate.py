@@ -24,10 +24,16 @@ def estimate(
     """Predict the peak GPU memory of one train step at a micro-batch size, without a GPU."""
     with clear_errors():
         from probes.estimate.remote import estimate_peak
+        from tuner.settings import get_settings
         from tuner.spec import load_workload_file
 
         workload = load_workload_file(spec)
-        report = estimate_peak(workload, batch_size, gradient_checkpointing=checkpointing)
+        report = estimate_peak(
+            workload,
+            batch_size,
+            gradient_checkpointing=checkpointing,
+            timeout=get_settings().estimate_timeout_seconds,
+        )
     document = asdict(report)
     document.pop("ops", None)
     if as_json:

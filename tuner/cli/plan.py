@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from tuner.checkpointing import checkpointing_choices
 from tuner.cli._common import clear_errors, fail, on_off, print_json, size_option
 from tuner.cli._memory_chart import PlannedPoint, memory_chart_lines
 from tuner.cli._options import (
     ALLOC_CONF_HELP,
-    MAX_TRIALS,
     PARALLELISM_HELP,
     BackendChoice,
     alloc_conf_option,
@@ -186,25 +186,13 @@ def _request(
 
 def _plan_locally(request: PlanRequest, *, show_progress: bool) -> tuple[Plan, dict[bool, ProbeResult]]:
     """Probe each checkpointing choice the policy needs, one after the other, then plan."""
-    from probes.probe import run_probe
+    from tuner.integration import probe_locally
     from tuner.planner import make_plan
 
-    needed = {"off": [False], "on": [True], "auto": [False, True]}[request.policy.gradient_checkpointing]
     probes: dict[bool, ProbeResult] = {}
-    for checkpointing in needed:
+    for checkpointing in checkpointing_choices(request.policy.gradient_checkpointing):
         with trial_progress(request.workload, request.backend, checkpointing, show=show_progress) as bar:
-            probes[checkpointing] = run_probe(
-                request.workload,
-                backend=request.backend,
-                device=request.device,
-                gradient_checkpointing=checkpointing,
-                # No plan can use more than the caller's cap: searching beyond it is wasted.
-                max_batch_size=request.policy.max_micro_batch_size or 65536,
-                max_trials=MAX_TRIALS,
-                progress=bar.advance,
-                alloc_conf=request.alloc_conf,
-                parallel=request.parallel_setup(),
-            )
+            probes[checkpointing] = probe_locally(request, checkpointing, progress=bar.advance)
             bar.done(probes[checkpointing])
     return make_plan(request, probes), probes
 

@@ -25,6 +25,7 @@ from tuner.cli._options import (
     target_device,
 )
 from tuner.cli._progress import trial_progress
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE
 
 if TYPE_CHECKING:
     from tuner.parallelism import ParallelSetup
@@ -61,7 +62,9 @@ def probe(
     device_name: str | None = typer.Option(None, "--device-name", help="Target device name (estimate)."),
     strategy: StrategyChoice = typer.Option(StrategyChoice.guided, "--strategy", help="Search strategy."),
     checkpointing: OnOff = typer.Option(OnOff.off, "--checkpointing", help="Gradient checkpointing."),
-    max_batch_size: int = typer.Option(65536, "--max-batch-size", help="Never try a larger micro-batch."),
+    max_batch_size: int = typer.Option(
+        DEFAULT_MAX_BATCH_SIZE, "--max-batch-size", help="Never try a larger micro-batch."
+    ),
     max_trials: int = typer.Option(MAX_TRIALS, "--max-trials", help="Trial budget of the search."),
     verify_steps: int = typer.Option(
         0,
@@ -127,7 +130,9 @@ def _run(
 ) -> ProbeResult:
     from probes.probe import run_probe
     from tuner.parallelism import SINGLE
+    from tuner.settings import get_settings
 
+    settings = get_settings()
     with trial_progress(workload, backend, checkpointing, show=show_progress) as bar:
         result = run_probe(
             workload,
@@ -138,7 +143,8 @@ def _run(
             max_batch_size=max_batch_size,
             max_trials=max_trials,
             verify_steps=verify_steps,
-            timeout=timeout,
+            timeout=settings.probe_timeout_seconds if timeout is None else timeout,
+            prior_timeout=settings.estimate_timeout_seconds,
             progress=bar.advance,
             alloc_conf=alloc_conf,
             parallel=parallel or SINGLE,

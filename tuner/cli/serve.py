@@ -15,11 +15,14 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from tuner.cli._common import clear_errors
+
+if TYPE_CHECKING:
+    from tuner.settings import Settings
 
 log = logging.getLogger("tuner.serve")
 
@@ -51,20 +54,24 @@ def serve(
     with clear_errors():
         from tuner.settings import get_settings
 
-        if db is not None:
-            # The app factory and the worker child both read the database from the settings.
-            os.environ["TUNER_DATABASE_URL"] = db
-            get_settings.cache_clear()
         settings = get_settings()
+        if db is not None:
+            # Passed on, not written into the environment: the app gets these settings, the
+            # worker child its `--db`.
+            settings = settings.model_copy(update={"database_url": db})
         _migrate(settings.database_url)
-        local_worker = None if no_worker else LocalWorker(grace_seconds=settings.shutdown_grace_seconds)
+        local_worker = None
+        if not no_worker:
+            local_worker = LocalWorker(
+                grace_seconds=settings.shutdown_grace_seconds, database_url=settings.database_url
+            )
         if local_worker is not None:
             local_worker.start()
             # The API refuses plan requests no live worker can run: let the worker announce itself
             # first, so that a request sent as soon as the server answers is not refused.
             local_worker.wait_until_live(settings.database_url, timeout=_WORKER_START_SECONDS)
         try:
-            _run_api(host, port)
+            _run_api(host, port, settings)
         finally:
             if local_worker is not None:
                 local_worker.stop()
@@ -80,9 +87,11 @@ def _migrate(database_url: str) -> None:
         engine.dispose()
 
 
-def _run_api(host: str, port: int) -> None:
+def _run_api(host: str, port: int, settings: Settings) -> None:
     """Run uvicorn until SIGTERM or SIGINT; return normally so that the caller can clean up."""
     import uvicorn
+
+    from api.app import create_app
 
     def _note(signum: int, _frame: FrameType | None) -> None:
         log.info("Received %s: server stopped.", signal.Signals(signum).name)
@@ -101,7 +110,7 @@ def _run_api(host: str, port: int) -> None:
             if self.started:  # not when the port is taken
                 print(line, flush=True)
 
-    Server(uvicorn.Config("api.app:create_app", factory=True, host=host, port=port, log_level="info")).run()
+    Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")).run()
 
 
 def ready_line(host: str, port: int) -> str:
@@ -114,8 +123,9 @@ def ready_line(host: str, port: int) -> str:
 class LocalWorker:
     """One `tuner worker --backend auto` child process, kept alive until `stop()`."""
 
-    def __init__(self, *, grace_seconds: float) -> None:
+    def __init__(self, *, grace_seconds: float, database_url: str) -> None:
         self._grace_seconds = grace_seconds
+        self._database_url = database_url
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -155,7 +165,8 @@ class LocalWorker:
         with self._lock:
             if self._stopping.is_set():
                 return None
-            # The environment carries TUNER_DATABASE_URL and every other setting to the child.
+            # The environment carries every other setting to the child; the database is this
+            # server's own.
             command = [
                 sys.executable,
                 "-c",
@@ -163,6 +174,8 @@ class LocalWorker:
                 "worker",
                 "--backend",
                 "auto",
+                "--db",
+                self._database_url,
             ]
             self._process = subprocess.Popen(command, env=dict(os.environ))
             log.info("Started the local worker (pid %d).", self._process.pid)

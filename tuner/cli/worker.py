@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -46,15 +45,13 @@ def worker(
     with clear_errors():
         from tuner.settings import get_settings
 
-        if db is not None:
-            # Set before anything reads the settings, so that every module sees the same database.
-            os.environ["TUNER_DATABASE_URL"] = db
-            get_settings.cache_clear()
         settings = get_settings()
+        if db is not None:  # passed on, not written into the environment
+            settings = settings.model_copy(update={"database_url": db})
         chosen = backend.value if backend is not None else settings.worker_backend
         resolved, device = _resolve_backend(chosen, device_name, size_option(device_memory))
 
-        from probes.worker import Worker
+        from probes.worker import Worker, new_worker_id
         from storage.db import make_engine
 
         engine = make_engine(settings.database_url)
@@ -62,13 +59,14 @@ def worker(
             engine,
             backend=resolved,
             device=device,
-            worker_id=_worker_id(resolved, device_name),
+            worker_id=new_worker_id(resolved, device_name),
             lease_seconds=settings.lease_seconds,
             heartbeat_seconds=min(settings.heartbeat_seconds, settings.lease_seconds / 3),
             poll_seconds=settings.worker_poll_seconds,
             retry_backoff_seconds=settings.retry_backoff_seconds,
             grace_seconds=settings.shutdown_grace_seconds,
             probe_timeout_seconds=settings.probe_timeout_seconds,
+            estimate_timeout_seconds=settings.estimate_timeout_seconds,
         )
         try:
             if once:
@@ -106,12 +104,6 @@ def _resolve_backend(
     if device_name is not None and device_memory is not None:
         return "estimate", DeviceSpec(name=device_name, total_memory_bytes=device_memory)
     return "estimate", None
-
-
-def _worker_id(backend: str, device_name: str | None) -> str:
-    """Unique per process and readable in `GET /v1/jobs`: host, pid, backend."""
-    suffix = f":{device_name}" if device_name else ""
-    return f"{socket.gethostname()}:{os.getpid()}:{backend}{suffix}"
 
 
 def _configure_logging() -> None:

@@ -79,7 +79,7 @@ def training_arguments_update(plan: Plan, args: Any) -> dict[str, Any]:
 def apply_plan(args: Any, plan: Plan) -> Any:
     """A copy of `args` (a `transformers.TrainingArguments`) with the plan's per-device batch,
     accumulation steps and activation checkpointing. Warns nothing and changes nothing else; the
-    learning rate stays the caller's (see the plan's `hints` for a scaling rule)."""
+    learning rate stays the caller's."""
     if not dataclasses.is_dataclass(args) or isinstance(args, type):
         raise PlanError(f"apply_plan needs a TrainingArguments instance, got {type(args).__name__}.")
     world_size = getattr(args, "world_size", 1)

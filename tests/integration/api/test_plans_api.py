@@ -234,7 +234,9 @@ def test_fifty_concurrent_identical_requests_make_one_job(server: Server) -> Non
     assert len(repository.list_waiters(server.engine, job_id=jobs[0].id)) == 50
 
 
-def _work_the_job(server: Server, fingerprint: str, *, succeed: bool, error: str = "") -> None:
+def _work_the_job(
+    server: Server, fingerprint: str, *, succeed: bool, error: str = "", error_code: str | None = None
+) -> None:
     """What a worker does, through the repository: claim, store the probes, complete (or fail)."""
     deadline = time.monotonic() + 20
     job = None
@@ -253,6 +255,7 @@ def _work_the_job(server: Server, fingerprint: str, *, succeed: bool, error: str
             job_id=job.id,
             worker_id="test-worker",
             error=error,
+            error_code=error_code,
             retry_backoff_seconds=0,
             retry=False,
         )
@@ -354,21 +357,25 @@ def test_a_herd_larger_than_the_connection_pool_waits_on_one_watch(
 
 
 def test_a_failed_job_answers_with_its_error(server: Server, live_estimate_worker: str) -> None:
-    cases: list[tuple[int, str, str, int]] = [
+    cases: list[tuple[int, str, str | None, str, int]] = [
         (
             71,
-            "model_build_failed: The builtin model could not be built: bad kwargs.",
+            "The builtin model could not be built: bad kwargs.",
+            "model_build_failed",
             "model_build_failed",
             422,
         ),
-        (72, "The probe child process crashed (signal 6).", "probe_failed", 503),
+        (72, "The probe child process crashed (signal 6).", None, "probe_failed", 503),
+        # Only the code column says whose fault it is, not the sentence's first word.
+        (171, "nothing_fits: a crash that reads like a code.", None, "probe_failed", 503),
+        (172, "The job names no device and this worker has none.", "device_required", "device_required", 422),
     ]
-    for hidden, error, code, status in cases:
+    for hidden, error, error_code, code, status in cases:
         workload = mlp_workload(hidden_dim=hidden)
         worker = threading.Thread(
             target=_work_the_job,
             args=(server, workload.fingerprint()),
-            kwargs={"succeed": False, "error": error},
+            kwargs={"succeed": False, "error": error, "error_code": error_code},
         )
         worker.start()
         with server.authorized() as client:
@@ -379,7 +386,7 @@ def test_a_failed_job_answers_with_its_error(server: Server, live_estimate_worke
         assert response.status_code == status, response.text
         body = error_of(response)
         assert body["code"] == code
-        assert error.split(": ", 1)[-1].rstrip(".") in body["detail"]
+        assert error.rstrip(".") in body["detail"]
 
 
 def test_writes_need_the_token(server: Server) -> None:

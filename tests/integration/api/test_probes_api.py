@@ -63,3 +63,16 @@ def test_an_upload_must_be_consistent(server: Server) -> None:
             "/v1/probes", json={**body, "device": {**DEVICE.model_dump(), "total_memory_bytes": -1}}
         )
         assert bad_device.status_code == 422 and "total_memory_bytes" in error_of(bad_device)["detail"]
+
+
+def test_a_result_that_measured_no_gpu_memory_is_refused(server: Server) -> None:
+    with server.authorized() as client:
+        body = upload_body(84, checkpointing=False)
+        on_cpu = client.post("/v1/probes", json={**body, "backend": "cpu"})
+        assert on_cpu.status_code == 422 and "on CPU is no measurement" in error_of(on_cpu)["detail"]
+        no_memory = {"peak_allocated_bytes": None, "peak_reserved_bytes": None}
+        unmeasured = [{**t, **no_memory} for t in body["trials"]]
+        no_peaks = client.post("/v1/probes", json={**body, "trials": unmeasured})
+        assert no_peaks.status_code == 422 and "peak memory" in error_of(no_peaks)["detail"]
+        # Nothing was stored under the key: the measured result is still the first.
+        assert client.post("/v1/probes", json=body).status_code == 201

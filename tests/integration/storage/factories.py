@@ -55,7 +55,9 @@ def probe_result(
                 seconds=1.5,
                 num_alloc_retries=0,
                 samples_per_second=310.5,
+                step_seconds=0.103,
                 peak_phase="backward",
+                move="predict",
             ),
             Trial(batch_size=52, ok=False, seconds=0.9, error="out_of_memory"),
             Trial(

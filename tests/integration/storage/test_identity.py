@@ -35,6 +35,7 @@ from storage.repository import (
 )
 from tests.integration.storage.conftest import Database
 from tests.integration.storage.factories import H100, gpt2_workload, plan, plan_request, probe_result
+from tuner.probe_key import ProbeKey
 
 T = TypeVar("T")
 
@@ -165,13 +166,15 @@ def test_concurrent_saves_of_one_probe_key_store_one_row(database: Database) -> 
     assert [t.batch_size for t in stored.trials] == [48, 52, stored.max_batch_size]
     hit = find_cached_probe(
         database.engine,
-        fingerprint=workload.fingerprint(),
-        device_name=H100.name,
-        device_memory_bytes=H100.total_memory_bytes,
-        backend="cuda",
-        torch_minor="2.13",
-        gradient_checkpointing=False,
-        alloc_conf="expandable_segments:True",
+        ProbeKey(
+            fingerprint=workload.fingerprint(),
+            device_name=H100.name,
+            device_memory_bytes=H100.total_memory_bytes,
+            backend="cuda",
+            torch_minor="2.13",
+            gradient_checkpointing=False,
+            alloc_conf="expandable_segments:True",
+        ),
     )
     assert hit is not None and hit.id == stored.id
 
@@ -285,13 +288,15 @@ def test_migration_0002_backfills_keeps_the_oldest_and_downgrades(empty_database
         assert get_plan(engine, plan_id=seeded["younger"]).micro_batch_size == 32
         hit = find_cached_probe(
             engine,
-            fingerprint=gpt2_workload().fingerprint(),
-            device_name=H100.name,
-            device_memory_bytes=H100.total_memory_bytes,
-            backend="cuda",
-            torch_minor="2.13",
-            gradient_checkpointing=False,
-            alloc_conf="expandable_segments:True",
+            ProbeKey(
+                fingerprint=gpt2_workload().fingerprint(),
+                device_name=H100.name,
+                device_memory_bytes=H100.total_memory_bytes,
+                backend="cuda",
+                torch_minor="2.13",
+                gradient_checkpointing=False,
+                alloc_conf="expandable_segments:True",
+            ),
         )
         assert hit is not None and hit.id == oldest_probe and hit.max_batch_size == 51
         assert get_probe(engine, probe_id=probe_ids[2]).max_batch_size == 52  # superseded, still readable
@@ -349,13 +354,13 @@ def test_migration_0003_puts_the_allocator_setting_in_the_key_and_downgrades(emp
         upgrade_schema(engine, "0003")
         upgrade_schema(engine, "head")  # the later revisions only add tables: the models then match
         assert _schema_diff(engine) == []
-        hit = find_cached_probe(engine, **key, alloc_conf="expandable_segments:True")
+        hit = find_cached_probe(engine, ProbeKey(**key, alloc_conf="expandable_segments:True"))
         assert hit is not None and hit.id == expandable and hit.alloc_conf == "expandable_segments:True"
-        assert find_cached_probe(engine, **key) is None  # the default allocator is another key
+        assert find_cached_probe(engine, ProbeKey(**key)) is None  # the default allocator is another key
         default_result = probe_result(workload=workload, alloc_conf=None, max_batch_size=50)
         default = save_probe(engine, result=default_result)
         assert default != expandable
-        assert find_cached_probe(engine, **key, alloc_conf=None).id == default  # type: ignore[union-attr]
+        assert find_cached_probe(engine, ProbeKey(**key, alloc_conf=None)).id == default  # type: ignore[union-attr]
 
         downgrade_schema(engine, "0002")
         with engine.connect() as connection:
@@ -378,12 +383,14 @@ def test_a_lookup_by_a_text_no_row_can_hold_matches_nothing(database: Database) 
     assert list_plans(database.engine, limit=5, model="gpt\x002") == ([], 0)
     miss = find_cached_probe(
         database.engine,
-        fingerprint=workload.fingerprint(),
-        device_name="H100\x00",
-        device_memory_bytes=H100.total_memory_bytes,
-        backend="cuda",
-        torch_minor="2.13",
-        gradient_checkpointing=False,
+        ProbeKey(
+            fingerprint=workload.fingerprint(),
+            device_name="H100\x00",
+            device_memory_bytes=H100.total_memory_bytes,
+            backend="cuda",
+            torch_minor="2.13",
+            gradient_checkpointing=False,
+        ),
     )
     assert miss is None
     assert list_plans(database.engine, limit=5, model="gpt2")[1] == 1

@@ -181,3 +181,55 @@ def test_processes_starting_at_once_migrate_once(empty_database_url: str) -> Non
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_migration_0005_moves_the_client_fault_code_into_its_column_and_back(empty_database_url: str) -> None:
+    engine = make_engine(empty_database_url)
+    try:
+        upgrade_schema(engine, "0004")
+        rows = {
+            1: "nothing_fits: Nothing fits: not even a micro-batch of 1.",
+            2: "The estimate probe child aborted (SIGABRT) before returning a result.",
+            3: "device_required: The job names no device.",
+        }
+        with engine.begin() as connection:
+            for job_id, error in rows.items():
+                connection.execute(
+                    text(
+                        "INSERT INTO jobs (id, key, payload, backend, status, attempts, max_attempts, "
+                        "run_after, error, created_at, updated_at) VALUES (:id, :key, '{}', 'estimate', "
+                        "'failed', 1, 1, CURRENT_TIMESTAMP, :error, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    ),
+                    {"id": job_id, "key": f"k{job_id}", "error": error},
+                )
+                connection.execute(
+                    text(
+                        "INSERT INTO job_waiters (job_id, request, status, error, created_at) "
+                        "VALUES (:id, '{}', 'failed', :error, CURRENT_TIMESTAMP)"
+                    ),
+                    {"id": job_id, "error": error},
+                )
+        upgrade_schema(engine, "0005")
+        for table in ("jobs", "job_waiters"):
+            with engine.connect() as connection:
+                split = connection.execute(
+                    text(
+                        f"SELECT error_code, error FROM {table} ORDER BY job_id"
+                        if table == "job_waiters"
+                        else f"SELECT error_code, error FROM {table} ORDER BY id"
+                    )
+                ).all()
+            assert [tuple(row) for row in split] == [
+                ("nothing_fits", "Nothing fits: not even a micro-batch of 1."),
+                (None, rows[2]),
+                ("device_required", "The job names no device."),
+            ], table
+        downgrade_schema(engine, "0004")
+        with engine.connect() as connection:
+            restored = connection.execute(text("SELECT error FROM jobs ORDER BY id")).scalars().all()
+            columns = {column["name"] for column in inspect(engine).get_columns("jobs")}
+            waiters = connection.execute(text("SELECT count(*) FROM job_waiters")).scalar_one()
+        assert restored == list(rows.values()) and "error_code" not in columns
+        assert waiters == 3  # dropping the columns rebuilt no table (which would cascade to waiters)
+    finally:
+        engine.dispose()

@@ -12,23 +12,23 @@ from storage.repository import _probe_values, find_cached_probe, get_plan, save_
 from tests.integration.storage.conftest import Database
 from tests.integration.storage.factories import H100, gpt2_workload, plan, plan_request, probe_result
 from tuner.parallelism import ParallelismSpec, ParallelSetup
+from tuner.probe_key import ProbeKey
 
 FSDP_8 = ParallelSetup(parallelism=ParallelismSpec(strategy="fsdp"), world_size=8).probe_key
 FSDP_64 = ParallelSetup(parallelism=ParallelismSpec(strategy="fsdp"), world_size=64).probe_key
 DDP = ParallelSetup(parallelism=ParallelismSpec(strategy="ddp"), world_size=8).probe_key
 
 
-def _key() -> dict[str, object]:
-    workload = gpt2_workload()
-    return {
-        "fingerprint": workload.fingerprint(),
-        "device_name": H100.name,
-        "device_memory_bytes": H100.total_memory_bytes,
-        "backend": "cuda",
-        "torch_minor": "2.13",
-        "gradient_checkpointing": False,
-        "alloc_conf": "expandable_segments:True",
-    }
+def _key(parallelism: str = "") -> ProbeKey:
+    return ProbeKey.of(
+        gpt2_workload(),
+        H100,
+        backend="cuda",
+        torch_minor="2.13",
+        gradient_checkpointing=False,
+        alloc_conf="expandable_segments:True",
+        parallelism=parallelism,
+    )
 
 
 def test_each_parallelism_is_its_own_cached_answer(database: Database) -> None:
@@ -43,11 +43,11 @@ def test_each_parallelism_is_its_own_cached_answer(database: Database) -> None:
     assert len(set(ids.values())) == 4
     with database.sessions() as session:
         for key, probe_id in ids.items():
-            hit = find_cached_probe(session, **_key(), parallelism=key)
+            hit = find_cached_probe(session, _key(key))
             assert hit is not None and hit.id == probe_id and hit.parallelism == key
-        assert find_cached_probe(session, **_key()).id == ids[""]  # type: ignore[union-attr]
+        assert find_cached_probe(session, _key()).id == ids[""]  # type: ignore[union-attr]
         other = ParallelSetup(parallelism=ParallelismSpec(strategy="fsdp"), world_size=2).probe_key
-        assert find_cached_probe(session, **_key(), parallelism=other) is None
+        assert find_cached_probe(session, _key(other)) is None
 
 
 def test_a_plan_keeps_its_parallelism_and_memory_per_rank(database: Database) -> None:
@@ -87,25 +87,25 @@ def test_migration_0007_adds_the_parallelism_to_the_key_and_downgrades(empty_dat
     engine = make_engine(empty_database_url)
     workload = gpt2_workload()
     try:
-        upgrade_schema(engine, "0004")
+        upgrade_schema(engine, "0005")
         tables = MetaData()
         tables.reflect(engine)
         values = _probe_values(probe_result(workload=workload))
-        del values["parallelism"]  # not a 0004 column
+        del values["parallelism"]  # not a 0005 column
         with engine.begin() as connection:
             table = tables.tables["probe_results"]
             single = int(connection.execute(insert(table).returning(table.c.id), values).scalar_one())
 
         upgrade_schema(engine, "0007")
         assert _schema_diff(engine) == []
-        hit = find_cached_probe(engine, **_key())
+        hit = find_cached_probe(engine, _key())
         assert hit is not None and hit.id == single and hit.parallelism == ""  # a single process
         fsdp = save_probe(
             engine, result=probe_result(workload=workload).model_copy(update={"parallelism": FSDP_8})
         )
         assert fsdp != single
 
-        downgrade_schema(engine, "0004")
+        downgrade_schema(engine, "0005")
         with engine.connect() as connection:
             statuses = dict(connection.exec_driver_sql("SELECT id, status FROM probe_results").all())
         # One old key, two results: the single-process one stays the answer.

@@ -25,6 +25,7 @@ from tests.integration.storage.factories import (
     probe_result,
 )
 from tuner.errors import NotFoundError
+from tuner.probe_key import ProbeKey
 
 
 def test_probe_result_round_trips_with_every_trial(database: Database) -> None:
@@ -52,7 +53,7 @@ def test_cache_lookup_matches_every_part_of_the_key(database: Database) -> None:
         "alloc_conf": "expandable_segments:True",
     }
     with database.sessions() as session:
-        assert find_cached_probe(session, **key) is None
+        assert find_cached_probe(session, ProbeKey(**key)) is None
         first = save_probe(session, result=probe_result(workload=workload, max_batch_size=50))
         # A later patch release has the same cache key: the first stored result stays the answer.
         again = save_probe(session, result=probe_result(workload=workload, torch_version="2.13.2"))
@@ -61,7 +62,7 @@ def test_cache_lookup_matches_every_part_of_the_key(database: Database) -> None:
         save_probe(session, result=probe_result(workload=workload, torch_version="2.12.1"))
         default_allocator = save_probe(session, result=probe_result(workload=workload, alloc_conf=None))
 
-        hit = find_cached_probe(session, **key)
+        hit = find_cached_probe(session, ProbeKey(**key))
         assert hit is not None and hit.id == first == again and hit.max_batch_size == 50
         misses = [
             {"fingerprint": gpt2_workload(n_layer=3).fingerprint()},
@@ -72,14 +73,15 @@ def test_cache_lookup_matches_every_part_of_the_key(database: Database) -> None:
             {"alloc_conf": "expandable_segments:True,max_split_size_mb:128"},
         ]
         for change in misses:
-            assert find_cached_probe(session, **{**key, **change}) is None, change
-        other_allocator = find_cached_probe(session, **{**key, "alloc_conf": None})
+            assert find_cached_probe(session, ProbeKey(**{**key, **change})) is None, change
+        other_allocator = find_cached_probe(session, ProbeKey(**{**key, "alloc_conf": None}))
         assert other_allocator is not None and other_allocator.id == default_allocator != first
         assert other_allocator.alloc_conf is None
-        checkpointed = find_cached_probe(session, **{**key, "gradient_checkpointing": True})
+        checkpointed = find_cached_probe(session, ProbeKey(**{**key, "gradient_checkpointing": True}))
         assert checkpointed is not None and checkpointed.gradient_checkpointing
         on_a100 = find_cached_probe(
-            session, **{**key, "device_name": A100.name, "device_memory_bytes": A100.total_memory_bytes}
+            session,
+            ProbeKey(**{**key, "device_name": A100.name, "device_memory_bytes": A100.total_memory_bytes}),
         )
         assert on_a100 is not None and on_a100.device == A100
 

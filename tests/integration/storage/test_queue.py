@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from storage.models import JobRow
+from storage.planning import job_key
 from storage.repository import (
     LEASE_EXPIRED_ERROR,
     Accepts,
@@ -30,7 +31,6 @@ from storage.repository import (
     job_counts,
     list_jobs,
     list_waiters,
-    probe_cache_key,
     queue_depth,
     release_job,
     requeue_expired,
@@ -42,6 +42,7 @@ from tests.integration.storage import processes
 from tests.integration.storage.conftest import Database
 from tests.integration.storage.factories import A100, H100, gpt2_workload, plan, plan_request, probe_result
 from tuner.errors import ConflictError
+from tuner.spec import parse_plan_request
 
 LEASE = 2.0
 """Short leases keep the lost-worker tests fast; long enough that a loaded machine (three test
@@ -130,14 +131,7 @@ def test_a_finished_job_is_not_joined_and_takes_no_waiters(database: Database) -
 
 def test_enqueue_reads_backend_and_device_from_a_plan_request_payload(database: Database) -> None:
     workload = gpt2_workload()
-    key = probe_cache_key(
-        fingerprint=workload.fingerprint(),
-        device_name=H100.name,
-        device_memory_bytes=H100.total_memory_bytes,
-        backend="cuda",
-        torch_minor="2.13",
-        gradient_checkpointing=False,
-    )
+    key = job_key(parse_plan_request(plan_request(workload)), "2.13")
     with database.sessions() as session:
         job, _ = enqueue_or_join(session, key=key, payload=plan_request(workload), max_attempts=2)
     assert (job.backend, job.device_name, job.device_memory_bytes) == (

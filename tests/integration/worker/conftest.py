@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from api.plan_service import canonical_request, job_key, job_payload
 from storage import repository
 from storage.db import ensure_schema, make_engine
+from storage.planning import canonical_request, job_key, job_payload
 from storage.records import JobRecord
 from tuner.spec import parse_plan_request
 

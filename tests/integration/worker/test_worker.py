@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -99,16 +100,23 @@ def test_a_job_is_probed_stored_planned_and_completed(queue: Queue) -> None:
 
 
 @pytest.mark.slow
-def test_a_model_that_does_not_build_fails_at_once(queue: Queue, allow_test_factories: None) -> None:
+def test_a_model_that_does_not_build_fails_at_once(
+    queue: Queue, allow_test_factories: None, caplog: pytest.LogCaptureFixture
+) -> None:
     job = queue.enqueue(mlp_request(factory=f"{FACTORIES}:raises"), max_attempts=3)
     worker = make_worker(queue.engine, "spec")
 
+    caplog.set_level(logging.INFO, logger="tuner.worker")
     assert worker.run_once() is True
+    # The worker's log shows where the model failed to build: the probe child's own frames.
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "the probe child's traceback" in logged
+    assert "factories.py" in logged and "in raises" in logged
 
     failed = queue.job(job.id)
     assert failed.status == "failed" and failed.attempts == 1
-    assert failed.error is not None and failed.error.startswith("model_build_failed: ")
-    assert "this model definition is broken" in failed.error
+    assert failed.error_code == "model_build_failed"
+    assert failed.error is not None and "this model definition is broken" in failed.error
     (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
     assert waiter.status == "failed"
     assert probe_count(queue.engine) == 0
@@ -125,6 +133,7 @@ def test_an_aborting_probe_is_retried_then_fails_and_the_worker_lives_on(
     retrying = queue.job(job.id)
     assert retrying.status == "queued" and retrying.attempts == 1
     assert retrying.error is not None and "aborted (SIGABRT)" in retrying.error
+    assert retrying.error_code is None  # a crash is the service's failure, whatever it says
 
     assert worker.run_once() is True
     failed = queue.job(job.id)
@@ -221,9 +230,89 @@ def test_a_job_of_which_nothing_fits_fails_with_the_reason(queue: Queue) -> None
     assert make_worker(queue.engine, "nothing-fits").run_once() is True
     done = queue.job(job.id)
     assert done.status == "failed" and done.attempts == 1  # a client fault: no retry
-    assert done.error is not None and done.error.startswith(
-        "nothing_fits: Nothing fits: not even a micro-batch of 1"
-    )
+    assert done.error_code == "nothing_fits"
+    assert done.error is not None and done.error.startswith("Nothing fits: not even a micro-batch of 1")
     (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
-    assert waiter.status == "failed" and waiter.error == done.error
+    assert waiter.status == "failed" and (waiter.error, waiter.error_code) == (done.error, done.error_code)
     assert probe_count(queue.engine) == 1  # the probe itself is stored: the next ask is answered from it
+
+
+def test_a_job_that_names_no_device_fails_its_waiters_as_the_clients_fault(queue: Queue) -> None:
+    from api.errors import status_for
+    from api.plan_service import job_error, job_out
+    from storage.planning import installed_torch_minor, job_key, job_payload
+    from tuner.client import Job, _job_failure
+    from tuner.spec import parse_plan_request
+
+    # An estimate job without a device (the API refuses such requests; an older or foreign
+    # producer may still queue one): the worker has no device to offer, the request is at fault.
+    request = parse_plan_request(mlp_request())
+    minor = installed_torch_minor()
+    job, _ = repository.enqueue_or_join(
+        queue.engine,
+        key=job_key(request, minor) + "|no-device",
+        payload={**job_payload(request, minor), "device": None},
+        max_attempts=3,
+        waiter=request.model_dump(mode="json"),
+    )
+    assert make_worker(queue.engine, "no-device").run_once() is True
+    failed = queue.job(job.id)
+    assert (failed.status, failed.attempts, failed.error_code) == ("failed", 1, "device_required")
+    (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
+    assert (waiter.status, waiter.error_code) == ("failed", "device_required")
+    # What a waiter is answered: `POST /v1/plans?wait=` and `TunerClient` both give a 422.
+    error = job_error(failed)
+    assert (error.code, status_for(error)) == ("device_required", 422)
+    client_error = _job_failure(Job.model_validate(job_out(failed, None).model_dump(mode="json")))
+    assert (client_error.code, client_error.status_code) == ("device_required", 422)
+    assert "names no device" in client_error.message
+
+
+def test_a_service_failure_that_reads_like_a_code_stays_the_services(queue: Queue) -> None:
+    from api.errors import status_for
+    from api.plan_service import job_error
+
+    # The sentence of a failure is not parsed for a code: only `error_code` says whose fault it is.
+    job = queue.enqueue(mlp_request(), max_attempts=1)
+    claimed = repository.claim_job(
+        queue.engine, worker_id="w", lease_seconds=30, accepts=repository.Accepts(backend="estimate")
+    )
+    assert claimed is not None and claimed.id == job.id
+    repository.fail_job(
+        queue.engine,
+        job_id=job.id,
+        worker_id="w",
+        error="nothing_fits: the text of a crash that happens to start like a code",
+        retry_backoff_seconds=0,
+    )
+    failed = queue.job(job.id)
+    assert failed.status == "failed" and failed.error_code is None
+    error = job_error(failed)
+    assert (error.code, status_for(error)) == ("probe_failed", 503)
+
+
+@pytest.mark.slow
+def test_a_capped_request_is_planned_within_its_cap_from_the_shared_probe(queue: Queue) -> None:
+    from storage.db import session_factory
+    from storage.planning import derive_plan, installed_torch_minor
+    from tuner.spec import parse_plan_request
+
+    # The worker's probe answers every request of its key, so its search is not cut at one
+    # request's `max_micro_batch_size` (a later request without the cap would be planned from
+    # it); the cap applies to the plan each request gets.
+    capped = mlp_request(effective_batch_size=512)
+    capped["policy"]["max_micro_batch_size"] = 8
+    job = queue.enqueue(capped)
+    assert make_worker(queue.engine, "capped").run_once() is True
+    done = queue.job(job.id)
+    assert done.status == "succeeded", done.error
+    (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
+    assert waiter.plan_id is not None
+    plan = repository.get_plan(queue.engine, plan_id=waiter.plan_id)
+    assert plan.micro_batch_size <= 8 and plan.micro_batch_size * plan.accumulation_steps == 512
+    probe = repository.get_probe(queue.engine, probe_id=done.probe_id)  # type: ignore[arg-type]
+    assert probe.max_batch_size > 8
+    uncapped = parse_plan_request(mlp_request(effective_batch_size=512))
+    with session_factory(queue.engine)() as session:
+        free = derive_plan(session, request=uncapped, torch_minor=installed_torch_minor())
+    assert free is not None and free.micro_batch_size > 8 and free.probe_id == probe.id
