@@ -18,7 +18,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuner.checkpointing import checkpointing_choices
-from tuner.custom_code import custom_code_workload, factory_package, is_custom_code, trusting_factory
+from tuner.custom_code import (
+    custom_code_workload,
+    factory_package,
+    is_custom_code,
+    model_class,
+    trusting_factory,
+)
 from tuner.errors import DeviceRequiredError, ModelBuildError, SpecError
 from tuner.live_config import json_safe, parameter_dtype_name, without_implied_values
 from tuner.parallelism import DEFAULT_BUCKET_CAP_MB, ParallelismSpec, ParamDtype, parse_parallelism_text
@@ -343,7 +349,7 @@ def _transformers_workload(model: Any, config: Any, overrides: dict[str, Any]) -
 
 
 def _task_of(model: Any) -> Task:
-    name = type(model).__name__
+    name = model_class(model).__name__
     for suffix, task in _TASK_SUFFIXES:
         if name.endswith(suffix):
             return task
