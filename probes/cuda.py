@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from probes.eval_step import prepare_training_state, run_eval_steps
+from probes.parallel import wrap_one_rank
 from probes.step import Phase, StepReport, run_train_steps
 from probes.workloads import BuiltWorkload, build_workload
 from tuner.errors import ProbeError
 from tuner.oom import out_of_memory_types
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.results import WorkloadFacts
 from tuner.search_types import Trial
 from tuner.spec import DeviceSpec, StepKind, WorkloadSpec
@@ -148,6 +150,7 @@ class CudaTrials:
         iterations: int = 2,
         seed: int = 0,
         step: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> None:
         if iterations < 2:
             raise ProbeError("A GPU trial needs at least two iterations (optimizer state is created lazily).")
@@ -157,22 +160,31 @@ class CudaTrials:
         self.iterations = iterations
         self.seed = seed
         self.step: StepKind = step
+        self.parallel = parallel
+        """One rank of this job is what runs (`probes.parallel.wrap_one_rank`)."""
         self._workload: BuiltWorkload | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self.facts: WorkloadFacts | None = None
 
     def _build(self) -> BuiltWorkload:
         if self._workload is None:
-            workload = build_workload(
+            built = build_workload(
                 self.spec, device="cuda", gradient_checkpointing=self.gradient_checkpointing, seed=self.seed
             )
-            self.facts = workload.facts
+            self.facts = built.facts
+            workload = wrap_one_rank(built, self.parallel)
             if self.step == "eval":
                 optimizer = workload.make_optimizer()
-                prepare_training_state(workload, optimizer)
+                prepare_training_state(workload, optimizer, data_dependent=self._data_dependent)
                 self._optimizer = optimizer
             self._workload = workload
         return self._workload
+
+    @property
+    def _data_dependent(self) -> bool:
+        # Over a fake group the gathered parameters hold no real values: no value is read, so
+        # that a GradScaler cannot skip the step that creates the optimizer's state.
+        return self.parallel.parallelism.strategy == "none"
 
     def _steps(
         self, workload: BuiltWorkload, batch_size: int, iterations: int, phases: _PeakPhases
@@ -184,6 +196,7 @@ class CudaTrials:
                 iterations=iterations,
                 on_phase=phases.enter,
                 synchronize=torch.cuda.synchronize,
+                data_dependent=self._data_dependent,
             )
         return run_train_steps(
             workload,
@@ -191,6 +204,7 @@ class CudaTrials:
             iterations=iterations,
             on_phase=phases.enter,
             synchronize=torch.cuda.synchronize,
+            data_dependent=self._data_dependent,
         )
 
     def prepare(self) -> None:

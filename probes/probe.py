@@ -35,6 +35,7 @@ from typing import Any, Literal
 from probes.child import ChildFailed, run_in_child, send_progress
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, ProbeError, SpecError, client_fault_error
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.results import ProbeResult, WorkloadFacts
 from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
 from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS
@@ -92,6 +93,8 @@ class _Job:
     """Also search the expandable-segments alternative (estimate, default allocator)."""
     step: StepKind = "train"
     """The step each trial runs: the train step, or the eval forward (`probes.eval_step`)."""
+    parallel: ParallelSetup = SINGLE
+    """The data-parallel job one rank of which is probed (`probes.parallel`)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ def run_probe(
     alloc_conf: str | None = None,
     step: StepKind = "train",
     allocator_hint: bool | None = None,
+    parallel: ParallelSetup = SINGLE,
 ) -> ProbeResult:
     """The largest micro-batch of `spec` on a device, with every trial that led there.
 
@@ -140,7 +144,9 @@ def run_probe(
     `estimate_prior`: whether a guided cuda search gets the estimator's line as its prior
     (default: yes, except with a `trial_factory`, whose memory the estimator does not model).
     `timeout` bounds the probe's child, `prior_timeout` the prior's trace: the caller passes its
-    settings (`probe_timeout_seconds`, `estimate_timeout_seconds`); nothing here reads them."""
+    settings (`probe_timeout_seconds`, `estimate_timeout_seconds`); nothing here reads them.
+    `parallel`: the data-parallel job (strategy and world size) of which one rank is probed;
+    the estimate's memory per category at the answer is in `extra["memory_per_rank"]`."""
     if backend not in ("cuda", "estimate"):
         raise SpecError(f"Unknown probe backend {backend!r}: use 'cuda' or 'estimate'.")
     if backend == "estimate" and device is None:
@@ -157,7 +163,9 @@ def run_probe(
     prior: _PriorInBackground | None = None
     if backend == "cuda" and strategy == "guided" and estimate_prior:
         prior_limit = min(timeout, prior_timeout)
-        prior = _PriorInBackground(spec, gradient_checkpointing, prior_limit, notes, alloc_conf, step)
+        prior = _PriorInBackground(
+            spec, gradient_checkpointing, prior_limit, notes, alloc_conf, step, parallel
+        )
     job = _Job(
         spec=spec,
         backend=backend,
@@ -172,6 +180,7 @@ def run_probe(
         alloc_conf=alloc_conf,
         allocator_hint=step == "train" if allocator_hint is None else allocator_hint,
         step=step,
+        parallel=parallel,
     )
     try:
         outcome: _Outcome = _in_child(
@@ -214,6 +223,7 @@ def run_probe(
         versions=outcome.versions,
         alloc_conf=alloc_conf,
         step=step,
+        parallelism=parallel.probe_key,
         facts=outcome.facts,
         verified_steps=verified,
         extra={"search_seconds": outcome.seconds, **outcome.extra, **notes},
@@ -269,6 +279,7 @@ def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
         facts = backend.facts if backend.facts is not None else getattr(backend.fits, "facts", None)
         wanted = job.trial_factory is None and job.allocator_hint
         extra = _expandable_alternative(job, search) if wanted else {}
+        extra.update(_memory_per_rank(job, search))
         extra.update(backend.notes)
     finally:
         if backend.close is not None:
@@ -309,6 +320,7 @@ def _expandable_alternative(job: _Job, search: SearchResult) -> dict[str, Any]:
         gradient_checkpointing=job.gradient_checkpointing,
         alloc_conf=EXPANDABLE_SEGMENTS,
         step=job.step,
+        parallel=job.parallel,
     )
     alternative = find_max_batch(
         fits,
@@ -318,6 +330,24 @@ def _expandable_alternative(job: _Job, search: SearchResult) -> dict[str, Any]:
         max_trials=job.max_trials,
     )
     return {"expandable_segments_max_batch_size": alternative.max_batch_size}
+
+
+def _memory_per_rank(job: _Job, search: SearchResult) -> dict[str, Any]:
+    """For an estimate: one rank's traced bytes per category (parameters, gradients, DDP's buckets,
+    optimizer state, activations) at the peak of the answer's step."""
+    if job.backend != "estimate" or job.trial_factory is not None or search.max_batch_size < 1:
+        return {}
+    from probes.estimate.session import current_session
+
+    report = current_session().trace(
+        job.spec,
+        search.max_batch_size,
+        gradient_checkpointing=job.gradient_checkpointing,
+        alloc_conf=job.alloc_conf,
+        step=job.step,
+        parallel=job.parallel,
+    )
+    return {"memory_per_rank": dict(report.categories)}
 
 
 def _receive_prior(inbox: Connection, timeout: float) -> MemoryLine | None:
@@ -385,6 +415,7 @@ def _estimate_backend(job: _Job) -> TrialBackend:
         gradient_checkpointing=job.gradient_checkpointing,
         alloc_conf=job.alloc_conf,
         step=job.step,
+        parallel=job.parallel,
     )
     return TrialBackend(
         fits=fits,
@@ -418,7 +449,9 @@ def _cuda_backend(job: _Job) -> TrialBackend:
     )
     if emulation is not None:
         cuda.apply_emulation(emulation)  # before the first allocation: the cap holds from the start
-    trials = cuda.CudaTrials(job.spec, gradient_checkpointing=job.gradient_checkpointing, step=job.step)
+    trials = cuda.CudaTrials(
+        job.spec, gradient_checkpointing=job.gradient_checkpointing, step=job.step, parallel=job.parallel
+    )
     capacity = cuda.usable_capacity_bytes() if emulation is None else emulation.allocator_limit_bytes
 
     return TrialBackend(
@@ -451,12 +484,13 @@ class _PriorInBackground:
         notes: dict[str, Any],
         alloc_conf: str | None = None,
         step: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> None:
         self.timeout = timeout
         self.inbox, self._outbox = mp.get_context("spawn").Pipe(duplex=False)
         self._thread = threading.Thread(
             target=self._trace,
-            args=(spec, gradient_checkpointing, notes, alloc_conf, step),
+            args=(spec, gradient_checkpointing, notes, alloc_conf, step, parallel),
             name="tuner-prior",
             daemon=True,
         )
@@ -468,12 +502,13 @@ class _PriorInBackground:
         gradient_checkpointing: bool,
         notes: dict[str, Any],
         alloc_conf: str | None,
-        step: StepKind = "train",
+        step: StepKind,
+        parallel: ParallelSetup,
     ) -> None:
         started = time.monotonic()
         line = None
         try:
-            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf, step)
+            line = _prior_line(spec, gradient_checkpointing, self.timeout, notes, alloc_conf, step, parallel)
         finally:
             notes["prior_seconds"] = time.monotonic() - started
             # A few hundred bytes, which the pipe holds until the search reads them; a search that
@@ -496,6 +531,7 @@ def _prior_line(
     notes: dict[str, Any],
     alloc_conf: str | None = None,
     step: StepKind = "train",
+    parallel: ParallelSetup = SINGLE,
 ) -> MemoryLine | None:
     """The estimator's line for the guided search, or None with a note saying why not."""
     try:
@@ -505,6 +541,7 @@ def _prior_line(
             gradient_checkpointing,
             alloc_conf,
             step,
+            parallel,
             timeout=timeout,
             what="prior estimate",
         )
@@ -516,7 +553,11 @@ def _prior_line(
 
 
 def _estimate_line_in_child(
-    spec: WorkloadSpec, gradient_checkpointing: bool, alloc_conf: str | None, step: StepKind = "train"
+    spec: WorkloadSpec,
+    gradient_checkpointing: bool,
+    alloc_conf: str | None,
+    step: StepKind = "train",
+    parallel: ParallelSetup = SINGLE,
 ) -> MemoryLine:
     from probes.estimate.session import estimate_line
 
@@ -526,6 +567,7 @@ def _estimate_line_in_child(
         batch_sizes=PRIOR_BATCH_SIZES,
         alloc_conf=alloc_conf,
         step=step,
+        parallel=parallel,
     )
     return line
 

@@ -42,6 +42,7 @@ from storage.planning import derive_plan, installed_torch_minor
 from storage.records import Accepts, JobRecord, WaiterRecord
 from tuner.checkpointing import on_off
 from tuner.errors import DeviceRequiredError, NothingFitsError, SpecError, TunerError
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
 from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
@@ -73,6 +74,7 @@ class ProbeRunner(Protocol):
         alloc_conf: str | None = None,
         step: StepKind = "train",
         allocator_hint: bool | None = None,
+        parallel: ParallelSetup = SINGLE,
     ) -> ProbeResult: ...
 
 
@@ -300,6 +302,8 @@ class Worker:
         payload = active.job.payload
         workload = parse_workload(payload["workload"])
         device = self._job_device(payload)
+        # A job queued before parallelism was part of it is a single process.
+        parallel = ParallelSetup.model_validate(payload.get("parallel") or {})
         torch_minor = str(payload.get("torch_minor") or self.torch_minor)
         if torch_minor != self.torch_minor:
             log.warning(
@@ -312,7 +316,9 @@ class Worker:
         probes: list[ProbeResult] = []
         alloc_conf = payload.get("alloc_conf")
         for checkpointing in payload["gradient_checkpointing"]:
-            probes.append(self._probe_one(active, workload, device, bool(checkpointing), alloc_conf, "train"))
+            probes.append(
+                self._probe_one(active, workload, device, bool(checkpointing), alloc_conf, "train", parallel)
+            )
         # The eval probe and a token budget's lengths (`tuner.plan_probes`), after the train probes.
         for extra in payload.get("extra_probes") or []:
             step: StepKind = "eval" if extra.get("step") == "eval" else "train"
@@ -323,6 +329,7 @@ class Worker:
                 bool(extra["gradient_checkpointing"]),
                 alloc_conf,
                 step,
+                parallel,
                 extra_probe=True,
             )
         return probes
@@ -335,6 +342,7 @@ class Worker:
         checkpointing: bool,
         alloc_conf: str | None,
         step: StepKind,
+        parallel: ParallelSetup,
         *,
         extra_probe: bool = False,
     ) -> ProbeResult:
@@ -350,12 +358,15 @@ class Worker:
                 gradient_checkpointing=checkpointing,
                 alloc_conf=alloc_conf,
                 step=step,
+                parallelism=parallel.probe_key,
             )
             cached = repository.find_cached_probe(session, key)
         if cached is not None and cached.id is not None:
             # A worker that lost this job earlier may have stored some probes already.
             return cached
-        result = self._run_probe(active, workload, device, checkpointing, alloc_conf, step, extra_probe)
+        result = self._run_probe(
+            active, workload, device, checkpointing, alloc_conf, step, extra_probe, parallel
+        )
         with self._writing(active) as session:
             # Renew the lease first: a worker that lost it must not store a duplicate.
             if not repository.heartbeat(
@@ -374,6 +385,7 @@ class Worker:
         alloc_conf: str | None,
         step: StepKind = "train",
         extra_probe: bool = False,
+        parallel: ParallelSetup = SINGLE,
     ) -> ProbeResult:
         active.progress = {"gradient_checkpointing": checkpointing, "trials": 0}
 
@@ -402,6 +414,7 @@ class Worker:
             progress=on_trial,
             alloc_conf=alloc_conf,
             **by_step,
+            parallel=parallel,
         )
 
     def _job_device(self, payload: dict[str, Any]) -> DeviceSpec:

@@ -148,6 +148,9 @@ class ProbeRow(Base):
     """The canonical `PYTORCH_CUDA_ALLOC_CONF` the probe assumed ('' for the default allocator)."""
     step: Mapped[str] = mapped_column(String(16), default="train", server_default="train")
     """The step the trials ran: `train` or `eval` (migration 0006)."""
+    parallelism: Mapped[str] = mapped_column(String(500), default="", server_default="")
+    """The data-parallel job one rank of which was probed, as `ParallelismSpec.probe_key` ('' for
+    a single process; FSDP's names its world size)."""
     verified_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
 
@@ -243,6 +246,8 @@ class PlanRow(Base):
     eval_and_tokens: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     """The eval micro-batch and the token budget, where the request asked for them (migration
     0006): `tuner.results.Plan`'s `eval_*`, `max_tokens_per_micro_batch` and `token_budget`."""
+    memory_per_rank: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    """One rank's traced bytes per category at the chosen probe's answer (estimate backend)."""
 
     __table_args__ = (
         Index("ix_plans_created_at", "created_at"),

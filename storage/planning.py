@@ -53,6 +53,7 @@ def probe_keys(request: PlanRequest, torch_minor: str) -> dict[bool, ProbeKey] |
             torch_minor=torch_minor,
             gradient_checkpointing=checkpointing,
             alloc_conf=request.alloc_conf,
+            parallelism=request.parallel_setup().probe_key,
         )
         for checkpointing in checkpointing_choices(request)
     }
@@ -71,6 +72,7 @@ def extra_probe_key(request: PlanRequest, need: ProbeNeed, torch_minor: str) -> 
         gradient_checkpointing=need.gradient_checkpointing,
         alloc_conf=request.alloc_conf,
         step=need.step,
+        parallelism=request.parallel_setup().probe_key,
     )
 
 
@@ -187,6 +189,7 @@ def job_key(request: PlanRequest, torch_minor: str) -> str:
         torch_minor,
         ",".join(on_off(gc) for gc in checkpointing_choices(request)),
         request.alloc_conf or "",
+        request.parallel_setup().probe_key,
     ]
     extras = extra_needs(request)
     if extras:  # absent otherwise, so that the keys of jobs without extra probes stay as they were
@@ -209,6 +212,7 @@ def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
         "gradient_checkpointing": checkpointing_choices(request),
         "torch_minor": torch_minor,
         "alloc_conf": request.alloc_conf,
+        "parallel": request.parallel_setup().model_dump(mode="json"),
     }
     extras = extra_needs(request)
     if extras:

@@ -56,6 +56,7 @@ from storage.models import (
 from storage.records import Accepts, JobRecord, WaiterRecord
 from storage.workers import WorkerRecord, announce_worker, live_workers, retire_worker
 from tuner.errors import ConflictError, NotFoundError
+from tuner.parallelism import ParallelismSpec, default_parallelism
 from tuner.probe_key import UNKNOWN_TORCH, ProbeKey, torch_minor
 from tuner.results import Plan, ProbeResult, WorkloadFacts
 from tuner.search_types import MemoryLine, Trial
@@ -121,7 +122,8 @@ def _unstorable(*texts: str | None) -> bool:
 def find_cached_probe(session: Bind, key: ProbeKey) -> ProbeResult | None:
     """The complete probe result for this cache key, with its trials; None on a miss. (The key is
     unique among complete results; superseded ones, kept by migrations 0002 and 0003, are never
-    returned.)"""
+    returned.) `key.parallelism` is the data-parallel job's probe key
+    (`tuner.parallelism.ParallelSetup.probe_key`; '' for a single process)."""
     if _unstorable(*key.texts()):
         return None
     query = (
@@ -135,6 +137,7 @@ def find_cached_probe(session: Bind, key: ProbeKey) -> ProbeResult | None:
             ProbeRow.gradient_checkpointing == key.gradient_checkpointing,
             ProbeRow.alloc_conf == (key.alloc_conf or DEFAULT_ALLOC_CONF),
             ProbeRow.step == key.step,
+            ProbeRow.parallelism == key.parallelism,
             ProbeRow.status == PROBE_COMPLETE,
         )
         .order_by(ProbeRow.created_at.desc(), ProbeRow.id.desc())
@@ -229,6 +232,7 @@ def _probe_values(result: ProbeResult) -> dict[str, Any]:
         "extra": dict(result.extra),
         "alloc_conf": result.alloc_conf or DEFAULT_ALLOC_CONF,
         "step": result.step,
+        "parallelism": result.parallelism,
         "verified_steps": result.verified_steps,
         "seconds": result.seconds,
     }
@@ -300,6 +304,7 @@ def _probe_from_row(row: ProbeRow) -> ProbeResult:
         versions=row.versions,
         alloc_conf=row.alloc_conf or None,
         step=row.step if row.step in ("train", "eval") else "train",
+        parallelism=row.parallelism or "",
         facts=None if row.facts is None else WorkloadFacts.model_validate(row.facts),
         verified_steps=row.verified_steps,
         extra=row.extra,
@@ -492,6 +497,7 @@ def _plan_values(plan: Plan, request: dict[str, Any]) -> dict[str, Any]:
         else [dict(step) for step in plan.accumulation_schedule],
         versions=dict(plan.versions),
         eval_and_tokens=_eval_and_tokens(plan),
+        memory_per_rank=None if plan.memory_per_rank is None else dict(plan.memory_per_rank),
     )
 
 
@@ -539,4 +545,15 @@ def _plan_from_row(row: PlanRow) -> Plan:
         versions=row.versions,
         alloc_conf=(row.request or {}).get("alloc_conf"),
         **(row.eval_and_tokens or {}),
+        parallelism=_stored_parallelism(row.request),
+        memory_per_rank=row.memory_per_rank,
     )
+
+
+def _stored_parallelism(request: dict[str, Any] | None) -> ParallelismSpec:
+    """The parallelism of a stored plan's request (a plan stored before there was one: a single
+    process, or DDP at more than one rank, which is what such a request now means)."""
+    data = request or {}
+    if data.get("parallelism"):
+        return ParallelismSpec.model_validate(data["parallelism"])
+    return default_parallelism(int(data.get("world_size") or 1))

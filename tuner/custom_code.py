@@ -27,7 +27,7 @@ from tuner.live_config import json_safe, parameter_dtype_name, without_implied_v
 from tuner.settings import get_settings
 from tuner.spec import WorkloadSpec, parse_workload
 
-__all__ = ["custom_code_workload", "factory_package", "is_custom_code", "trusting_factory"]
+__all__ = ["custom_code_workload", "factory_package", "is_custom_code", "model_class", "trusting_factory"]
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 # What a saved config carries that does not change the model that is built.
@@ -39,13 +39,23 @@ _ALLOW_SETTING = "TUNER_ALLOWED_FACTORY_PACKAGES"
 _TRUST_LOCK = threading.RLock()
 
 
+def model_class(model: Any) -> type:
+    """The class the user built `model` from. FSDP2's `fully_shard` swaps a module's class for a
+    subclass it defines (`torch.distributed.fsdp...:FSDPGPT2LMHeadModel`, bases `FSDPModule` and
+    the model's own class): that one is not the model's and builds nothing, so it is skipped."""
+    for cls in type(model).__mro__:
+        if not cls.__module__.startswith("torch.distributed."):
+            return cls
+    return type(model)
+
+
 def is_custom_code(model: Any) -> bool:
     """Whether `model` is a transformers-style model that transformers itself cannot rebuild: its
     class is defined outside the transformers package, or its `model_type` is unknown to it."""
     config = getattr(model, "config", None)
     if config is None:
         return False
-    if not type(model).__module__.startswith("transformers."):
+    if not model_class(model).__module__.startswith("transformers."):
         return True
     transformers = sys.modules.get("transformers")
     if transformers is None:
@@ -62,7 +72,7 @@ def factory_package(factory: str) -> str:
 
 def custom_code_workload(model: Any, overrides: dict[str, Any]) -> WorkloadSpec:
     """The `python` workload that builds `model` again from its own class and config."""
-    cls = type(model)
+    cls = model_class(model)
     name = cls.__name__
     if cls.__module__ == "__main__":
         raise SpecError(

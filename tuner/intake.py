@@ -48,13 +48,17 @@ def refuse_what_cannot_fit(request: PlanRequest) -> None:
     if floor is None:
         return
     parameters, needed = floor
+    sharded = request.chosen_parallelism.strategy == "fsdp" and request.world_size > 1
+    if sharded:
+        needed = -(-needed // request.world_size)  # FSDP: each rank holds its shard of them
     budget = memory_budget(request.device.total_memory_bytes, request.policy.memory_margin)
     if needed <= budget:
         return
     workload = request.workload
+    share = f"one rank's 1/{request.world_size} of " if sharded else ""
     raise NothingFitsError(
         f"Nothing fits: this {workload.describe()} config has at least {parameters / 1e9:.2f} billion "
-        f"parameters, whose weights, gradients and {workload.optimizer.name} state "
+        f"parameters, {share}whose weights, gradients and {workload.optimizer.name} state "
         f"({bytes_per_parameter(workload)} bytes each in {workload.precision}) alone take at least "
         f"{format_bytes(needed)}, more than the memory budget of {format_bytes(budget)} on "
         f"{request.device.name} ({format_bytes(request.device.total_memory_bytes)}, "

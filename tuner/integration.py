@@ -19,9 +19,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from tuner.checkpointing import on_off
-from tuner.custom_code import custom_code_workload, factory_package, is_custom_code, trusting_factory
+from tuner.custom_code import (
+    custom_code_workload,
+    factory_package,
+    is_custom_code,
+    model_class,
+    trusting_factory,
+)
 from tuner.errors import DeviceRequiredError, ModelBuildError, SpecError
 from tuner.live_config import json_safe, parameter_dtype_name, without_implied_values
+from tuner.parallelism import DEFAULT_BUCKET_CAP_MB, ParallelismSpec, ParamDtype, parse_parallelism_text
 from tuner.plan_probes import ExtraProbes, ProbeNeed, all_needs, probed_workload
 from tuner.results import Plan, ProbeResult
 from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, Trial
@@ -43,6 +50,7 @@ from tuner.spec import (
 
 __all__ = [
     "detect_local_device",
+    "detect_parallelism",
     "detect_world_size",
     "plan_for",
     "plan_locally",
@@ -85,6 +93,7 @@ def plan_for(
     keeps_outputs: bool | None = None,
     alloc_conf: str | None = None,
     effective_tokens: int | None = None,
+    parallelism: ParallelismSpec | Mapping[str, Any] | str | None = None,
     max_wait: float | None = DEFAULT_MAX_WAIT,
 ) -> Plan:
     """The plan for training `model_or_spec` at `effective_batch_size` samples per update.
@@ -103,6 +112,10 @@ def plan_for(
     also plan a token budget, and `effective_tokens` how to reach that many tokens per update.
 
     `world_size`: default `torch.distributed`'s when initialised, else `WORLD_SIZE`, else 1.
+    `parallelism`: `none`, `ddp` or `fsdp` (or a `ParallelismSpec` or its dict, with options);
+    default what the model already is (a `DistributedDataParallel` wrapper with its bucket size
+    and `gradient_as_bucket_view`, an FSDP2 `fully_shard` module with its resharding and
+    mixed-precision dtype), else `ddp` above one rank and `none` for one.
     `device`: default this process's CUDA GPU; without a GPU, give the device to plan for
     (`DeviceSpec(name=..., total_memory_bytes=...)`) and the plan is an estimate.
     `backend`: default `cuda` when planning for the local GPU, else `estimate`.
@@ -114,8 +127,10 @@ def plan_for(
     while waiting, a bar on a terminal, else log lines (the `tuner` logger) and a warning once the
     job has waited a minute for a worker. `local`: probe here even when `TUNER_SERVER` is set.
     """
+    chosen_parallelism = _parallelism_of(parallelism, model_or_spec)
+    model = unwrapped(model_or_spec)  # a DDP wrapper's model is what is planned
     workload = workload_for(
-        model_or_spec,
+        model,
         factory=factory,
         factory_kwargs=factory_kwargs,
         inputs=inputs,
@@ -123,7 +138,7 @@ def plan_for(
         optimizer=optimizer,
         keeps_outputs=keeps_outputs,
     )
-    package = factory_package(str(workload.model.factory)) if is_custom_code(model_or_spec) else None
+    package = factory_package(str(workload.model.factory)) if is_custom_code(model) else None
     with trusting_factory(package):  # the script imported the model's module: its own probes may too
         plan = _plan(
             workload,
@@ -138,9 +153,10 @@ def plan_for(
             local=local,
             alloc_conf=alloc_conf,
             effective_tokens=effective_tokens,
+            parallelism=chosen_parallelism,
             max_wait=max_wait,
         )
-    if _length_defaulted(model_or_spec, inputs, factory):
+    if _length_defaulted(model, inputs, factory):
         assert isinstance(workload.inputs, TokensInputs)
         plan = plan.model_copy(
             update={
@@ -179,6 +195,7 @@ def _plan(
     local: bool,
     alloc_conf: str | None,
     effective_tokens: int | None,
+    parallelism: ParallelismSpec | None,
     max_wait: float | None,
 ) -> Plan:
     # With a device given, the local GPU only matters for choosing the backend, and only when
@@ -204,6 +221,7 @@ def _plan(
         policy=policy,
         alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") if alloc_conf is None else alloc_conf,
         effective_tokens=effective_tokens,
+        parallelism=parallelism,
     )
     if url:
         from tuner.client import TunerClient
@@ -259,6 +277,7 @@ def probe_locally(
         step=need.step,
         # The plan's allocator hint comes from its train probes at seq_len.
         allocator_hint=need.role == "train",
+        parallel=request.parallel_setup(),
     )
 
 
@@ -401,7 +420,7 @@ def _transformers_workload(model: Any, config: Any, overrides: dict[str, Any]) -
 
 
 def _task_of(model: Any) -> Task:
-    name = type(model).__name__
+    name = model_class(model).__name__
     for suffix, task in _TASK_SUFFIXES:
         if name.endswith(suffix):
             return task
@@ -438,9 +457,11 @@ def _plan_request(
     policy: PlanPolicy | Mapping[str, Any] | None,
     alloc_conf: str | None = None,
     effective_tokens: int | None = None,
+    parallelism: ParallelismSpec | None = None,
 ) -> PlanRequest:
     try:
         return PlanRequest(
+            parallelism=parallelism,
             workload=workload,
             effective_batch_size=effective_batch_size,
             world_size=world_size,
@@ -455,6 +476,91 @@ def _plan_request(
 
 
 # -- the machine ---------------------------------------------------------------------------------
+
+
+def unwrapped(model: Any) -> Any:
+    """The model inside a `DistributedDataParallel` wrapper (its `.module`); anything else as is
+    (an FSDP2 module is the model itself, sharded in place)."""
+    return model.module if _is_ddp(model) else model
+
+
+def _is_ddp(model: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def _parallelism_of(
+    given: ParallelismSpec | Mapping[str, Any] | str | None, model: Any
+) -> ParallelismSpec | None:
+    if isinstance(given, ParallelismSpec):
+        return given
+    try:
+        if isinstance(given, str):
+            return ParallelismSpec.model_validate(parse_parallelism_text(given))
+        if isinstance(given, Mapping):
+            return ParallelismSpec.model_validate(dict(given))
+    except ValidationError as exc:
+        message = format_validation_error(exc)
+        where = "" if message.startswith("parallelism.") else "parallelism."
+        raise SpecError(f"Invalid plan request: {where}{message}") from None
+    except ValueError as exc:
+        raise SpecError(f"Invalid plan request: parallelism: {exc}") from None
+    return detect_parallelism(model)
+
+
+MIB = 1 << 20
+
+
+def detect_parallelism(model: Any) -> ParallelismSpec | None:
+    """The parallelism a model is already wrapped in: DDP (its bucket size and
+    `gradient_as_bucket_view`) or FSDP2 (whether its blocks reshard after forward, the
+    mixed-precision parameter dtype); None for a bare model (the request's default applies)."""
+    if _is_ddp(model):
+        cap = getattr(model, "bucket_bytes_cap", None)
+        return ParallelismSpec(
+            strategy="ddp",
+            gradient_as_bucket_view=bool(getattr(model, "gradient_as_bucket_view", False)),
+            bucket_cap_mb=cap / MIB if isinstance(cap, int) and cap > 0 else DEFAULT_BUCKET_CAP_MB,
+        )
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2: nothing can be wrapped in it
+        return None
+    if not isinstance(model, FSDPModule):
+        return None
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    return ParallelismSpec(
+        strategy="fsdp",
+        reshard_after_forward=_reshards_after_forward(blocks[0] if blocks else model),
+        param_dtype=_param_dtype_name(model),
+    )
+
+
+def _fsdp_param_group(module: Any) -> Any:
+    state = module._get_fsdp_state() if callable(getattr(module, "_get_fsdp_state", None)) else None
+    return getattr(state, "_fsdp_param_group", None)
+
+
+def _reshards_after_forward(module: Any) -> bool:
+    group = _fsdp_param_group(module)
+    if group is None:
+        return True
+    # FSDP2 keeps a mesh to reshard to after forward only where it reshards.
+    return getattr(group, "post_forward_mesh_info", True) is not None
+
+
+def _param_dtype_name(module: Any) -> ParamDtype | None:
+    group = _fsdp_param_group(module)
+    dtype = getattr(getattr(group, "mp_policy", None), "param_dtype", None)
+    names: dict[str, ParamDtype] = {
+        "torch.float32": "fp32",
+        "torch.bfloat16": "bf16",
+        "torch.float16": "fp16",
+    }
+    return names.get(str(dtype)) if dtype is not None else None
 
 
 def detect_world_size() -> int:

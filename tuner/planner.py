@@ -160,6 +160,8 @@ def make_plan(
         if tokens.budget is None
         else tokens.budget.max_tokens_per_micro_batch,
         token_budget=tokens.budget,
+        parallelism=request.chosen_parallelism,
+        memory_per_rank=_memory_per_rank(chosen.option.probe),
     )
 
 
@@ -309,6 +311,14 @@ def _token_budget(request: PlanRequest, extras: ExtraProbes, chosen: _Option, bu
     return _TokensPart(budget=result, hint=hint)
 
 
+def _memory_per_rank(probe: ProbeResult) -> dict[str, int] | None:
+    """The probe's per-category bytes of one rank at its answer, where the estimate traced them."""
+    categories = probe.extra.get("memory_per_rank")
+    if not isinstance(categories, dict) or probe.max_batch_size < 1:
+        return None
+    return {"micro_batch_size": probe.max_batch_size, **{str(k): int(v) for k, v in categories.items()}}
+
+
 # --- request checks ---------------------------------------------------------------------------
 
 
@@ -399,8 +409,9 @@ def usable_micro_batch(probe: ProbeResult, budget_bytes: int, cap: int | None = 
 
 def predicted_peak_bytes(probe: ProbeResult, batch_size: int) -> int | None:
     """Peak reserved bytes at `batch_size`: a trial at that size if one passed; else the memory
-    line, never above a passing trial at a larger size (memory grows with the batch); else the
-    nearest passing trial (the smallest larger one, or the largest smaller one)."""
+    line, never above a passing trial at a larger size nor below one at a smaller size (memory
+    grows with the batch; a line fitted near the boundary can slope oddly); else the nearest
+    passing trial (the smallest larger one, or the largest smaller one)."""
     passing = [t for t in probe.trials if t.ok and _peak(t) is not None]
     exact = [_peak(t) for t in passing if t.batch_size == batch_size]
     if exact:
@@ -408,7 +419,8 @@ def predicted_peak_bytes(probe: ProbeResult, batch_size: int) -> int | None:
     above = [int(_peak(t) or 0) for t in passing if t.batch_size > batch_size]
     if probe.memory_line is not None:
         line = math.ceil(probe.memory_line.at(batch_size))
-        return min([line, *above])
+        floor = max((int(_peak(t) or 0) for t in passing if t.batch_size < batch_size), default=0)
+        return max(floor, min([line, *above]))
     if above:
         return min(above)
     below = sorted((t for t in passing if t.batch_size < batch_size), key=lambda t: t.batch_size)

@@ -3,7 +3,8 @@
 One probe answers one question: the largest micro-batch of one workload (its fingerprint) on one
 device (name and memory), measured by one backend with one torch minor release, with or without
 gradient checkpointing, under one allocator setting, of one step kind (a training step, or an eval
-step: forward only with the training state resident). Storage (the unique index and the lookup),
+step: forward only with the training state resident), for one data-parallel setup (one rank of a
+DDP job, or of an FSDP job at one world size). Storage (the unique index and the lookup),
 the API (the cache lookup and the conflict rule of an upload) and the worker (a probe a lost job
 stored already) all use this one value; the job key of a request is built from it.
 """
@@ -45,6 +46,9 @@ class ProbeKey:
     PyTorch's default allocator."""
     step: str = "train"
     """The step kind measured (`tuner.spec.StepKind`): `train` or `eval`."""
+    parallelism: str = ""
+    """The data-parallel setup's probe key (`tuner.parallelism.ParallelSetup.probe_key`): '' for
+    a single process, else the strategy and its options (and FSDP's world size)."""
 
     @classmethod
     def of(
@@ -57,6 +61,7 @@ class ProbeKey:
         gradient_checkpointing: bool,
         alloc_conf: str | None,
         step: str = "train",
+        parallelism: str = "",
     ) -> ProbeKey:
         """The key of the probe of `workload` on `device` that a plan request or a job needs."""
         return cls(
@@ -68,6 +73,7 @@ class ProbeKey:
             gradient_checkpointing=gradient_checkpointing,
             alloc_conf=alloc_conf,
             step=step,
+            parallelism=parallelism,
         )
 
     @classmethod
@@ -82,11 +88,19 @@ class ProbeKey:
             gradient_checkpointing=result.gradient_checkpointing,
             alloc_conf=result.alloc_conf,
             step=result.step,
+            parallelism=result.parallelism,
         )
 
     def texts(self) -> tuple[str | None, ...]:
         """The key's text parts (what a database may be unable to hold, e.g. a NUL character)."""
-        return (self.fingerprint, self.device_name, self.backend, self.torch_minor, self.alloc_conf)
+        return (
+            self.fingerprint,
+            self.device_name,
+            self.backend,
+            self.torch_minor,
+            self.alloc_conf,
+            self.parallelism,
+        )
 
 
 PROBE_KEY_FIELDS: tuple[str, ...] = tuple(field.name for field in fields(ProbeKey))

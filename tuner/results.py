@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tuner.parallelism import NONE, ParallelismSpec
 from tuner.search_types import MemoryLine, Trial
 from tuner.spec import (
     Backend,
@@ -80,6 +81,10 @@ class ProbeResult(BaseModel):
     step: StepKind = "train"
     """The step the trials ran: `train` (the canonical train step) or `eval` (forward only under
     `torch.no_grad()`, the training state resident). Part of the probe's cache key."""
+    parallelism: str = Field(default="", max_length=500)
+    """The data-parallel job one rank of which was traced or run, as its probe key
+    (`tuner.parallelism.ParallelismSpec.probe_key`: '' for a single process, e.g.
+    `fsdp:param_dtype=none,reshard_after_forward=true,world_size=8`). Part of the cache key."""
     facts: WorkloadFacts | None = None
     verified_steps: int | None = None
     """Steps the answer survived in a fresh process (None: not verified)."""
@@ -162,6 +167,13 @@ class Plan(BaseModel):
     token_budget: TokenBudget | None = None
     """How the token budget was found (each probed length's largest batch) and, with
     `effective_tokens`, how to reach it."""
+    parallelism: ParallelismSpec = NONE
+    """How the ranks share the model (the request's, filled in): `micro_batch_size` and the
+    memory are per rank of that job."""
+    memory_per_rank: dict[str, int] | None = None
+    """One rank's bytes per category (parameters, gradients, buckets, optimizer_state,
+    activations) at the peak of the chosen probe's largest micro-batch (`micro_batch_size` key),
+    as the estimate traced it; None where the probe did not trace it (the cuda backend)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON values (what the HTTP API returns): for a checkpoint, beside the

@@ -27,6 +27,7 @@ from tuner.alloc_conf import canonical_alloc_conf
 from tuner.builtin_configs import BUILTIN_CONFIGS, BUILTIN_INPUTS, refuse_bool_for_number
 from tuner.config_keys import check_keys, check_model_type, check_task
 from tuner.errors import SpecError
+from tuner.parallelism import ParallelismSpec, ParallelSetup, default_parallelism
 from tuner.settings import get_settings
 from tuner.transformers_config import canonical_config
 
@@ -382,6 +383,9 @@ class PlanRequest(_Spec):
     effective_tokens: int | None = Field(default=None, ge=1, le=MAX_BATCH * MAX_SEQ_LEN)
     """Token inputs: the tokens per optimizer step (all ranks) a token-budget loop should reach;
     the plan says how many micro-batches of its token budget make it."""
+    parallelism: ParallelismSpec | None = None
+    """How the ranks share the model (`tuner.parallelism`); None: `ddp` when `world_size > 1`,
+    else `none`. Filled in and kept in canonical form."""
 
     @field_validator("alloc_conf")
     @classmethod
@@ -406,6 +410,37 @@ class PlanRequest(_Spec):
 
         check_effective_tokens(self.effective_tokens, self.world_size, seq_len=inputs.seq_len)
         return self
+
+    @model_validator(mode="after")
+    def _fill_parallelism(self) -> PlanRequest:
+        chosen = self.parallelism or default_parallelism(self.world_size)
+        object.__setattr__(self, "parallelism", chosen.canonical())
+        if chosen.strategy == "fsdp" and not fsdp_wrappable(self.workload.model):
+            raise ValueError(
+                f"parallelism.strategy: 'fsdp' needs a model of repeated blocks to shard one by one; "
+                f"{self.workload.model.family} models are not wrapped per block (use 'ddp')"
+            )
+        return self
+
+    @property
+    def chosen_parallelism(self) -> ParallelismSpec:
+        """The parallelism, filled in (never None after validation)."""
+        return self.parallelism or default_parallelism(self.world_size)
+
+    def parallel_setup(self) -> ParallelSetup:
+        """What one rank of this job is (strategy and world size): what its probe traces or runs."""
+        return ParallelSetup(parallelism=self.chosen_parallelism, world_size=self.world_size)
+
+
+FSDP_FAMILIES = frozenset({"transformers", "builtin", "python"})
+"""Families whose models FSDP2 wraps per block: transformers' decoder/encoder layers, the
+builtin models' `blocks`, and a python factory's model that has either (checked when built).
+torchvision's models are a handful of unequal stages, not blocks to shard one by one."""
+
+
+def fsdp_wrappable(model: ModelSpec) -> bool:
+    """Whether `fully_shard` per block can wrap this family's models."""
+    return model.family in FSDP_FAMILIES
 
 
 def validated_alloc_conf(value: str | None) -> str | None:

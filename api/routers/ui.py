@@ -449,7 +449,12 @@ def loop_snippet(plan: Plan) -> str:
             lines.append(
                 "# checkpoint each block: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)"
             )
-    if plan.world_size > 1:
+    if plan.parallelism.strategy == "fsdp":
+        lines.append(
+            f"# {plan.world_size} ranks: fully_shard each block, then the model, as the plan assumed "
+            f"({plan.parallelism.describe(plan.world_size)}); give the loader a DistributedSampler"
+        )
+    elif plan.world_size > 1:
         lines.append(
             f"# {plan.world_size} ranks: wrap the model in DistributedDataParallel and give the loader a "
             "DistributedSampler"

@@ -19,6 +19,7 @@ from probes.estimate.report import EstimateReport
 from probes.estimate.trace import WARMUP_BATCH_SIZE, StepTrace, trace_step
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import EstimateError, SpecError
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.search import Strategy, find_max_batch, fit_line
 from tuner.search_types import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -45,21 +46,27 @@ class EstimateSession:
     def __init__(self, *, device_model: DeviceModel = DEFAULT_DEVICE_MODEL) -> None:
         emulation.install_cuda_emulation()
         self.device_model = device_model
-        self._traces: dict[tuple[str, int, bool, StepKind], StepTrace] = {}
-        self._reports: dict[tuple[str, int, bool, str | None, StepKind], EstimateReport] = {}
-        self._needed: dict[tuple[str, int, bool, str | None, StepKind], int] = {}
+        self._traces: dict[tuple[str, int, bool, StepKind, str], StepTrace] = {}
+        self._reports: dict[tuple[str, int, bool, str | None, StepKind, str], EstimateReport] = {}
+        self._needed: dict[tuple[str, int, bool, str | None, StepKind, str], int] = {}
         self.notes: dict[str, list[str]] = {}
         """What a probe's result should say about these traces: `estimate_assumptions`, the
         assumptions made for values the traces could not read (filled in as they are traced)."""
 
     def step_trace(
-        self, spec: WorkloadSpec, batch_size: int, *, gradient_checkpointing: bool, step: StepKind = "train"
+        self,
+        spec: WorkloadSpec,
+        batch_size: int,
+        *,
+        gradient_checkpointing: bool,
+        step: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> StepTrace:
         """The traced step of `spec` at `batch_size` (traced at most once per session)."""
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing, step)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, step, parallel.probe_key)
         if key not in self._traces:
             self._traces[key] = trace_step(
-                spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=step
+                spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=step, parallel=parallel
             )
             stated = self.notes.setdefault("estimate_assumptions", [])
             stated.extend(a for a in self._traces[key].assumptions if a not in stated)
@@ -68,12 +75,20 @@ class EstimateSession:
         return self._traces[key]
 
     def _warmup(
-        self, spec: WorkloadSpec, gradient_checkpointing: bool, step: StepKind = "train"
+        self,
+        spec: WorkloadSpec,
+        gradient_checkpointing: bool,
+        step: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> AllocationLog | None:
         """The warm-up step's log; None where that step cannot run (BatchNorm of one sample)."""
         try:
             trace = self.step_trace(
-                spec, WARMUP_BATCH_SIZE, gradient_checkpointing=gradient_checkpointing, step=step
+                spec,
+                WARMUP_BATCH_SIZE,
+                gradient_checkpointing=gradient_checkpointing,
+                step=step,
+                parallel=parallel,
             )
         except EstimateError:
             return None
@@ -87,15 +102,16 @@ class EstimateSession:
         gradient_checkpointing: bool = False,
         alloc_conf: str | None = None,
         step: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> EstimateReport:
         """The estimate of `spec` at `batch_size` with the allocator setting `alloc_conf`."""
         conf = canonical_alloc_conf(alloc_conf)
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf, step)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf, step, parallel.probe_key)
         if key not in self._reports:
             traced = self.step_trace(
-                spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=step
+                spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=step, parallel=parallel
             )
-            warmup = self._warmup(spec, gradient_checkpointing, step)
+            warmup = self._warmup(spec, gradient_checkpointing, step, parallel)
             report = traced.report(self.device_model, parse_alloc_conf(conf), warmup=warmup)
             self._reports[key] = replace(report, alloc_conf=conf)
         return self._reports[key]
@@ -108,18 +124,24 @@ class EstimateSession:
         gradient_checkpointing: bool = False,
         alloc_conf: str | None = None,
         step: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> int:
         """The smallest allocator capacity on which the step fits (both histories, slack kept out),
         to about 0.4 %: the boundary itself, which a search line and a memory budget compare with.
         Between the peak allocated bytes (below which nothing fits) and the peak reserved bytes
         of an unbounded card (where the allocator never has to return a cached segment)."""
         conf = canonical_alloc_conf(alloc_conf)
-        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf, step)
+        key = (spec.fingerprint(), batch_size, gradient_checkpointing, conf, step, parallel.probe_key)
         if key not in self._needed:
             report = self.trace(
-                spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=conf, step=step
+                spec,
+                batch_size,
+                gradient_checkpointing=gradient_checkpointing,
+                alloc_conf=conf,
+                step=step,
+                parallel=parallel,
             )
-            fits = self._verdict(spec, batch_size, gradient_checkpointing, conf, step)
+            fits = self._verdict(spec, batch_size, gradient_checkpointing, conf, step, parallel)
             precision = max(SEGMENT_BYTES, report.peak_reserved_bytes // 256)
             self._needed[key] = smallest_passing_capacity(
                 fits, report.peak_allocated_bytes - 1, report.peak_reserved_bytes, precision=precision
@@ -133,10 +155,13 @@ class EstimateSession:
         gradient_checkpointing: bool,
         alloc_conf: str | None,
         kind: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> Callable[[int], bool]:
-        step = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=kind)
+        step = self.step_trace(
+            spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=kind, parallel=parallel
+        )
         settings = parse_alloc_conf(alloc_conf)
-        warmup = self._warmup(spec, gradient_checkpointing, kind)
+        warmup = self._warmup(spec, gradient_checkpointing, kind, parallel)
 
         def fits(capacity: int) -> bool:
             stats = self.device_model.replay(
@@ -162,6 +187,7 @@ class EstimateSession:
         memory_margin: float = 0.0,
         alloc_conf: str | None = None,
         step: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> Trial:
         """One search trial: the step replayed through the caching allocator on the card's usable
         memory less the margin passes when no request runs out of it (the allocator's own retry,
@@ -169,14 +195,26 @@ class EstimateSession:
         needs (`needed_bytes`), passing or not, so that a search's line and the card's capacity
         measure the same thing; its allocated peak is the unbounded replay's."""
         kind = step
-        traced = self.step_trace(spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=kind)
+        traced = self.step_trace(
+            spec, batch_size, gradient_checkpointing=gradient_checkpointing, step=kind, parallel=parallel
+        )
         capacity = self.capacity_bytes(device_total_bytes, memory_margin)
-        ok = self._verdict(spec, batch_size, gradient_checkpointing, alloc_conf, kind)(capacity)
+        ok = self._verdict(spec, batch_size, gradient_checkpointing, alloc_conf, kind, parallel)(capacity)
         report = self.trace(
-            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, step=kind
+            spec,
+            batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            alloc_conf=alloc_conf,
+            step=kind,
+            parallel=parallel,
         )
         needed = self.needed_bytes(
-            spec, batch_size, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, step=kind
+            spec,
+            batch_size,
+            gradient_checkpointing=gradient_checkpointing,
+            alloc_conf=alloc_conf,
+            step=kind,
+            parallel=parallel,
         )
         return Trial(
             batch_size=batch_size,
@@ -196,6 +234,7 @@ class EstimateSession:
         batch_sizes: tuple[int, ...] = LINE_BATCH_SIZES,
         alloc_conf: str | None = None,
         step: StepKind = "train",
+        parallel: ParallelSetup = SINGLE,
     ) -> MemoryLine:
         """The capacity a step needs (`needed_bytes`) as fixed + per_sample × b, through the two
         largest of `batch_sizes`."""
@@ -203,7 +242,12 @@ class EstimateSession:
             raise SpecError("A memory line needs at least two different batch sizes.")
         peaks = {
             b: self.needed_bytes(
-                spec, b, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, step=step
+                spec,
+                b,
+                gradient_checkpointing=gradient_checkpointing,
+                alloc_conf=alloc_conf,
+                step=step,
+                parallel=parallel,
             )
             for b in sorted(set(batch_sizes))
         }
@@ -235,6 +279,7 @@ def estimate_fits(
     memory_margin: float = 0.0,
     alloc_conf: str | None = None,
     step: StepKind = "train",
+    parallel: ParallelSetup = SINGLE,
 ) -> Callable[[int], Trial]:
     """`fits(b) -> Trial` of the estimate backend, for `tuner.search.find_max_batch`, with the
     allocator setting `alloc_conf`. Installs the emulation in this process: call it in a child
@@ -250,6 +295,7 @@ def estimate_fits(
             memory_margin=memory_margin,
             alloc_conf=alloc_conf,
             step=step,
+            parallel=parallel,
         )
 
     return fits
@@ -262,6 +308,7 @@ def estimate_line(
     batch_sizes: tuple[int, ...] = LINE_BATCH_SIZES,
     alloc_conf: str | None = None,
     step: StepKind = "train",
+    parallel: ParallelSetup = SINGLE,
 ) -> MemoryLine:
     """The prior for a guided CUDA search: peak reserved ≈ fixed + per_sample × b. Installs the
     emulation in this process: call it in a child process."""
@@ -271,6 +318,7 @@ def estimate_line(
         batch_sizes=batch_sizes,
         alloc_conf=alloc_conf,
         step=step,
+        parallel=parallel,
     )
 
 
@@ -285,6 +333,7 @@ def search_max_batch(
     max_trials: int = DEFAULT_MAX_TRIALS,
     on_trial: Callable[[Trial], None] | None = None,
     alloc_conf: str | None = None,
+    parallel: ParallelSetup = SINGLE,
 ) -> SearchResult:
     """The largest micro-batch whose step fits the card less the margin in the allocator replay,
     found by `tuner.search.find_max_batch` over estimates (guided: the line through b = 2 and 4
@@ -292,7 +341,9 @@ def search_max_batch(
     Installs the emulation in this process: call it in a child process."""
     session = current_session()
     prior = (
-        session.line(spec, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf)
+        session.line(
+            spec, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, parallel=parallel
+        )
         if strategy == "guided"
         else None
     )
@@ -302,6 +353,7 @@ def search_max_batch(
         gradient_checkpointing=gradient_checkpointing,
         memory_margin=memory_margin,
         alloc_conf=alloc_conf,
+        parallel=parallel,
     )
     return find_max_batch(
         fits,

@@ -29,8 +29,11 @@ from probes.estimate.device_model import DEFAULT_DEVICE_MODEL, DeviceModel, comp
 from probes.estimate.report import EstimateReport
 from probes.estimate.tracker import MemoryTracker
 from probes.estimate.value_reads import ValueReads, user_location
+from probes.parallel import Rank, local_tensors
+from probes.workloads import BuiltWorkload
 from tuner.alloc_conf import AllocatorSettings, parse_alloc_conf
 from tuner.errors import EstimateError, TunerError
+from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.spec import StepKind, WorkloadSpec
 
 __all__ = ["StepTrace", "trace_peak", "trace_step"]
@@ -103,9 +106,12 @@ def trace_step(
     record_ops: bool = False,
     real_tensors: bool = False,
     step: StepKind = "train",
+    parallel: ParallelSetup = SINGLE,
 ) -> StepTrace:
-    """Trace `iterations` train steps of `spec` at `batch_size` in this process (`step="eval"`:
-    eval forwards with the training state resident, `probes.eval_step`).
+    """Trace `iterations` train steps of `spec` at `batch_size` in this process, as one rank of
+    `parallel` (`probes.parallel.one_rank`: FSDP sharded over a fake process group, DDP's
+    buckets modelled); `step="eval"`: eval forwards with the training state resident
+    (`probes.eval_step`).
 
     `record_ops` lists the ATen ops the trace ran. `real_tensors` runs the same emulated step on
     real CPU tensors instead of fake ones (it allocates every byte: for checking the fake trace
@@ -124,7 +130,9 @@ def trace_step(
     tracker = MemoryTracker(record_ops=record_ops)
     reads = ValueReads(spec.moe_routing, name=spec.describe())
     try:
-        _run(spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors, reads, step)
+        _run(
+            spec, batch_size, gradient_checkpointing, iterations, tracker, real_tensors, parallel, reads, step
+        )
     except TunerError:
         raise
     except torch.OutOfMemoryError:
@@ -161,6 +169,7 @@ def trace_peak(
     real_tensors: bool = False,
     alloc_conf: str | None = None,
     step: StepKind = "train",
+    parallel: ParallelSetup = SINGLE,
 ) -> EstimateReport:
     """The estimate of `iterations` train steps (or eval steps) of `spec` at `batch_size`, traced
     in this process (see `trace_step`) and replayed through the caching allocator with `alloc_conf`."""
@@ -174,6 +183,7 @@ def trace_peak(
             record_ops=record_ops,
             real_tensors=real_tensors,
             step=step,
+            parallel=parallel,
         )
 
     trace = traced(batch_size)
@@ -192,11 +202,11 @@ def _run(
     iterations: int,
     tracker: MemoryTracker,
     real_tensors: bool,
+    parallel: ParallelSetup,
     value_reads: ValueReads,
     step: StepKind = "train",
 ) -> None:
-    from probes.eval_step import prepare_training_state, run_eval_steps
-    from probes.step import run_train_steps
+    from probes.parallel import one_rank
     from probes.workloads import build_workload
 
     # Fake CPU tensors, never fake CUDA ones: on a CPU-only build autograd aborts the process on
@@ -207,38 +217,67 @@ def _run(
     with tensors, reads, _quiet_fake_tensor_log():
         workload = build_workload(spec, device="cpu", gradient_checkpointing=gradient_checkpointing, seed=0)
         emulation.patch_transformers()  # building imported transformers where the model needs it
-        optimizer = workload.make_optimizer()
-        model = workload.model
-        tracker.classify(model.parameters(), "parameters")
-        tracker.classify(model.buffers(), "parameters")
-        handles = _attribute_gradients_and_state(model, optimizer, tracker)
-        try:
-            if step == "eval":
-                # The training state, made outside the trace: the tracker counts what the step
-                # left (the optimizer's state) as live from the start, as parameters are.
-                prepare_training_state(workload, optimizer, data_dependent=False)
-                tracker.classify(_optimizer_tensors(optimizer), "optimizer_state")
-                with tracker:
-                    run_eval_steps(
-                        workload,
-                        batch_size,
-                        iterations=iterations,
-                        on_phase=tracker.set_phase,
-                        data_dependent=False,
-                    )
-                return
-            with tracker:
-                run_train_steps(
+        if parallel == SINGLE:
+            _run_steps(workload, batch_size, iterations, tracker, step=step)
+            return
+        # The tracker is on from the wrapping: FSDP's shards and DDP's buckets are allocated there.
+        with tracker, one_rank(workload, parallel, "cpu") as rank:
+            _run_steps(workload, batch_size, iterations, tracker, step=step, rank=rank)
+
+
+def _run_steps(
+    workload: BuiltWorkload,
+    batch_size: int,
+    iterations: int,
+    tracker: MemoryTracker,
+    *,
+    step: StepKind = "train",
+    rank: Rank | None = None,
+) -> None:
+    from probes.eval_step import prepare_training_state, run_eval_steps
+    from probes.step import run_train_steps
+
+    optimizer = workload.make_optimizer()
+    model = workload.model
+    tracker.classify(local_tensors(model.parameters()), "parameters")
+    tracker.classify(model.buffers(), "parameters")
+    handles = _attribute_gradients_and_state(model, optimizer, tracker)
+    if rank is not None:
+        # After the attribution hooks: a gradient is counted, then goes into its bucket.
+        tracker.classify(rank.attach_buckets(), "buckets")
+    # One rank's tracker is already on (from the wrapping).
+    tracking = tracker if rank is None else contextlib.nullcontext()
+    try:
+        if step == "eval":
+            # The training state, made outside the trace of a single process: the tracker counts
+            # what the step left (the optimizer's state) as live from the start, as parameters
+            # are. One rank's trace includes that training step (on from the wrapping), whose
+            # small batch peaks below an eval batch near the card's limit.
+            prepare_training_state(workload, optimizer, data_dependent=False)
+            tracker.classify(_optimizer_tensors(optimizer), "optimizer_state")
+            with tracking:
+                run_eval_steps(
                     workload,
                     batch_size,
                     iterations=iterations,
-                    optimizer=optimizer,
                     on_phase=tracker.set_phase,
                     data_dependent=False,
                 )
-        finally:
-            for handle in handles:
-                handle.remove()
+            return
+        with tracking:
+            run_train_steps(
+                workload,
+                batch_size,
+                iterations=iterations,
+                optimizer=optimizer,
+                on_phase=tracker.set_phase,
+                data_dependent=False,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+        if rank is not None:
+            rank.close()
 
 
 @contextlib.contextmanager
@@ -261,15 +300,23 @@ def _attribute_gradients_and_state(
     handles: list[Any] = []
 
     def on_gradient(parameter: torch.Tensor) -> None:
-        tracker.classify([parameter.grad], "gradients")
+        tracker.classify(local_tensors([parameter.grad]), "gradients")
 
     for parameter in model.parameters():
         if parameter.requires_grad:
             handles.append(parameter.register_post_accumulate_grad_hook(on_gradient))
 
+    def before_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        # FSDP assigns its sharded gradients directly, past the accumulation hooks.
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        tracker.classify(local_tensors(grads), "gradients")
+
     def on_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
         tracker.classify(_optimizer_tensors(opt), "optimizer_state")
+        tensors = [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        tracker.classify(local_tensors(tensors), "optimizer_state")
 
+    handles.append(optimizer.register_step_pre_hook(before_step))
     handles.append(optimizer.register_step_post_hook(on_step))
     return handles
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 from probes.estimate.allocator import AllocationLog
@@ -22,9 +22,10 @@ from probes.estimate.allocator import AllocationLog
 ALLOCATION_GRANULARITY = 512
 """CUDA's caching allocator rounds every block up to a multiple of 512 bytes."""
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations")
-"""Where live bytes are attributed; anything not a parameter, gradient or optimizer state
-(activations saved for backward, temporaries, the batch) counts as activations."""
+CATEGORIES = ("parameters", "gradients", "buckets", "optimizer_state", "activations")
+"""Where live bytes are attributed; anything not a parameter, gradient, DDP gradient bucket or
+optimizer state (activations saved for backward, temporaries, the batch, FSDP's gathered
+parameters) counts as activations."""
 
 
 def rounded(nbytes: int) -> int:
@@ -45,6 +46,8 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
         self.log = AllocationLog()
         """Every storage's allocation (its exact bytes) and free, in order."""
         self._storages_seen = 0
+        self._finalized: set[int] = set()
+        """Storages with a finalizer already (one each, however often resized)."""
         self._by_category: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -71,10 +74,36 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
                 self._count(value, "activations")
         return output
 
+    def __enter__(self) -> Any:
+        # FSDP frees and re-allocates its unsharded parameters by resizing their storages, past
+        # the dispatcher: seen here, a resize to nothing is a free and a resize from nothing an
+        # allocation, as the caching allocator sees them.
+        self._resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage: Any, size: int) -> Any:
+            result = tracker._resize(storage, size)
+            tracker._resized(storage, int(size))
+            return result
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
     def __exit__(self, *exc_info: Any) -> Any:
+        torch.UntypedStorage.resize_ = self._resize
         # What the log holds after this (the model and optimizer dying) is not part of the step.
         self.log.end = len(self.log)
         return super().__exit__(*exc_info)
+
+    def _resized(self, storage: Any, nbytes: int) -> None:
+        key = id(storage)
+        known = self._live.get(key)
+        if known is not None:
+            if rounded(nbytes) == known[0]:
+                return
+            self._release(key)
+        if nbytes > 0:
+            self._add(key, storage, nbytes, known[1] if known is not None else "activations")
 
     def set_phase(self, phase: str, iteration: int) -> None:
         """Attribute what happens from now on to `phase` of `iteration`."""
@@ -85,7 +114,8 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
 
     def classify(self, tensors: Iterable[torch.Tensor | None], category: str) -> None:
         """Count `tensors` under `category`: new ones are added (tensors made before the mode
-        started, such as parameters), known ones move from their old category."""
+        started, such as parameters), known ones move from their old category (except DDP's
+        buckets, which stay buckets when gradients become views into them)."""
         for tensor in tensors:
             if tensor is None:
                 continue
@@ -94,13 +124,17 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
             known = self._live.get(key)
             if known is None:
                 self._count(tensor, category)
-            elif known[1] != category:
+            elif known[1] != category and known[1] != "buckets":
                 nbytes, old, number = known
                 self._by_category[old] -= nbytes
                 self._by_category[category] += nbytes
                 self._live[key] = (nbytes, category, number)
 
     def _count(self, tensor: torch.Tensor, category: str) -> None:
+        if is_traceable_wrapper_subclass(tensor):
+            # A DTensor (FSDP's parameters, gradients, optimizer state) holds no memory of its
+            # own: its local shard, made by an op of its own, is what is counted.
+            return
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live:
@@ -108,12 +142,17 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
         exact = storage.nbytes()
         if exact == 0:
             return  # CUDA hands out no block for an empty storage
+        self._add(key, storage, exact, category)
+
+    def _add(self, key: int, storage: Any, exact: int, category: str) -> None:
         nbytes = rounded(exact)
         number = self._storages_seen
         self._storages_seen += 1
         self._live[key] = (nbytes, category, number)
         self.log.allocate(number, exact)
-        weakref.finalize(storage, self._release, key)
+        if key not in self._finalized:
+            self._finalized.add(key)
+            weakref.finalize(storage, self._forget, key)
         self._by_category[category] += nbytes
         self.live_bytes += nbytes
         if self.live_bytes > self.peak_by_phase.get(self.phase, 0):
@@ -123,6 +162,10 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[misc]
             self.peak_phase = self.phase
             self.peak_iteration = self.iteration
             self.peak_categories = dict(self._by_category)
+
+    def _forget(self, key: int) -> None:
+        self._finalized.discard(key)
+        self._release(key)
 
     def _release(self, key: int) -> None:
         entry = self._live.pop(key, None)

@@ -42,6 +42,7 @@ def test_remembers_phase_and_categories_at_the_peak() -> None:
     assert tracker.peak_categories == {
         "parameters": 1024,
         "gradients": 0,
+        "buckets": 0,
         "optimizer_state": 0,
         "activations": 40448,
     }

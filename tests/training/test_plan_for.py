@@ -161,7 +161,8 @@ def test_asks_the_server_named_by_tuner_server(service: Service, monkeypatch: py
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TUNER_API_TOKEN", service.token)  # without it the server refuses the POST
     probe_ids = seed_probes(service.engine, MLP, device=A100)  # measured before: derived at once
-    plan = plan_for(MLP, effective_batch_size=64, device=A100, wait=0)
+    # The seeded probes are of a single process; DDP, the default at two ranks, is another key.
+    plan = plan_for(MLP, effective_batch_size=64, device=A100, wait=0, parallelism="none")
     assert plan.world_size == 2 and plan.device == A100 and plan.backend == "estimate"
     assert plan.micro_batch_size * plan.accumulation_steps * 2 == 64
     assert plan.fingerprint == MLP.fingerprint() and plan.id is not None

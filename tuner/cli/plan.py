@@ -14,8 +14,10 @@ from tuner.cli._common import clear_errors, fail, on_off, print_json, size_optio
 from tuner.cli._memory_chart import PlannedPoint, memory_chart_lines
 from tuner.cli._options import (
     ALLOC_CONF_HELP,
+    PARALLELISM_HELP,
     BackendChoice,
     alloc_conf_option,
+    parallelism_option,
     resolve_backend,
     target_device,
 )
@@ -24,6 +26,7 @@ from tuner.cli._progress import trial_progress
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
+    from tuner.parallelism import ParallelismSpec
     from tuner.plan_probes import ExtraProbes, ProbeNeed
     from tuner.results import Plan, ProbeResult
     from tuner.search_types import Trial
@@ -92,6 +95,7 @@ def plan(
         "--eval",
         help="Also plan an eval micro-batch (forward only, no grad, with the training state resident).",
     ),
+    parallelism: str | None = typer.Option(None, "--parallelism", help=PARALLELISM_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Plan micro-batch size, accumulation steps and gradient checkpointing for an effective batch."""
@@ -119,8 +123,17 @@ def plan(
         if ramp_start is not None:
             policy["ramp"] = {"start_effective_batch_size": ramp_start, "ramp_steps": ramp_steps}
         conf = alloc_conf_option(alloc_conf)
+        parallel = parallelism_option(parallelism, world_size)
         request = _request(
-            workload, effective_batch_size, world_size, device, chosen_backend, policy, conf, effective_tokens
+            workload,
+            effective_batch_size,
+            world_size,
+            device,
+            chosen_backend,
+            policy,
+            conf,
+            effective_tokens,
+            parallel.parallelism,
         )
         from tuner.intake import refuse_what_cannot_fit
 
@@ -193,6 +206,7 @@ def _request(
     policy: dict[str, Any],
     alloc_conf: str | None = None,
     effective_tokens: int | None = None,
+    parallelism: ParallelismSpec | None = None,
 ) -> PlanRequest:
     from tuner.spec import parse_plan_request
 
@@ -206,6 +220,7 @@ def _request(
             "policy": policy,
             "alloc_conf": alloc_conf,
             "effective_tokens": effective_tokens,
+            "parallelism": parallelism.model_dump(mode="json") if parallelism else None,
         }
     )
 
@@ -278,6 +293,7 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = (), eval_trials: Sequence[T
         table.add_row("micro-batch size", str(plan.micro_batch_size))
     table.add_row("accumulation steps", str(plan.accumulation_steps))
     table.add_row("world size", str(plan.world_size))
+    table.add_row("parallelism", plan.parallelism.describe(plan.world_size))
     table.add_row("effective batch", str(plan.effective_batch_size))
     table.add_row("gradient checkpointing", on_off(plan.gradient_checkpointing))
     largest = ", ".join(f"{key}: {value}" for key, value in plan.max_micro_batch_size.items())
@@ -304,6 +320,8 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = (), eval_trials: Sequence[T
                 f"for {budget.effective_tokens} tokens",
             )
     table.add_row("backend", plan.backend)
+    for row in memory_per_rank_rows(plan.memory_per_rank):
+        table.add_row(*row)
     if plan.accumulation_schedule:
         ramp = ", ".join(
             f"{entry['accumulation_steps']} until step {entry['until_step']}"
@@ -332,3 +350,20 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = (), eval_trials: Sequence[T
         out.print(f"[yellow]warning:[/] {warning}", highlight=False)
     for hint in plan.hints:
         out.print(f"[cyan]hint:[/] {hint}", highlight=False)
+
+
+MEMORY_CATEGORIES = ("parameters", "gradients", "buckets", "optimizer_state", "activations")
+
+
+def memory_per_rank_rows(memory: dict[str, int] | None) -> list[tuple[str, str]]:
+    """Table rows of one rank's bytes per category (`Plan.memory_per_rank`): none without it,
+    DDP's buckets only where there are any."""
+    from tuner.units import format_bytes
+
+    if not memory:
+        return []
+    rows = [(f"per rank at {memory.get('micro_batch_size', '?')}", "")]
+    for name in MEMORY_CATEGORIES:
+        if name in memory and (memory[name] or name != "buckets"):
+            rows.append((f"  {name.replace('_', ' ')}", format_bytes(memory[name])))
+    return rows

@@ -16,9 +16,11 @@ from tuner.cli._memory_chart import memory_chart_lines
 from tuner.cli._options import (
     ALLOC_CONF_HELP,
     MAX_TRIALS,
+    PARALLELISM_HELP,
     BackendChoice,
     alloc_conf_option,
     local_gpu,
+    parallelism_option,
     resolve_backend,
     target_device,
 )
@@ -26,6 +28,7 @@ from tuner.cli._progress import trial_progress
 from tuner.search_types import DEFAULT_MAX_BATCH_SIZE
 
 if TYPE_CHECKING:
+    from tuner.parallelism import ParallelSetup
     from tuner.results import ProbeResult
     from tuner.spec import Backend, DeviceSpec, WorkloadSpec
 
@@ -72,6 +75,10 @@ def probe(
     alloc_conf: str | None = typer.Option(
         None, "--alloc-conf", envvar="PYTORCH_CUDA_ALLOC_CONF", help=ALLOC_CONF_HELP
     ),
+    parallelism: str | None = typer.Option(None, "--parallelism", help=PARALLELISM_HELP),
+    world_size: int = typer.Option(
+        1, "--world-size", help="Data-parallel ranks of the job one rank of which is probed."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the probe result as JSON."),
 ) -> None:
     """Find the largest micro-batch that fits, with a progress bar on a terminal."""
@@ -79,6 +86,8 @@ def probe(
         from tuner.spec import load_workload_file
 
         workload = load_workload_file(spec)
+        parallel = parallelism_option(parallelism, world_size)
+        _check_fsdp_family(workload, parallel)
         total_memory = size_option(device_memory)
         device = target_device(total_memory, device_name)
         chosen = resolve_backend(backend, total_memory)
@@ -96,6 +105,7 @@ def probe(
             timeout=timeout,
             show_progress=sys.stderr.isatty(),
             alloc_conf=alloc_conf_option(alloc_conf),
+            parallel=parallel,
         )
     if as_json:
         print_json(result)
@@ -116,8 +126,10 @@ def _run(
     timeout: float | None,
     show_progress: bool,
     alloc_conf: str | None = None,
+    parallel: ParallelSetup | None = None,
 ) -> ProbeResult:
     from probes.probe import run_probe
+    from tuner.parallelism import SINGLE
     from tuner.settings import get_settings
 
     settings = get_settings()
@@ -135,9 +147,21 @@ def _run(
             prior_timeout=settings.estimate_timeout_seconds,
             progress=bar.advance,
             alloc_conf=alloc_conf,
+            parallel=parallel or SINGLE,
         )
         bar.done(result)
     return result
+
+
+def _check_fsdp_family(workload: WorkloadSpec, parallel: ParallelSetup) -> None:
+    from tuner.cli._common import fail
+    from tuner.spec import fsdp_wrappable
+
+    if parallel.parallelism.strategy == "fsdp" and not fsdp_wrappable(workload.model):
+        fail(
+            f"--parallelism: 'fsdp' needs a model of repeated blocks to shard one by one; "
+            f"{workload.model.family} models are not wrapped per block (use 'ddp')."
+        )
 
 
 def print_probe(result: ProbeResult) -> None:
@@ -189,3 +213,15 @@ def print_probe(result: ProbeResult) -> None:
         f"Largest micro-batch: [bold]{result.max_batch_size}[/] with checkpointing {checkpointing} ({how}).",
         highlight=False,
     )
+    memory = result.extra.get("memory_per_rank")
+    if result.parallelism or memory:
+        from tuner.cli.plan import MEMORY_CATEGORIES
+        from tuner.parallelism import ParallelSetup
+
+        rank = ParallelSetup.from_key(result.parallelism).describe()
+        parts = [
+            f"{name.replace('_', ' ')} {format_bytes(memory[name])}"
+            for name in MEMORY_CATEGORIES
+            if isinstance(memory, dict) and memory.get(name)
+        ]
+        out.print(f"One rank of {rank}" + (": " + ", ".join(parts) if parts else "."), highlight=False)
