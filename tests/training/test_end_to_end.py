@@ -16,8 +16,8 @@ import pytest
 from tests.servers import TUNER, clean_env, free_port, start_server
 from tuner import autotune, plan_for
 from tuner.client import Job, TunerClient
-from tuner.errors import ServiceError
-from tuner.results import Plan
+from tuner.errors import ServiceError, SpecError
+from tuner.results import Plan, ProbeResult
 from tuner.spec import DeviceSpec, PlanRequest
 
 # The server runs in its own process; here it only has to be part of the installation.
@@ -106,13 +106,27 @@ def test_plan_for_and_autotune_against_the_service(server: str, monkeypatch: pyt
 
     import torch
 
+    ran: list[int] = []
+
     def step(batch_size: int) -> None:
+        ran.append(batch_size)
         if batch_size > 11:
             raise torch.OutOfMemoryError("out of memory")
 
-    uploaded = autotune(
-        step, fingerprint=SPEC.fingerprint(), device=DEVICE, server=server, strategy="doubling"
-    )  # the workload is found on the server by fingerprint
+    def tune() -> ProbeResult:
+        # The workload is found on the server by fingerprint.
+        return autotune(
+            step, fingerprint=SPEC.fingerprint(), device=DEVICE, server=server, strategy="doubling"
+        )
+
+    if not torch.cuda.is_available():
+        # A run here would measure the CPU, not the named GPU: refused before the step runs, and
+        # nothing is uploaded as that GPU's.
+        with pytest.raises(SpecError, match="never uploaded"):
+            tune()
+        assert ran == []
+        return
+    uploaded = tune()
     assert uploaded.id is not None and uploaded.max_batch_size == 11 and uploaded.workload == SPEC
     with TunerClient(server) as client:
         assert client.get_probe(uploaded.id).max_batch_size == 11

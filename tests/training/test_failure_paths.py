@@ -144,7 +144,7 @@ def test_plan_with_server_shows_the_jobs_progress_while_it_waits(
     request = request_on(
         workload, DeviceSpec(name=f"Progress GPU {unique_number()}", total_memory_bytes=4 * GIB)
     )
-    plan, _ = _plan_on_server(service.url, request, 120, with_trials=False, show_progress=True)
+    plan, _, _ = _plan_on_server(service.url, request, 120, with_trials=False, show_progress=True)
     assert plan.effective_batch_size == 64 and plan.cache_hit is False
     drawn = screen.getvalue()
     assert "planning mlp: job" in drawn
