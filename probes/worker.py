@@ -41,12 +41,20 @@ from storage.db import session_factory
 from storage.planning import derive_plan, installed_torch_minor
 from storage.records import Accepts, JobRecord, WaiterRecord
 from tuner.checkpointing import on_off
-from tuner.errors import DeviceRequiredError, NothingFitsError, SpecError, TunerError
+from tuner.errors import DeviceRequiredError, ModelBuildError, NothingFitsError, SpecError, TunerError
 from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
 from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
-from tuner.spec import Backend, DeviceSpec, StepKind, WorkloadSpec, parse_plan_request, parse_workload
+from tuner.spec import (
+    Backend,
+    DeviceSpec,
+    PlanRequest,
+    StepKind,
+    WorkloadSpec,
+    parse_plan_request,
+    parse_workload,
+)
 
 log = logging.getLogger("tuner.worker")
 
@@ -103,6 +111,9 @@ class _ActiveJob:
     progress: dict[str, Any] = field(default_factory=dict)
     reported: threading.Event = field(default_factory=threading.Event)
     """Set when a trial finished: the heartbeat stores the progress now instead of at its next beat."""
+    unbuildable_checkpointing: str | None = None
+    """Why the model cannot be built with checkpointing on, where the job's `auto` requests are
+    planned without that choice (the `off` probe stands)."""
 
     @property
     def id(self) -> int:
@@ -316,11 +327,23 @@ class Worker:
         probes: list[ProbeResult] = []
         alloc_conf = payload.get("alloc_conf")
         for checkpointing in payload["gradient_checkpointing"]:
-            probes.append(
-                self._probe_one(active, workload, device, bool(checkpointing), alloc_conf, "train", parallel)
-            )
+            try:
+                probes.append(
+                    self._probe_one(
+                        active, workload, device, bool(checkpointing), alloc_conf, "train", parallel
+                    )
+                )
+            except ModelBuildError as exc:
+                # Under `auto` a choice the model cannot be built with is one choice less, not a
+                # failed job, once the `off` probe stands (as `plan_for` does locally).
+                if not (checkpointing and probes):
+                    raise
+                log.info("Job %d: checkpointing on is dropped: %s", active.id, exc.message)
+                active.unbuildable_checkpointing = exc.message
         # The eval probe and a token budget's lengths (`tuner.plan_probes`), after the train probes.
         for extra in payload.get("extra_probes") or []:
+            if extra["gradient_checkpointing"] and active.unbuildable_checkpointing is not None:
+                continue  # a token budget's length probes of the choice that cannot be built
             step: StepKind = "eval" if extra.get("step") == "eval" else "train"
             self._probe_one(
                 active,
@@ -440,6 +463,9 @@ class Worker:
                 request = parse_plan_request(waiter.request)
                 if request.device is None:
                     request = request.model_copy(update={"device": self._job_device(active.job.payload)})
+                hints: list[str] = []
+                if active.unbuildable_checkpointing is not None:
+                    request, hints = without_checkpointing(request, active.unbuildable_checkpointing)
                 with self._session() as session:
                     plan = derive_plan(
                         session,
@@ -447,6 +473,7 @@ class Worker:
                         torch_minor=self.torch_minor,
                         cache_hit=False,
                         waiter_id=waiter.id,
+                        hints=hints,
                     )
             except TunerError as exc:
                 # The probe is stored and serves the cache; this one request cannot be planned.
@@ -645,3 +672,15 @@ def _describe(payload: dict[str, Any]) -> str:
     device = (payload.get("device") or {}).get("name", "this worker's GPU")
     choices = ",".join(on_off(gc) for gc in payload.get("gradient_checkpointing", []))
     return f"{model} on {device}, {payload.get('backend')}, checkpointing [{choices}]"
+
+
+def without_checkpointing(request: PlanRequest, why: str) -> tuple[PlanRequest, list[str]]:
+    """`request` planned without checkpointing on, which the model cannot be built with, and the
+    hint that says so. A request that asked for `on` stays as it is: its plan fails, as asked."""
+    policy = request.policy
+    if policy.gradient_checkpointing != "auto":
+        return request, []
+    narrowed = request.model_copy(
+        update={"policy": policy.model_copy(update={"gradient_checkpointing": "off"})}
+    )
+    return narrowed, [f"Checkpointing on was not considered: the model cannot be built with it ({why})."]

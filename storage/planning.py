@@ -9,6 +9,7 @@ plans with `tuner.planner`, and imports neither torch, the API nor the probes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
@@ -140,6 +141,7 @@ def derive_plan(
     torch_minor: str,
     cache_hit: bool = True,
     waiter_id: int | None = None,
+    hints: Sequence[str] = (),
 ) -> Plan | None:
     """The plan for `request` from cached probes, or None when a probe it needs is not cached.
 
@@ -150,7 +152,8 @@ def derive_plan(
     existing: when another process stored the same plan meanwhile, that one is returned (with
     `cache_hit` true) and no second row is made. With `waiter_id`, that waiter is resolved to the
     plan (the new one or the stored one), so that every waiter of a job with the same request
-    gets the same plan. Torch-free: the worker calls it too. The request must name
+    gets the same plan. `hints` are added to a new plan (what the worker learnt while probing).
+    Torch-free: the worker calls it too. The request must name
     its device (a worker fills in its own for a device-less cuda request).
     Raises the planner's `PlanError`/`NothingFitsError` when the probes allow no plan.
     """
@@ -170,7 +173,8 @@ def derive_plan(
         if waiter_id is not None:
             repository.resolve_waiter(session, waiter_id=waiter_id, plan_id=earlier.id)
         return earlier.model_copy(update={"cache_hit": True})
-    plan = make_plan(request, probes, extras).model_copy(update={"cache_hit": cache_hit})
+    plan = make_plan(request, probes, extras)
+    plan = plan.model_copy(update={"cache_hit": cache_hit, "hints": [*plan.hints, *hints]})
     plan_id, created = repository.save_plan_or_existing(
         session, plan=plan, request=canonical, waiter_id=waiter_id
     )

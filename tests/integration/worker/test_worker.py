@@ -123,6 +123,31 @@ def test_a_model_that_does_not_build_fails_at_once(
 
 
 @pytest.mark.slow
+def test_under_auto_a_choice_the_model_cannot_be_built_with_is_dropped_not_the_plan(
+    queue: Queue, allow_test_factories: None
+) -> None:
+    job = queue.enqueue(mlp_request(factory=f"{FACTORIES}:refuses_checkpointing", checkpointing="auto"))
+    worker = make_worker(queue.engine, "auto-drop")
+
+    assert worker.run_once() is True
+    done = queue.job(job.id)
+    assert done.status == "succeeded", done.error
+    (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
+    assert waiter.status == "resolved" and waiter.plan_id is not None
+    plan = repository.get_plan(queue.engine, plan_id=waiter.plan_id)
+    assert plan.gradient_checkpointing is False and set(plan.max_micro_batch_size) == {"off"}
+    assert any("Checkpointing on was not considered" in hint for hint in plan.hints)
+    assert "does not support activation checkpointing" in " ".join(plan.hints)
+    assert probe_count(queue.engine) == 1  # only the choice that could be built was stored
+
+    # A request that asked for checkpointing on still fails, naming why.
+    on = queue.enqueue(mlp_request(factory=f"{FACTORIES}:refuses_checkpointing", checkpointing="on"))
+    assert worker.run_once() is True
+    failed = queue.job(on.id)
+    assert failed.status == "failed" and failed.error_code == "model_build_failed"
+
+
+@pytest.mark.slow
 def test_an_aborting_probe_is_retried_then_fails_and_the_worker_lives_on(
     queue: Queue, allow_test_factories: None
 ) -> None:
