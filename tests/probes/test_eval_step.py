@@ -12,26 +12,11 @@ from probes.estimate.remote import estimate_peak
 from probes.eval_step import prepare_training_state, run_eval_steps
 from probes.probe import run_probe
 from probes.workloads import build_workload
+from tests.probes.tiny_specs import SMALL_LLAMA
 from tuner.errors import ModelBuildError, TunerError
 from tuner.spec import DeviceSpec, parse_workload
 
-LLAMA = {
-    "model": {
-        "family": "transformers",
-        "config": {
-            "model_type": "llama",
-            "hidden_size": 128,
-            "intermediate_size": 352,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": 6400,
-            "max_position_embeddings": 512,
-        },
-    },
-    "inputs": {"kind": "tokens", "seq_len": 256},
-    "precision": "bf16-mixed",
-}
+LLAMA = SMALL_LLAMA
 CARD = DeviceSpec(name="Test GPU 2GiB", total_memory_bytes=2 << 30)
 
 

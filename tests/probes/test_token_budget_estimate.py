@@ -10,28 +10,13 @@ from typing import Any
 import pytest
 
 from probes.estimate.remote import run_estimate_child
+from tests.probes.tiny_specs import SMALL_LLAMA
 from tuner.integration import probe_plan_locally
 from tuner.planner import make_plan
 from tuner.spec import DeviceSpec, WorkloadSpec, parse_plan_request
 
 CARD = DeviceSpec(name="Test GPU 2GiB", total_memory_bytes=2 << 30)
-LLAMA: dict[str, Any] = {
-    "model": {
-        "family": "transformers",
-        "config": {
-            "model_type": "llama",
-            "hidden_size": 128,
-            "intermediate_size": 352,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": 6400,
-            "max_position_embeddings": 512,
-        },
-    },
-    "inputs": {"kind": "tokens", "seq_len": 256, "min_seq_len": 64},
-    "precision": "bf16-mixed",
-}
+LLAMA: dict[str, Any] = {**SMALL_LLAMA, "inputs": {**SMALL_LLAMA["inputs"], "min_seq_len": 64}}
 
 
 def _trials_in_child(

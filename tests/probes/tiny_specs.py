@@ -130,3 +130,24 @@ def tiny_spec(
     if optimizer is not None:
         data["optimizer"] = optimizer
     return parse_workload(data)
+
+
+# A MiniMind-sized decoder for the eval and token-budget probes: a trace of a few seconds, and
+# attention long enough (seq 256) that a shorter length holds more tokens per micro-batch.
+SMALL_LLAMA: dict[str, Any] = {
+    "model": {
+        "family": "transformers",
+        "config": {
+            "model_type": "llama",
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 6400,
+            "max_position_embeddings": 512,
+        },
+    },
+    "inputs": {"kind": "tokens", "seq_len": 256},
+    "precision": "bf16-mixed",
+}
