@@ -9,6 +9,8 @@ with a small pre-pinged pool.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,7 +84,7 @@ def _sqlite_engine(url: URL, *, echo: bool) -> Engine:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
         if not in_memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enter_wal_mode(cursor)
             # In WAL mode NORMAL loses no committed transaction on an application crash.
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
@@ -93,6 +95,35 @@ def _sqlite_engine(url: URL, *, echo: bool) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _enter_wal_mode(cursor: Any) -> None:
+    """Put the database in WAL mode (it stays so in the file), waiting for the lock it needs.
+
+    Switching a new database to WAL takes an exclusive lock, and SQLite answers "database is
+    locked" at once, without its busy handler, while another connection is reading or switching
+    it too: processes that open a new database at the same moment (API replicas and workers at
+    their first start) would fail. So each waits its turn, up to the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    pause = 0.005
+    while True:
+        try:
+            mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                # When it cannot switch yet, SQLite may also answer with the old mode.
+                mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() == "wal":
+                return
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(f"database stayed in journal mode {mode!r}, not WAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def connection_capacity(engine: Engine) -> int:

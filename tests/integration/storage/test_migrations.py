@@ -98,6 +98,34 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_a_busy_timeout(tmp_path: 
         engine.dispose()
 
 
+def test_connections_opening_a_new_sqlite_database_at_once_all_get_wal(tmp_path: Path) -> None:
+    """Processes starting together (replicas, workers) open the new file at the same moment: the
+    switch to WAL needs a lock SQLite does not wait for on its own, so each must wait its turn."""
+    for round_ in range(50):
+        engines = [make_engine(f"sqlite:///{tmp_path}/{round_}/tuner.db") for _ in range(6)]
+        barrier = threading.Barrier(len(engines))
+        modes: list[str] = []
+        errors: list[BaseException] = []
+
+        def open_one(engine: Engine) -> None:
+            try:
+                barrier.wait(timeout=30)
+                with engine.connect() as connection:
+                    modes.append(connection.exec_driver_sql("PRAGMA journal_mode").scalar())
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_one, args=(engine,)) for engine in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        for engine in engines:
+            engine.dispose()
+        assert errors == []
+        assert modes == ["wal"] * len(engines)
+
+
 def test_cli_upgrades_and_downgrades(empty_database_url: str) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["db", "upgrade", "--db", empty_database_url])
