@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, Table, create_engine, event, make_url, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
@@ -162,6 +163,18 @@ def is_postgresql(bind: Engine | Connection | Session) -> bool:
     """True when `bind` talks to PostgreSQL (else SQLite)."""
     engine = bind.get_bind() if isinstance(bind, Session) else bind
     return engine.dialect.name == "postgresql"
+
+
+def dialect_insert(db: Session, target: type[Any] | Table) -> postgresql.Insert | sqlite.Insert:
+    """The dialect's own INSERT for `target` (a mapped class or a table): PostgreSQL's or SQLite's,
+    the two databases the tuner runs on; both have `on_conflict_do_nothing/do_update`, which the
+    job queue, the worker registry and the probe and plan caches rely on."""
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(target)
+    if dialect == "sqlite":
+        return sqlite.insert(target)
+    raise NotImplementedError(f"the tuner stores its data in PostgreSQL or SQLite, not {dialect}")
 
 
 def alembic_config(url: str | URL | None = None) -> Any:

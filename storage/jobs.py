@@ -22,11 +22,9 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Select, Table, and_, case, false, func, or_, select, text, true, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.db import Bind, bound_session, is_postgresql, write_transaction
+from storage.db import Bind, bound_session, dialect_insert, write_transaction
 from storage.job_events import notify_finished, publish_finished
 from storage.models import (
     ACTIVE_JOB_STATUSES,
@@ -161,7 +159,7 @@ def _enqueue_or_join(
             "created_at": now,
             "updated_at": now,
         }
-        insert = postgresql_insert(JOBS) if is_postgresql(db) else sqlite_insert(JOBS)
+        insert = dialect_insert(db, JOBS)
         statement = (
             insert.values(**values)
             .on_conflict_do_nothing(index_elements=["key"], index_where=_ACTIVE_KEY_PREDICATE)

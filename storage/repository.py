@@ -16,7 +16,7 @@ from sqlalchemy import Select, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, selectinload
 
-from storage.db import Bind, bound_session, write_transaction
+from storage.db import Bind, bound_session, dialect_insert, write_transaction
 from storage.identity import plan_request_hash
 from storage.jobs import (
     LEASE_EXPIRED_ERROR,
@@ -108,7 +108,6 @@ __all__ = [
 ]
 
 
-
 def _unstorable(*texts: str | None) -> bool:
     """True when a text cannot be in any row: PostgreSQL text holds no NUL character (and refuses
     a query that compares with one), so a lookup by such a value matches nothing on either
@@ -166,7 +165,7 @@ def save_probe_or_existing(session: Bind, *, result: ProbeResult) -> tuple[int, 
     """
     values = _probe_values(result)
     with write_transaction(session) as db:
-        probe_id = _insert_unless_present(db, insert_statement(db, ProbeRow).values(**values))
+        probe_id = _insert_unless_present(db, dialect_insert(db, ProbeRow).values(**values))
         if probe_id is None:
             existing = db.execute(
                 select(ProbeRow.id).where(
@@ -181,17 +180,6 @@ def save_probe_or_existing(session: Bind, *, result: ProbeResult) -> tuple[int, 
                 [_trial_values(probe_id, index, trial) for index, trial in enumerate(result.trials)],
             )
         return probe_id, True
-
-
-def insert_statement(db: Session, entity: type[Any]) -> postgresql.Insert | sqlite.Insert:
-    """The dialect's own INSERT for `entity` (it has `on_conflict_do_nothing`): PostgreSQL or
-    SQLite, the two databases the tuner runs on."""
-    dialect = db.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(entity)
-    if dialect == "sqlite":
-        return sqlite.insert(entity)
-    raise NotImplementedError(f"the tuner stores its data in PostgreSQL or SQLite, not {dialect}")
 
 
 def _insert_unless_present(db: Session, statement: postgresql.Insert | sqlite.Insert) -> int | None:
@@ -373,7 +361,7 @@ def save_plan_or_existing(
                 return int(waiter.plan_id), False
             if waiter.status != WAITER_PENDING:
                 raise ConflictError(f"Job waiter {waiter_id} has {waiter.status}; it takes no plan.")
-        plan_id = _insert_unless_present(db, insert_statement(db, PlanRow).values(**values))
+        plan_id = _insert_unless_present(db, dialect_insert(db, PlanRow).values(**values))
         created = plan_id is not None
         if plan_id is None:
             plan_id = int(

@@ -12,10 +12,8 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from storage.db import Bind, bound_session, is_postgresql, write_transaction
+from storage.db import Bind, bound_session, dialect_insert, write_transaction
 from storage.models import WorkerRow, utcnow
 from storage.records import Accepts
 
@@ -70,7 +68,7 @@ def announce_worker(session: Bind, *, worker_id: str, accepts: Accepts, ttl_seco
             "seen_at": now,
             "expires_at": now + timedelta(seconds=ttl_seconds),
         }
-        insert = postgresql_insert(WORKERS) if is_postgresql(db) else sqlite_insert(WORKERS)
+        insert = dialect_insert(db, WORKERS)
         renewed = {"seen_at": now, "expires_at": values["expires_at"]}
         db.execute(insert.values(**values).on_conflict_do_update(index_elements=["worker_id"], set_=renewed))
         db.execute(delete(WORKERS).where(WORKERS.c.expires_at < now))

@@ -103,27 +103,35 @@ def test_connections_opening_a_new_sqlite_database_at_once_all_get_wal(tmp_path:
     switch to WAL needs a lock SQLite does not wait for on its own, so each must wait its turn."""
     for round_ in range(50):
         engines = [make_engine(f"sqlite:///{tmp_path}/{round_}/tuner.db") for _ in range(6)]
-        barrier = threading.Barrier(len(engines))
-        modes: list[str] = []
-        errors: list[BaseException] = []
-
-        def open_one(engine: Engine) -> None:
-            try:
-                barrier.wait(timeout=30)
-                with engine.connect() as connection:
-                    modes.append(connection.exec_driver_sql("PRAGMA journal_mode").scalar())
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=open_one, args=(engine,)) for engine in engines]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        for engine in engines:
-            engine.dispose()
+        try:
+            errors, modes = _open_at_once(engines)
+        finally:
+            for engine in engines:
+                engine.dispose()
         assert errors == []
         assert modes == ["wal"] * len(engines)
+
+
+def _open_at_once(engines: list[Engine]) -> tuple[list[BaseException], list[str]]:
+    """Each engine opens a connection at the same moment: the errors, and each one's journal mode."""
+    barrier = threading.Barrier(len(engines))
+    modes: list[str] = []
+    errors: list[BaseException] = []
+
+    def open_one(engine: Engine) -> None:
+        try:
+            barrier.wait(timeout=30)
+            with engine.connect() as connection:
+                modes.append(connection.exec_driver_sql("PRAGMA journal_mode").scalar())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors, modes
 
 
 def test_cli_upgrades_and_downgrades(empty_database_url: str) -> None:
