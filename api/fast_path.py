@@ -4,7 +4,7 @@ A repeated plan request is the hot path of the service (every training run asks 
 its answer is immutable: the serialized plan kept under the hash of the raw body (`api.cache`).
 This pure ASGI layer reads the body, and when the cache has it and the request is authorized (the
 bearer token is checked exactly as on every write) and its query parameters are valid, sends the
-stored bytes. Everything else — a miss, a bad token, a bad `wait` or `queue_without_worker` —
+stored bytes. Everything else — a miss, a bad token, a query `api.plan_query` refuses —
 goes on to the app with the body replayed, where the router answers it (the 401 and 422
 included) in the usual way.
 """
@@ -12,15 +12,13 @@ included) in the usual way.
 from __future__ import annotations
 
 import json
-import math
-from urllib.parse import parse_qs
 
+from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ApiContext, check_write_token
-from api.errors import BodyTooLargeError, error_body
-from api.plan_service import MAX_WAIT_SECONDS
-from api.worker_availability import FLAG_VALUES, QUEUE_WITHOUT_WORKER
+from api.errors import BodyTooLargeError, InvalidRequestError, error_body
+from api.plan_query import parse_plan_query
 from tuner.errors import AuthError
 
 PLANS_PATH = "/v1/plans"
@@ -88,22 +86,12 @@ def _authorized(context: ApiContext, scope: Scope) -> bool:
 
 
 def _valid_query(scope: Scope) -> bool:
-    """Whether `wait` and `queue_without_worker` are valid (the router answers them otherwise)."""
-    query = scope.get("query_string", b"")
-    if not query:
-        return True
-    parameters = parse_qs(query.decode("latin-1"))
-    flags = parameters.get(QUEUE_WITHOUT_WORKER)
-    if flags and flags[-1].strip().lower() not in FLAG_VALUES:
-        return False
-    values = parameters.get("wait")
-    if not values:
-        return True
+    """Whether the router would accept the query parameters (it answers them otherwise)."""
     try:
-        wait = float(values[-1])
-    except ValueError:
+        parse_plan_query(QueryParams(scope.get("query_string", b"")))
+    except InvalidRequestError:
         return False
-    return not math.isnan(wait) and 0 <= wait <= MAX_WAIT_SECONDS
+    return True
 
 
 async def _send(send: Send, status: int, body: bytes) -> None:

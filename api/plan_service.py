@@ -1,4 +1,4 @@
-"""What `POST /v1/plans` does, so that the router stays thin (DESIGN.md §2).
+"""What `POST /v1/plans` does, so that the router stays thin (docs/design.md).
 
 1. Validate the body (`tuner.spec.parse_plan_request`): anything wrong is a 422 naming the field.
 2. The checkpointing choices the policy needs (`off` → [False], `on` → [True], `auto` → both).

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (CONTRACT.md), separate from the storage rows.
+"""Request and response bodies of the HTTP API (docs/contract.md), separate from the storage rows.
 
 Plan requests, plans and probe results are the domain's own pydantic models (`tuner.spec`,
 `tuner.results`); this module adds what only the API has: jobs, lists and errors.

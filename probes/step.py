@@ -1,4 +1,4 @@
-"""The canonical train step (DESIGN.md §4): the one loop that every backend runs, so that an
+"""The canonical train step (docs/workloads.md): the one loop that every backend runs, so that an
 estimate, a GPU probe and a user's loop measure the same thing.
 
 Per iteration: batch → forward and loss under the precision's autocast → backward (GradScaler

@@ -1,4 +1,4 @@
-"""The torch-free planning service that both the API and the workers use (DESIGN.md §2).
+"""The torch-free planning service that both the API and the workers use (docs/design.md).
 
 A plan is derived from stored probes by the pure planner and stored with the identity of its
 request and probes; the job a request waits on is keyed by the probes it needs. It lives in

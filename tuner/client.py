@@ -1,4 +1,4 @@
-"""A typed client of the tuner HTTP API (CONTRACT.md "HTTP API"). No torch.
+"""A typed client of the tuner HTTP API (docs/contract.md "HTTP API"). No torch.
 
 Every call has a timeout; connection errors and 503 answers are retried with exponential
 back-off; any other error answer becomes a `ServiceError` carrying the server's `detail`, `code`

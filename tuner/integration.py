@@ -1,4 +1,4 @@
-"""`plan_for`: a training script asks for its plan at start-up (DESIGN.md §1).
+"""`plan_for`: a training script asks for its plan at start-up (docs/training.md).
 
 It turns what the script has (a `WorkloadSpec`, a transformers model, or any model with a
 factory reference) into a workload spec, finds the local GPU and the world size, and asks the

@@ -127,7 +127,7 @@ def _text(value: Any) -> str:
 
 
 def default_parallelism(world_size: int) -> ParallelismSpec:
-    """DDP where there is more than one rank, else none (CONTRACT.md)."""
+    """DDP where there is more than one rank, else none (docs/contract.md)."""
     return ParallelismSpec(strategy="ddp" if world_size > 1 else "none")
 
 

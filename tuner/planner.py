@@ -1,4 +1,4 @@
-"""The planner: from probe results to the plan a training script applies (DESIGN.md §7).
+"""The planner: from probe results to the plan a training script applies (docs/planner.md).
 
 Pure: plain data in (a `PlanRequest` and one `ProbeResult` per checkpointing choice), a `Plan`
 out. No torch, no SQL, instant.

@@ -1,4 +1,4 @@
-"""What probes and the planner produce: probe results and plans (CONTRACT.md shapes)."""
+"""What probes and the planner produce: probe results and plans (docs/contract.md shapes)."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class TokenBudget(BaseModel):
 
 
 class Plan(BaseModel):
-    """What a training script applies (CONTRACT.md "Plan")."""
+    """What a training script applies (docs/contract.md "Plan")."""
 
     id: int | None = None
     created_at: datetime | None = None

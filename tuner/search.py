@@ -5,7 +5,7 @@ and reports whether it ran out of memory and how many bytes it used.
 
 Strategies:
 
-- `guided` (DESIGN.md §6): a memory line `peak_reserved ≈ fixed + per_sample × b` (the
+- `guided` (docs/probe.md): a memory line `peak_reserved ≈ fixed + per_sample × b` (the
   estimator's prior, or two cheap trials at small b) predicts the largest b whose *reserved* peak
   fits `capacity_bytes`; a trial confirms it, one more trial above or below brackets it, and
   bisection runs only inside the bracket. The line is refitted after every trial from two

@@ -1,4 +1,4 @@
-"""Workload, device, policy and plan-request specs (CONTRACT.md), and the workload fingerprint.
+"""Workload, device, policy and plan-request specs (docs/contract.md), and the workload fingerprint.
 
 Pure pydantic: the API process validates specs without importing torch. What can only be
 checked by building the model (an unknown `model_type`, a factory that raises) is found in
@@ -108,7 +108,7 @@ class ModelSpec(_Spec):
     """Which model to build. Fields other than `family` apply to some families only."""
 
     family: Family
-    """`transformers`, `torchvision`, `builtin` or `python` (CONTRACT.md)."""
+    """`transformers`, `torchvision`, `builtin` or `python` (docs/contract.md)."""
     config: dict[str, Any] | None = None
     """transformers: a config dict with `model_type`; passed to `AutoConfig.for_model`."""
     task: Task = "causal-lm"

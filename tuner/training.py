@@ -1,4 +1,4 @@
-"""Apply a plan in a training loop: exact gradient accumulation (DESIGN.md §8).
+"""Apply a plan in a training loop: exact gradient accumulation (docs/training.md).
 
 The textbook loop divides each micro-batch's *mean* loss by the number of accumulation steps.
 That equals the big-batch gradient only when every micro-batch holds the same number of loss

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
 from api.deps import BEARER_SCHEME, ApiContext, SessionDep, check_write_token
-from api.errors import InvalidRequestError
+from api.plan_query import WAIT, parse_plan_query
 from api.plan_service import MAX_WAIT_SECONDS
 from api.schemas import ErrorOut, JobOut, Plan, PlanList, RowId
-from api.worker_availability import FLAG_VALUES, QUEUE_WITHOUT_WORKER
+from api.worker_availability import QUEUE_WITHOUT_WORKER
 from storage import repository
 
 router = APIRouter(prefix="/v1/plans", tags=["plans"])
@@ -44,7 +43,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         },
         "parameters": [
             {
-                "name": "wait",
+                "name": WAIT,
                 "in": "query",
                 "required": False,
                 "description": "Seconds to wait for a probe job (0 to 300).",
@@ -63,45 +62,18 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     },
 )
 async def create_plan(request: Request) -> Response:
-    """The body is a plan request (CONTRACT.md). It is read raw, not by FastAPI: an identical
-    earlier body is answered from memory without being parsed again."""
+    """The body is a plan request (docs/contract.md). It is read raw, not by FastAPI: an identical
+    earlier body is answered from memory, in front of the router, without being parsed again."""
     context: ApiContext = request.app.state.context
     check_write_token(context, request.headers.get("authorization"))
-    wait = parse_wait(request.query_params.get("wait"))
-    queue_without_worker = parse_flag(QUEUE_WITHOUT_WORKER, request.query_params.get(QUEUE_WITHOUT_WORKER))
-    raw_body = await request.body()
-    cached = context.plans.cached_answer(raw_body)
-    if cached is not None:
-        return Response(cached, media_type="application/json")
-    answer = await context.plans.create(raw_body, wait=wait, queue_without_worker=queue_without_worker)
+    query = parse_plan_query(request.query_params)
+    # A body whose answer is cached never gets here: `api.fast_path` sent it already.
+    answer = await context.plans.create(
+        await request.body(), wait=query.wait, queue_without_worker=query.queue_without_worker
+    )
     return Response(
         answer.body, status_code=answer.status, media_type="application/json", headers=answer.headers
     )
-
-
-def parse_flag(name: str, value: str | None) -> bool:
-    """A boolean query parameter: `true`/`1` or `false`/`0` (absent: false)."""
-    if value is None:
-        return False
-    flag = FLAG_VALUES.get(value.strip().lower())
-    if flag is None:
-        raise InvalidRequestError(f"Invalid request: query.{name} must be true or false, got {value!r}.")
-    return flag
-
-
-def parse_wait(value: str | None) -> float:
-    """`?wait=S`: seconds, 0 to 300."""
-    if value is None:
-        return 0.0
-    try:
-        wait = float(value)
-    except ValueError:
-        wait = math.nan
-    if not 0 <= wait <= MAX_WAIT_SECONDS:
-        raise InvalidRequestError(
-            f"Invalid request: query.wait must be a number of seconds from 0 to 300, got {value!r}."
-        )
-    return wait
 
 
 @router.get("", response_model=PlanList, summary="Past plans, newest first")

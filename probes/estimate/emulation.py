@@ -1,7 +1,7 @@
 """Make a CPU trace allocate what a CUDA training step allocates.
 
 Three differences between torch's CPU and CUDA paths change the memory of a step, and each is
-patched here (DESIGN.md §5):
+patched here (docs/estimate.md):
 
 - dropout: CPU keeps a mask in the input's dtype (`bernoulli_` then multiply); CUDA runs the
   fused `native_dropout`, which saves a bool mask. `aten::dropout` is routed to `native_dropout`.

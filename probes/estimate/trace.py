@@ -210,7 +210,7 @@ def _run(
     from probes.workloads import build_workload
 
     # Fake CPU tensors, never fake CUDA ones: on a CPU-only build autograd aborts the process on
-    # fake CUDA tensors that require grad (DESIGN.md §5).
+    # fake CUDA tensors that require grad (docs/estimate.md).
     tensors = contextlib.nullcontext() if real_tensors else FakeTensorMode(allow_non_fake_inputs=False)
     # Over the fake tensors, the reads of values they do not have (real tensors have them).
     reads = contextlib.nullcontext() if real_tensors else value_reads

@@ -1,4 +1,4 @@
-"""GradientAccumulator: the window's update equals the big batch's, exactly (DESIGN.md §8)."""
+"""GradientAccumulator: the window's update equals the big batch's, exactly (docs/training.md)."""
 
 from __future__ import annotations
 

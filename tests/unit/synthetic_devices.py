@@ -1,4 +1,4 @@
-"""Synthetic devices: memory models with the shapes real GPUs showed (DESIGN.md §3), as
+"""Synthetic devices: memory models with the shapes real GPUs showed (docs/gpu_memory.md), as
 `fits(b) -> Trial` callables, so that search strategies can be compared and tested exactly.
 
 Each device knows its true maximum by scanning its own model, never from a search.

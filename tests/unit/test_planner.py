@@ -1,4 +1,4 @@
-"""The planner (DESIGN.md §7): properties over random requests and probes, and table tests.
+"""The planner (docs/planner.md): properties over random requests and probes, and table tests.
 
 Probe results are built directly from a "true" memory line (what a probe would have measured),
 and every expectation is computed here independently of the planner's own helpers: brute-force

@@ -1,4 +1,4 @@
-"""Workload spec validation and the fingerprint (CONTRACT.md "Workload spec")."""
+"""Workload spec validation and the fingerprint (docs/contract.md "Workload spec")."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def not_built(command: str) -> NoReturn:
-    """For a command of CONTRACT.md that this version does not implement yet."""
+    """For a command of docs/contract.md that this version does not implement yet."""
     fail(f"'tuner {command}' is not available in this version yet.", code=2)
 
 

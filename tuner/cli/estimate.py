@@ -1,4 +1,4 @@
-"""`tuner estimate SPEC.json --batch-size B [--checkpointing] [--json]` (CONTRACT.md): the
+"""`tuner estimate SPEC.json --batch-size B [--checkpointing] [--json]` (docs/contract.md): the
 predicted peak memory of one train step, without a GPU."""
 
 from __future__ import annotations

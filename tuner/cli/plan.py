@@ -1,4 +1,4 @@
-"""`tuner plan` (CONTRACT.md): micro-batch, accumulation steps and checkpointing for an effective
+"""`tuner plan` (docs/contract.md): micro-batch, accumulation steps and checkpointing for an effective
 batch, planned here (probe, then `tuner.planner.make_plan`) or by a tuner service."""
 
 from __future__ import annotations

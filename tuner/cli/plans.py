@@ -1,4 +1,4 @@
-"""`tuner plans` (CONTRACT.md): past plans, newest first, from a tuner service or straight from the
+"""`tuner plans` (docs/contract.md): past plans, newest first, from a tuner service or straight from the
 local database, as a table or as JSON (`{"items": [...], "total": N}`, the `GET /v1/plans` shape)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`tuner probe` (CONTRACT.md): the largest micro-batch of a workload on a device, and every trial.
+"""`tuner probe` (docs/contract.md): the largest micro-batch of a workload on a device, and every trial.
 
 torch is imported only inside the command (through `probes`), so `tuner --help` stays instant.
 """

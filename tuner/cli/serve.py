@@ -1,4 +1,4 @@
-"""`tuner serve` (CONTRACT.md): the HTTP API in this process, plus one local worker process.
+"""`tuner serve` (docs/contract.md): the HTTP API in this process, plus one local worker process.
 
 This process never imports torch: the local worker is a child process (`tuner worker --backend
 auto`) that decides for itself whether a GPU is present. The child is restarted when it dies and

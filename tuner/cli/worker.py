@@ -1,4 +1,4 @@
-"""`tuner worker` (CONTRACT.md): one worker that claims probe jobs from the shared database."""
+"""`tuner worker` (docs/contract.md): one worker that claims probe jobs from the shared database."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ left as it was), and `per_device_eval_batch_size` where the plan has an eval mic
 when the arguments evaluate: the Trainer's eval loop runs with the training state resident).
 The Trainer normalises a causal-LM loss by the number of label tokens of the
 whole accumulation window (`num_items_in_batch`), so its accumulation is exact in the sense of
-DESIGN.md §8 for models that accept that argument, which the transformers LMs do.
+docs/training.md for models that accept that argument, which the transformers LMs do.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ as the DataLoader's batch size, which lives on the LightningModule or LightningD
 eval micro-batch goes to the eval loader's batch size the same way (`eval_batch_size`).
 
 Lightning's automatic optimisation divides each micro-batch's loss by `accumulate_grad_batches`:
-the textbook loop, biased when micro-batches hold different numbers of loss tokens (DESIGN.md
-§8). For token losses with padding, use manual optimisation with
+the textbook loop, biased when micro-batches hold different numbers of loss tokens (docs/training.md,
+"Why the textbook loop is not exact"). For token losses with padding, use manual optimisation with
 `tuner.training.GradientAccumulator`, or return losses already normalised by the window's
 token count.
 

@@ -1,6 +1,6 @@
 """Probe results written straight into the database, so that plans are cached without a worker.
 
-The numbers follow the shape real probes have (DESIGN.md §3): peak reserved bytes grow linearly
+The numbers follow the shape real probes have (docs/gpu_memory.md): peak reserved bytes grow linearly
 in the micro-batch, and the largest batch sits just under the device's memory.
 """
 

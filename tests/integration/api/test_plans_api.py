@@ -82,6 +82,11 @@ def test_cached_probes_give_a_plan_at_once_and_the_same_plan_again(server: Serve
         assert client.post("/v1/plans", params={"wait": 5}, json=body).json()["id"] == plan["id"]
         bad_wait = client.post("/v1/plans", params={"wait": "soon"}, json=body)
         assert bad_wait.status_code == 422 and "wait" in error_of(bad_wait)["detail"]
+        # Read by the same parser as the router's: a blank value is refused, cached or not.
+        blank_wait = client.post("/v1/plans?wait=", json=body)
+        assert blank_wait.status_code == 422 and "wait" in error_of(blank_wait)["detail"]
+        bad_flag = client.post("/v1/plans", params={"queue_without_worker": "maybe"}, json=body)
+        assert bad_flag.status_code == 422 and "queue_without_worker" in error_of(bad_flag)["detail"]
         # Other bytes, same request (reordered keys, explicit defaults): the database finds it.
         reordered = json.dumps({"world_size": 1, **dict(reversed(list(body.items())))}, indent=1)
         same = client.post("/v1/plans", content=reordered, headers={"content-type": "application/json"})

@@ -1,4 +1,4 @@
-"""`docker-compose.yml` and the `Dockerfile` describe the deployment DESIGN.md §2 promises."""
+"""`docker-compose.yml` and the `Dockerfile` describe the deployment docs/design.md promises."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 derived from them by the real planner and stored with their requests, and probe jobs queued and
 running. Several models (one whose name is `<script>alert(1)</script>`), devices and backends.
 
-Probe numbers have the shape real ones have (DESIGN.md §3): reserved bytes grow linearly in the
+Probe numbers have the shape real ones have (docs/gpu_memory.md): reserved bytes grow linearly in the
 micro-batch, allocated sits below reserved, checkpointing cuts the per-sample bytes and costs
 throughput, and only the cuda backend measures samples/s.
 """
