@@ -312,6 +312,36 @@ def memory_chart(
     peak was known; the fitted memory line dashed; the capacity, the budget and the chosen
     micro-batch marked (its line rises to the predicted peak, and no cross sits on it). Labels
     are placed where no line of the plot runs through them."""
+    frame, x_ticks, y_ticks, y_labels = _memory_frame(series, capacity_bytes, chosen_batch_size)
+    legend_rows = _memory_legend(series)
+    height = PLOT_HEIGHT + LEGEND_ROW * len(legend_rows) + 6
+    description = _memory_description(series, capacity_bytes, budget_bytes, chosen_batch_size)
+    parts = _open_svg(chart_id, title, description, height, "memory-chart")
+    parts += _axes(frame, x_ticks, y_ticks, "peak memory", y_labels)
+
+    chosen_span = None
+    if chosen_batch_size is not None:
+        top = frame.top if chosen_peak_bytes is None else frame.y(min(chosen_peak_bytes, frame.y_max))
+        chosen_span = (frame.x(chosen_batch_size), top, frame.bottom)
+    parts.append(f'<g clip-path="url(#{escape(chart_id)}-plot)">')
+    for index, one in enumerate(series):
+        parts += _memory_series(frame, one, _colour(index), capacity_bytes, chosen_span)
+    parts.append("</g>")
+
+    obstacles = _plot_lines(frame, series)
+    parts += _capacity_and_budget(frame, capacity_bytes, budget_bytes, obstacles)
+    if chosen_batch_size is not None and chosen_span is not None:
+        parts += _chosen_micro_batch(frame, chosen_batch_size, chosen_peak_bytes, chosen_span[1], obstacles)
+    parts += _legend(legend_rows, PLOT_HEIGHT + 4)
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _memory_frame(
+    series: Sequence[ChartSeries], capacity_bytes: int, chosen_batch_size: int | None
+) -> tuple[_Frame, list[float], list[float], list[str]]:
+    """The plot's frame, wide enough for every trial and the chosen size, tall enough for every
+    peak and the capacity; its ticks, and the y ticks' labels in one byte unit."""
     peaks = [
         float(p)
         for s in series
@@ -325,25 +355,14 @@ def memory_chart(
     x_ticks = nice_ticks(max(sizes, default=1) * 1.05, integer=True)
     y_ticks, unit, unit_size = byte_ticks(max([float(capacity_bytes), *peaks]) * 1.06)
     frame = _Frame(x_max=x_ticks[-1], y_max=y_ticks[-1])
-    legend_rows = _memory_legend(series)
-    height = PLOT_HEIGHT + LEGEND_ROW * len(legend_rows) + 6
-    description = _memory_description(series, capacity_bytes, budget_bytes, chosen_batch_size)
-    parts = _open_svg(chart_id, title, description, height, "memory-chart")
-    parts += _axes(
-        frame, x_ticks, y_ticks, "peak memory", [_tick_label(t / unit_size, unit) for t in y_ticks]
-    )
+    return frame, x_ticks, y_ticks, [_tick_label(t / unit_size, unit) for t in y_ticks]
 
-    chosen_span = None
-    if chosen_batch_size is not None:
-        top = frame.top if chosen_peak_bytes is None else frame.y(min(chosen_peak_bytes, frame.y_max))
-        chosen_span = (frame.x(chosen_batch_size), top, frame.bottom)
-    parts.append(f'<g clip-path="url(#{escape(chart_id)}-plot)">')
-    for index, one in enumerate(series):
-        parts += _memory_series(frame, one, _colour(index), capacity_bytes, chosen_span)
-    parts.append("</g>")
 
-    obstacles = _plot_lines(frame, series)
-    parts += _horizontal(
+def _capacity_and_budget(
+    frame: _Frame, capacity_bytes: int, budget_bytes: int | None, obstacles: Sequence[Segment]
+) -> list[str]:
+    """The device's capacity (solid) and the plan's budget (dashed, labelled below) across the plot."""
+    parts = _horizontal(
         frame,
         capacity_bytes,
         "capacity-line",
@@ -362,23 +381,28 @@ def memory_chart(
             label_below=True,
             obstacles=obstacles,
         )
-    if chosen_batch_size is not None and chosen_span is not None:
-        label = f"chosen micro-batch {chosen_batch_size}"
-        parts += _chosen_marker(frame, chosen_batch_size, label, top=chosen_span[1], obstacles=obstacles)
-        if chosen_peak_bytes is not None:
-            parts.append(
-                _point(
-                    frame.x(chosen_batch_size),
-                    frame.y(min(chosen_peak_bytes, frame.y_max)),
-                    CHOSEN_COLOUR,
-                    "circle",
-                    f"predicted peak at {chosen_batch_size}: {format_bytes(chosen_peak_bytes)}",
-                    "chosen-point",
-                )
+    return parts
+
+
+def _chosen_micro_batch(
+    frame: _Frame, batch_size: int, peak_bytes: int | None, top: float, obstacles: Sequence[Segment]
+) -> list[str]:
+    """The chosen micro-batch's line up to its predicted peak, its label, and the peak's point."""
+    parts = _chosen_marker(
+        frame, batch_size, f"chosen micro-batch {batch_size}", top=top, obstacles=obstacles
+    )
+    if peak_bytes is not None:
+        parts.append(
+            _point(
+                frame.x(batch_size),
+                frame.y(min(peak_bytes, frame.y_max)),
+                CHOSEN_COLOUR,
+                "circle",
+                f"predicted peak at {batch_size}: {format_bytes(peak_bytes)}",
+                "chosen-point",
             )
-    parts += _legend(legend_rows, PLOT_HEIGHT + 4)
-    parts.append("</svg>")
-    return "\n".join(parts)
+        )
+    return parts
 
 
 def _memory_series(
