@@ -188,3 +188,17 @@ class Plan(BaseModel):
         factory allow-list (intake does that), so a plan for the script's own custom-code model
         reads back without `TUNER_ALLOWED_FACTORY_PACKAGES`."""
         return cls.model_validate(data)
+
+
+def split_formula(plan: Plan) -> str:
+    """The plan's effective batch as the product it is: `32 × 16 × 1` (micro-batch × accumulation
+    steps × world size), an uneven window as `(6 × 47 + 5 × 46) × 1` (its micro-batches, largest
+    first). The pages and the snippets that apply a plan write it so; the planner's words for a
+    split are `tuner.planner.describe_split`."""
+    if plan.micro_batch_sizes:
+        counts: dict[int, int] = {}
+        for size in plan.micro_batch_sizes:
+            counts[size] = counts.get(size, 0) + 1
+        window = " + ".join(f"{n} × {size}" for size, n in sorted(counts.items(), reverse=True))
+        return f"({window}) × {plan.world_size}"
+    return f"{plan.micro_batch_size} × {plan.accumulation_steps} × {plan.world_size}"

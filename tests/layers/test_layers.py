@@ -81,6 +81,14 @@ def test_the_copy_keeps_every_contract(copy_of_repo: Path) -> None:
             "tuner.search -> tuner.integration",
         ),
         (
+            # The plan page writes its snippets with the domain's; were they to reach the
+            # `plan_for` facade, probes would come into the API process with them.
+            "tuner.integrations.snippets",
+            "from tuner.integrations.hf import plan_for_trainer",
+            "Probes and the API never import each other",
+            "tuner.integrations.snippets -> tuner.integrations.hf",
+        ),
+        (
             "storage.planning",
             "from api.errors import JobFailedError",
             "Storage imports neither probes nor api",

@@ -11,6 +11,9 @@ when the arguments evaluate: the Trainer's eval loop runs with the training stat
 The Trainer normalises a causal-LM loss by the number of label tokens of the
 whole accumulation window (`num_items_in_batch`), so its accumulation is exact in the sense of
 docs/training.md for models that accept that argument, which the transformers LMs do.
+
+The keywords themselves, by name, are `tuner.integrations.hf_arguments.plan_arguments`, which
+the plan page's snippet (`tuner.integrations.snippets`) writes out too.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ import dataclasses
 from typing import Any
 
 from tuner.errors import PlanError
+from tuner.integrations.hf_arguments import (
+    CHECKPOINTING_NAMES,
+    RENAMED_CHECKPOINTING_NAMES,
+    plan_arguments,
+    trainer_precision,
+)
 from tuner.results import Plan
 
 __all__ = ["apply_plan", "plan_for_trainer", "training_arguments_update"]
-
-_CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
 def plan_for_trainer(
@@ -45,13 +52,7 @@ def plan_for_trainer(
         effective_batch_size = (
             int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * world_size
         )
-    if getattr(args, "bf16", False):
-        precision = "bf16-mixed"
-    elif getattr(args, "fp16", False):
-        precision = "fp16-mixed"
-    else:
-        precision = "fp32"
-    plan_for_kwargs.setdefault("precision", precision)
+    plan_for_kwargs.setdefault("precision", trainer_precision(args))
     plan_for_kwargs.setdefault("world_size", world_size)
     return plan_for(model, effective_batch_size=effective_batch_size, keeps_outputs=False, **plan_for_kwargs)
 
@@ -63,29 +64,19 @@ def _evaluates(args: Any) -> bool:
 
 def training_arguments_update(plan: Plan, args: Any) -> dict[str, Any]:
     """The fields of `args` (a `TrainingArguments`) that `plan` sets, by their names in this
-    transformers version (`activation_checkpointing` since v5, `gradient_checkpointing` before)."""
-    if plan.micro_batch_sizes:
-        raise PlanError(
-            f"The plan uses uneven micro-batches {plan.micro_batch_sizes}, which the Trainer cannot "
-            "express: ask for a plan with allow_uneven_micro_batches off, or use GradientAccumulator."
-        )
+    transformers version (`activation_checkpointing` since v5, `gradient_checkpointing` before);
+    checkpointing keywords the caller set are kept."""
     names = {field.name for field in dataclasses.fields(args)}
-    switch, kwargs_name = (
-        ("activation_checkpointing", "activation_checkpointing_kwargs")
-        if "activation_checkpointing" in names
-        else ("gradient_checkpointing", "gradient_checkpointing_kwargs")
+    renamed = RENAMED_CHECKPOINTING_NAMES[0] in names
+    checkpointing_names = RENAMED_CHECKPOINTING_NAMES if renamed else CHECKPOINTING_NAMES
+    update = plan_arguments(
+        plan,
+        checkpointing_names=checkpointing_names,
+        checkpointing_kwargs=not getattr(args, checkpointing_names[1], None),
     )
-    update: dict[str, Any] = {
-        "per_device_train_batch_size": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.accumulation_steps,
-        switch: plan.gradient_checkpointing,
-    }
-    if plan.eval_micro_batch_size is not None:
-        update["per_device_eval_batch_size"] = plan.eval_micro_batch_size
-    if switch == "activation_checkpointing":
-        update["gradient_checkpointing"] = None  # the deprecated alias must not override the new name
-    if plan.gradient_checkpointing and not getattr(args, kwargs_name, None):
-        update[kwargs_name] = dict(_CHECKPOINTING_KWARGS)
+    if renamed:
+        # The deprecated alias must not override the new name.
+        update[CHECKPOINTING_NAMES[0]] = None
     return update
 
 

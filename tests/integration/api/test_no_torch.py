@@ -1,7 +1,7 @@
 """The API process never imports torch nor transformers: a fresh interpreter creates the app,
 serves requests (a cached plan, a queued job, a refusal without a worker, transformers configs
-checked against their model type's keys, the metrics, the pages) and then finds neither in
-`sys.modules`."""
+checked against their model type's keys, the metrics, the pages, a plan's page with its snippets)
+and then finds neither in `sys.modules`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent(
     gpt2 = {"model": {"family": "transformers", "config": {"model_type": "gpt2", "n_layer": 2}},
             "inputs": {"kind": "tokens", "seq_len": 128}}
     with TestClient(app) as client:
-        assert client.post("/v1/plans", json=plan_request()).status_code == 200
+        planned = client.post("/v1/plans", json=plan_request())
+        assert planned.status_code == 200, planned.text
         queued = client.post("/v1/plans?queue_without_worker=true", json=plan_request(device=OTHER_DEVICE))
         assert queued.status_code == 202, queued.text
         refused = client.post("/v1/plans", json=plan_request(device=OTHER_DEVICE))
@@ -37,6 +38,8 @@ SCRIPT = textwrap.dedent(
         assert known.status_code == 202, known.text
         assert client.get("/metrics").status_code == 200
         assert client.get("/ui/plans").status_code == 200
+        plan_page = client.get(f"/ui/plans/{planned.json()['id']}")
+        assert plan_page.status_code == 200 and "TrainingArguments(" in plan_page.text, plan_page.text
         assert client.get("/ui/jobs").status_code == 200
     heavy = ("torch", "transformers")
     loaded = sorted(name for name in sys.modules if name.split(".")[0] in heavy)
