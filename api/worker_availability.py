@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from api.errors import NoWorkerError
 from storage import repository
 from storage.records import JobRecord
+from tuner.job_status import JOB_QUEUED
 from tuner.spec import PlanRequest
 from tuner.units import format_bytes
 
@@ -37,7 +38,7 @@ def worker_available(
 
 def job_worker_available(session: Session, job: JobRecord) -> bool | None:
     """For a queued job: whether a live worker could claim it; None once it is not queued."""
-    if job.status != "queued":
+    if job.status != JOB_QUEUED:
         return None
     return worker_available(
         session, backend=job.backend, device_name=job.device_name, device_memory_bytes=job.device_memory_bytes

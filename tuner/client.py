@@ -18,7 +18,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuner.errors import CLIENT_FAULT_CODES, ServiceError
-from tuner.job_status import JobStatus
+from tuner.job_status import JOB_FAILED, JOB_QUEUED, JOB_SUCCEEDED, JobStatus
 from tuner.results import Plan, ProbeResult
 from tuner.spec import PlanRequest
 from tuner.version import __version__
@@ -192,9 +192,9 @@ class TunerClient:
         while True:
             if on_update is not None:
                 on_update(job)
-            if job.status == "succeeded":
+            if job.status == JOB_SUCCEEDED:
                 return job
-            if job.status == "failed":
+            if job.status == JOB_FAILED:
                 raise _job_failure(job)
             if deadline is not None and time.monotonic() + interval > deadline:
                 raise ServiceError(
@@ -304,7 +304,7 @@ class _JobProgress:
         if self._progress is None:
             return
         fraction, text = _describe_progress(job.progress)
-        state = "waiting for a worker" if job.status == "queued" else job.status
+        state = "waiting for a worker" if job.status == JOB_QUEUED else job.status
         description = f"planning {self.what}: job {job.id} {state}" + (f" ({text})" if text else "")
         if fraction is None:
             self._progress.update(self._task, description=description)

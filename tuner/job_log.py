@@ -12,6 +12,7 @@ import logging
 import time
 
 from tuner.client import Job, _describe_progress
+from tuner.job_status import JOB_QUEUED
 
 __all__ = ["QUEUED_WARNING_SECONDS", "JobLog"]
 
@@ -38,7 +39,7 @@ class JobLog:
             self._last = state
             detail = f" ({text})" if text else ""
             logger.info("planning %s: job %s %s%s", self.what, job.id, job.status, detail)
-        if job.status != "queued":
+        if job.status != JOB_QUEUED:
             self._queued_since = None
             return
         now = time.monotonic()

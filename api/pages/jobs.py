@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from api.worker_availability import job_worker_available
 from storage import repository
 from storage.records import JobRecord
+from tuner.job_status import JOB_QUEUED, JOB_RUNNING
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ def jobs_context(session: Session) -> dict[str, Any]:
     """`jobs.html`'s context: the running and queued jobs, and the count of jobs by status."""
     jobs = repository.list_jobs(session, status=["running", "queued"], limit=200)
     # Running first (they move), then queued, each newest first.
-    jobs.sort(key=lambda job: job.status != "running")
+    jobs.sort(key=lambda job: job.status != JOB_RUNNING)
     counts = repository.job_counts(session)
     views = [
         JobView(
@@ -63,7 +64,7 @@ def _checkpointing_choices(choices: Any) -> str:
 def describe_progress(job: JobRecord, worker_available: bool | None = None) -> str:
     """What the worker last reported, in words (for a queued job: whether a live worker could
     claim it, `api.worker_availability`)."""
-    if job.status == "queued":
+    if job.status == JOB_QUEUED:
         waiting = (
             f"no live {job.backend} worker can run it yet"
             if worker_available is False
