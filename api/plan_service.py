@@ -65,6 +65,7 @@ from storage.planning import (
 from storage.records import JobRecord
 from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, TunerError, client_fault_error
 from tuner.intake import refuse_what_cannot_fit
+from tuner.job_payload import JobPayload
 from tuner.plan_probes import checkpointing_choices
 from tuner.planner import per_rank_batch
 from tuner.results import Plan
@@ -92,7 +93,7 @@ def job_plan_id(session: Session, *, job_id: int) -> int | None:
 def job_out(job: JobRecord, plan_id: int | None, worker_available: bool | None = None) -> JobOut:
     """The API's view of a job record (`worker_available`: for a queued job, whether a live worker
     could claim it)."""
-    payload = job.payload or {}
+    payload = JobPayload.model_validate(job.payload)
     return JobOut(
         id=job.id,
         status=job.status,
@@ -107,7 +108,7 @@ def job_out(job: JobRecord, plan_id: int | None, worker_available: bool | None =
         backend=job.backend,
         device_name=job.device_name,
         device_memory_bytes=job.device_memory_bytes,
-        gradient_checkpointing=list(payload.get("gradient_checkpointing", [])),
+        gradient_checkpointing=list(payload.gradient_checkpointing),
         created_at=job.created_at,
         updated_at=job.updated_at,
         started_at=job.started_at,
@@ -385,7 +386,7 @@ class PlanService:
             job, _created, waiter_ids = repository.enqueue_waiters(
                 session,
                 key=job_key(request, self.torch_minor),
-                payload=job_payload(request, self.torch_minor),
+                payload=job_payload(request, self.torch_minor).stored(),
                 max_attempts=self.max_attempts,
                 requests=[canonical_request(request)] * count,
             )

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tuner.parallelism import ParallelismSpec, ParallelSetup  # noqa: E402
+from tuner.search_types import SearchConfig  # noqa: E402
 from tuner.spec import load_workload_file  # noqa: E402
 from tuner.units import format_bytes, parse_size  # noqa: E402
 
@@ -65,7 +66,7 @@ def main() -> None:
                 card,
                 gradient_checkpointing=checkpointing,
                 memory_margin=MARGIN,
-                max_trials=args.max_trials,
+                search=SearchConfig(max_trials=args.max_trials),
                 parallel=setup,
             )
             seconds = time.perf_counter() - started

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tuner.search import STRATEGIES, find_max_batch  # noqa: E402
+from tuner.search_types import SearchConfig  # noqa: E402
 from tuner.spec import DeviceSpec, load_workload_file  # noqa: E402
 from tuner.units import format_bytes, parse_size  # noqa: E402
 
@@ -123,11 +124,13 @@ def probe_rows(
                         backend=backend,  # type: ignore[arg-type]
                         device=device,
                         gradient_checkpointing=checkpointing,
-                        strategy=strategy,  # type: ignore[arg-type]
-                        max_batch_size=BACKOFF_START * (4 if checkpointing else 1)
-                        if strategy == "backoff"
-                        else 65536,
-                        max_trials=40,
+                        search=SearchConfig(
+                            strategy=strategy,  # type: ignore[arg-type]
+                            max_batch_size=BACKOFF_START * (4 if checkpointing else 1)
+                            if strategy == "backoff"
+                            else 65536,
+                            max_trials=40,
+                        ),
                         verify_steps=verify_steps,
                         timeout=max(60.0, deadline - time.monotonic()),
                     )

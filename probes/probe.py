@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
@@ -37,8 +37,8 @@ from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, ProbeError, SpecError, client_fault_error
 from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.results import ProbeResult, WorkloadFacts
-from tuner.search import MemoryLine, SearchResult, Strategy, Trial, find_max_batch
-from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS
+from tuner.search import MemoryLine, SearchResult, Trial, run_search
+from tuner.search_types import DEFAULT_SEARCH, SearchConfig
 from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS, DEFAULT_PROBE_TIMEOUT_SECONDS
 from tuner.spec import Backend, DeviceSpec, StepKind, WorkloadSpec
 from tuner.version import __version__ as tuner_version
@@ -80,10 +80,7 @@ class _Job:
     backend: Backend
     device: DeviceSpec | None
     gradient_checkpointing: bool
-    strategy: Strategy
-    min_batch_size: int
-    max_batch_size: int
-    max_trials: int
+    search: SearchConfig
     trial_factory: str | None
     prior_timeout: float | None = None
     """Set when a prior is traced beside the search: how long the search may wait for it."""
@@ -115,10 +112,7 @@ def run_probe(
     backend: Literal["cuda", "estimate"],
     device: DeviceSpec | None = None,
     gradient_checkpointing: bool,
-    strategy: Strategy = "guided",
-    min_batch_size: int = 1,
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    max_trials: int = DEFAULT_MAX_TRIALS,
+    search: SearchConfig = DEFAULT_SEARCH,
     verify_steps: int = 0,
     timeout: float = DEFAULT_PROBE_TIMEOUT_SECONDS,
     prior_timeout: float = DEFAULT_ESTIMATE_TIMEOUT_SECONDS,
@@ -132,6 +126,7 @@ def run_probe(
 ) -> ProbeResult:
     """The largest micro-batch of `spec` on a device, with every trial that led there.
 
+    `search`: the strategy, the micro-batch range and the trial budget (`SearchConfig`).
     `step="eval"`: the largest eval batch instead (forward only under `torch.no_grad()`, the
     model in eval mode, the parameters and the optimizer's state resident; `probes.eval_step`).
 
@@ -147,6 +142,34 @@ def run_probe(
     settings (`probe_timeout_seconds`, `estimate_timeout_seconds`); nothing here reads them.
     `parallel`: the data-parallel job (strategy and world size) of which one rank is probed;
     the estimate's memory per category at the answer is in `extra["memory_per_rank"]`."""
+    _check_probe_request(backend, device, verify_steps)
+    started = time.monotonic()
+    notes: dict[str, Any] = {}
+    job = _Job(
+        spec=spec,
+        backend=backend,
+        device=device,
+        gradient_checkpointing=gradient_checkpointing,
+        search=search,
+        trial_factory=trial_factory,
+        alloc_conf=canonical_alloc_conf(alloc_conf),
+        allocator_hint=step == "train" if allocator_hint is None else allocator_hint,
+        step=step,
+        parallel=parallel,
+    )
+    prior = _start_prior(job, estimate_prior, min(timeout, prior_timeout), notes)
+    if prior is not None:
+        job = replace(job, prior_timeout=prior.timeout + PRIOR_HANDOVER_SECONDS)
+    outcome = _search_beside_prior(job, prior, timeout=timeout, progress=progress)
+    notes["search_wall_seconds"] = time.monotonic() - started
+    if outcome.prior_wait_seconds is not None:
+        notes["prior_wait_seconds"] = outcome.prior_wait_seconds
+    answer, verified = _verified_answer(job, outcome.search.max_batch_size, verify_steps, timeout, notes)
+    return _probe_result(job, outcome, answer, verified, seconds=time.monotonic() - started, notes=notes)
+
+
+def _check_probe_request(backend: str, device: DeviceSpec | None, verify_steps: int) -> None:
+    """Refuse, before any child starts, what no probe can run."""
     if backend not in ("cuda", "estimate"):
         raise SpecError(f"Unknown probe backend {backend!r}: use 'cuda' or 'estimate'.")
     if backend == "estimate" and device is None:
@@ -155,40 +178,37 @@ def run_probe(
         )
     if verify_steps < 0:
         raise SpecError(f"verify_steps must not be negative, got {verify_steps}.")
-    alloc_conf = canonical_alloc_conf(alloc_conf)
-    started = time.monotonic()
-    notes: dict[str, Any] = {}
-    if estimate_prior is None:
-        estimate_prior = trial_factory is None
-    prior: _PriorInBackground | None = None
-    if backend == "cuda" and strategy == "guided" and estimate_prior:
-        prior_limit = min(timeout, prior_timeout)
-        prior = _PriorInBackground(
-            spec, gradient_checkpointing, prior_limit, notes, alloc_conf, step, parallel
-        )
-    job = _Job(
-        spec=spec,
-        backend=backend,
-        device=device,
-        gradient_checkpointing=gradient_checkpointing,
-        strategy=strategy,
-        min_batch_size=min_batch_size,
-        max_batch_size=max_batch_size,
-        max_trials=max_trials,
-        trial_factory=trial_factory,
-        prior_timeout=None if prior is None else prior.timeout + PRIOR_HANDOVER_SECONDS,
-        alloc_conf=alloc_conf,
-        allocator_hint=step == "train" if allocator_hint is None else allocator_hint,
-        step=step,
-        parallel=parallel,
+
+
+def _start_prior(
+    job: _Job, estimate_prior: bool | None, timeout: float, notes: dict[str, Any]
+) -> _PriorInBackground | None:
+    """The estimator's line, traced beside a guided cuda search that wants one (by default, one
+    without a trial factory, whose memory the estimator does not model); None otherwise."""
+    wanted = job.trial_factory is None if estimate_prior is None else estimate_prior
+    if job.backend != "cuda" or job.search.strategy != "guided" or not wanted:
+        return None
+    return _PriorInBackground(
+        job.spec, job.gradient_checkpointing, timeout, notes, job.alloc_conf, job.step, job.parallel
     )
+
+
+def _search_beside_prior(
+    job: _Job,
+    prior: _PriorInBackground | None,
+    *,
+    timeout: float,
+    progress: Callable[[Trial], None] | None,
+) -> _Outcome:
+    """The search, in its child, taking the prior (where one is traced) through its pipe."""
+    what = f"{job.backend} probe" if job.step == "train" else f"{job.backend} eval probe"
     try:
         outcome: _Outcome = _in_child(
             _search_in_child,
             job,
             None if prior is None else prior.inbox,
             timeout=timeout,
-            what=f"{backend} probe" if step == "train" else f"{backend} eval probe",
+            what=what,
             on_message=progress,
         )
     except BaseException:
@@ -197,33 +217,49 @@ def run_probe(
         raise
     if prior is not None:
         prior.close(wait=True)  # the search took the prior: its thread is ending
-    notes["search_wall_seconds"] = time.monotonic() - started
-    if outcome.prior_wait_seconds is not None:
-        notes["prior_wait_seconds"] = outcome.prior_wait_seconds
-    answer = outcome.search.max_batch_size
-    verified: int | None = None
-    if verify_steps and answer > 0:
-        if backend == "estimate":
-            notes["verification"] = "skipped: an estimate is deterministic, there is nothing to run again"
-        else:
-            answer, verified, notes["verification"] = _verify(job, answer, verify_steps, timeout)
+    return outcome
+
+
+def _verified_answer(
+    job: _Job, answer: int, verify_steps: int, timeout: float, notes: dict[str, Any]
+) -> tuple[int, int | None]:
+    """The answer after the verification `verify_steps` asks for, and the steps it survived
+    (None when not verified); `notes["verification"]` says how it went."""
+    if not verify_steps or answer <= 0:
+        return answer, None
+    if job.backend == "estimate":
+        notes["verification"] = "skipped: an estimate is deterministic, there is nothing to run again"
+        return answer, None
+    answer, verified, notes["verification"] = _verify(job, answer, verify_steps, timeout)
+    return answer, verified
+
+
+def _probe_result(
+    job: _Job,
+    outcome: _Outcome,
+    answer: int,
+    verified: int | None,
+    *,
+    seconds: float,
+    notes: dict[str, Any],
+) -> ProbeResult:
     return ProbeResult(
-        fingerprint=spec.fingerprint(),
-        workload=spec,
+        fingerprint=job.spec.fingerprint(),
+        workload=job.spec,
         device=outcome.device,
-        backend=backend,
-        gradient_checkpointing=gradient_checkpointing,
+        backend=job.backend,
+        gradient_checkpointing=job.gradient_checkpointing,
         max_batch_size=answer,
-        strategy=strategy,
+        strategy=job.search.strategy,
         stop_reason=outcome.search.stop_reason,
         trials=outcome.search.trials,
         memory_line=outcome.search.memory_line,
         capacity_bytes=outcome.capacity_bytes,
-        seconds=time.monotonic() - started,
+        seconds=seconds,
         versions=outcome.versions,
-        alloc_conf=alloc_conf,
-        step=step,
-        parallelism=parallel.probe_key,
+        alloc_conf=job.alloc_conf,
+        step=job.step,
+        parallelism=job.parallel.probe_key,
         facts=outcome.facts,
         verified_steps=verified,
         extra={"search_seconds": outcome.seconds, **outcome.extra, **notes},
@@ -265,15 +301,8 @@ def _search_in_child(job: _Job, prior_inbox: Connection | None) -> _Outcome:
             waiting_since = time.monotonic()
             prior = _receive_prior(prior_inbox, job.prior_timeout or 0.0)
             waited = time.monotonic() - waiting_since
-        search = find_max_batch(
-            backend.fits,
-            strategy=job.strategy,
-            capacity_bytes=capacity,
-            prior=prior,
-            min_batch_size=job.min_batch_size,
-            max_batch_size=job.max_batch_size,
-            max_trials=job.max_trials,
-            on_trial=send_progress,
+        search = run_search(
+            backend.fits, job.search, capacity_bytes=capacity, prior=prior, on_trial=send_progress
         )
         # The cuda backend learns the facts when it first builds the model.
         facts = backend.facts if backend.facts is not None else getattr(backend.fits, "facts", None)
@@ -322,13 +351,14 @@ def _expandable_alternative(job: _Job, search: SearchResult) -> dict[str, Any]:
         step=job.step,
         parallel=job.parallel,
     )
-    alternative = find_max_batch(
-        fits,
+    upward = replace(
+        job.search,
         strategy="doubling",
         min_batch_size=search.max_batch_size,
-        max_batch_size=min(job.max_batch_size, 2 * search.max_batch_size + 8),
-        max_trials=job.max_trials,
+        max_batch_size=min(job.search.max_batch_size, 2 * search.max_batch_size + 8),
+        tolerance=0,
     )
+    alternative = run_search(fits, upward)
     return {"expandable_segments_max_batch_size": alternative.max_batch_size}
 
 
@@ -589,7 +619,7 @@ def _verify(
         if trial.ok:
             return size, steps, log
         smaller = size - max(1, round(size * STEP_DOWN_FRACTION))
-        if smaller < job.min_batch_size:
+        if smaller < job.search.min_batch_size:
             break
         size = smaller
     raise ProbeError(

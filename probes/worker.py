@@ -29,9 +29,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import FrameType
 from typing import Any, Protocol
 
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -42,6 +44,7 @@ from storage.planning import derive_plan, installed_torch_minor
 from storage.records import Accepts, JobRecord, WaiterRecord
 from tuner.checkpointing import on_off
 from tuner.errors import DeviceRequiredError, ModelBuildError, NothingFitsError, SpecError, TunerError
+from tuner.job_payload import JobPayload, parse_job_payload
 from tuner.parallelism import SINGLE, ParallelSetup
 from tuner.probe_key import ProbeKey
 from tuner.results import ProbeResult
@@ -53,7 +56,6 @@ from tuner.spec import (
     StepKind,
     WorkloadSpec,
     parse_plan_request,
-    parse_workload,
 )
 
 log = logging.getLogger("tuner.worker")
@@ -118,6 +120,12 @@ class _ActiveJob:
     @property
     def id(self) -> int:
         return self.job.id
+
+    @cached_property
+    def payload(self) -> JobPayload:
+        """The job's payload, taken in as this worker runs it (`parse_job_payload`): a payload
+        that does not validate is a `SpecError`, which fails the job at once."""
+        return parse_job_payload(self.job.payload)
 
 
 def is_client_fault(error: BaseException) -> bool:
@@ -310,12 +318,10 @@ class Worker:
 
     def _probe_all(self, active: _ActiveJob) -> list[ProbeResult]:
         """The probe of every checkpointing choice the job names, each stored (with its id)."""
-        payload = active.job.payload
-        workload = parse_workload(payload["workload"])
+        payload = active.payload
         device = self._job_device(payload)
-        # A job queued before parallelism was part of it is a single process.
-        parallel = ParallelSetup.model_validate(payload.get("parallel") or {})
-        torch_minor = str(payload.get("torch_minor") or self.torch_minor)
+        parallel = payload.parallel  # a single process for a job queued before parallelism existed
+        torch_minor = payload.torch_minor or self.torch_minor
         if torch_minor != self.torch_minor:
             log.warning(
                 "Job %d was asked for torch %s but this worker has torch %s: the API will not find "
@@ -325,12 +331,12 @@ class Worker:
                 self.torch_minor,
             )
         probes: list[ProbeResult] = []
-        alloc_conf = payload.get("alloc_conf")
-        for checkpointing in payload["gradient_checkpointing"]:
+        alloc_conf = payload.alloc_conf
+        for checkpointing in payload.gradient_checkpointing:
             try:
                 probes.append(
                     self._probe_one(
-                        active, workload, device, bool(checkpointing), alloc_conf, "train", parallel
+                        active, payload.workload, device, checkpointing, alloc_conf, "train", parallel
                     )
                 )
             except ModelBuildError as exc:
@@ -341,17 +347,16 @@ class Worker:
                 log.info("Job %d: checkpointing on is dropped: %s", active.id, exc.message)
                 active.unbuildable_checkpointing = exc.message
         # The eval probe and a token budget's lengths (`tuner.plan_probes`), after the train probes.
-        for extra in payload.get("extra_probes") or []:
-            if extra["gradient_checkpointing"] and active.unbuildable_checkpointing is not None:
+        for extra in payload.extra_probes:
+            if extra.gradient_checkpointing and active.unbuildable_checkpointing is not None:
                 continue  # a token budget's length probes of the choice that cannot be built
-            step: StepKind = "eval" if extra.get("step") == "eval" else "train"
             self._probe_one(
                 active,
-                parse_workload(extra["workload"]),
+                extra.workload,
                 device,
-                bool(extra["gradient_checkpointing"]),
+                extra.gradient_checkpointing,
                 alloc_conf,
-                step,
+                extra.step,
                 parallel,
                 extra_probe=True,
             )
@@ -425,7 +430,8 @@ class Worker:
         if self._probe_runner is None:
             self._probe_runner = _default_probe_runner()
         # Only an extra probe passes `step` and `allocator_hint`: runners written before them
-        # (tests' fakes) stay valid.
+        # (tests' fakes) stay valid. No `search`: the runner's default, the full range, is what a
+        # shared probe needs (every request with this key reuses it, whatever cap one of them has).
         by_step: dict[str, Any] = {"step": step, "allocator_hint": False} if extra_probe else {}
         return self._probe_runner(
             workload,
@@ -440,9 +446,9 @@ class Worker:
             parallel=parallel,
         )
 
-    def _job_device(self, payload: dict[str, Any]) -> DeviceSpec:
-        if payload.get("device"):
-            return DeviceSpec.model_validate(payload["device"])
+    def _job_device(self, payload: JobPayload) -> DeviceSpec:
+        if payload.device is not None:
+            return payload.device
         if self.device is None:
             # Only a cuda job may name no device (the API refuses estimate requests without one).
             raise _NoDevice("The job names no device and this estimate worker has none to offer.")
@@ -462,7 +468,7 @@ class Worker:
             try:
                 request = parse_plan_request(waiter.request)
                 if request.device is None:
-                    request = request.model_copy(update={"device": self._job_device(active.job.payload)})
+                    request = request.model_copy(update={"device": self._job_device(active.payload)})
                 hints: list[str] = []
                 if active.unbuildable_checkpointing is not None:
                     request, hints = without_checkpointing(request, active.unbuildable_checkpointing)
@@ -663,15 +669,15 @@ def _message(error: BaseException) -> str:
     return error.message if isinstance(error, TunerError) else f"{type(error).__name__}: {error}"
 
 
-def _describe(payload: dict[str, Any]) -> str:
+def _describe(data: dict[str, Any]) -> str:
     """`builtin mlp on Test GPU 1GiB, estimate, checkpointing [off]` for the claim log line."""
     try:
-        model = parse_workload(payload["workload"]).describe()
-    except Exception:
-        model = "unreadable workload"
-    device = (payload.get("device") or {}).get("name", "this worker's GPU")
-    choices = ",".join(on_off(gc) for gc in payload.get("gradient_checkpointing", []))
-    return f"{model} on {device}, {payload.get('backend')}, checkpointing [{choices}]"
+        payload = JobPayload.model_validate(data)
+    except ValidationError:
+        return "an unreadable payload"  # the job fails with the reason when it is run
+    device = payload.device.name if payload.device is not None else "this worker's GPU"
+    choices = ",".join(on_off(gc) for gc in payload.gradient_checkpointing)
+    return f"{payload.workload.describe()} on {device}, {payload.backend}, checkpointing [{choices}]"
 
 
 def without_checkpointing(request: PlanRequest, why: str) -> tuple[PlanRequest, list[str]]:

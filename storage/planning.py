@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from storage import repository
 from tuner.checkpointing import on_off
+from tuner.job_payload import ExtraProbe, JobPayload
 from tuner.plan_probes import (
     ExtraProbes,
     ProbeNeed,
@@ -205,28 +206,26 @@ def job_key(request: PlanRequest, torch_minor: str) -> str:
     return "|".join(parts)
 
 
-def job_payload(request: PlanRequest, torch_minor: str) -> dict[str, Any]:
-    """What the worker reads: the workload, device, backend, checkpointing choices, torch minor and
-    allocator setting; with `extra_probes`, the eval probe and a token budget's lengths, which
-    the worker probes after the train probes."""
-    payload: dict[str, Any] = {
-        "workload": probed_workload(request.workload).model_dump(mode="json"),
-        "device": request.device.model_dump(mode="json") if request.device else None,
-        "backend": request.backend,
-        "gradient_checkpointing": checkpointing_choices(request),
-        "torch_minor": torch_minor,
-        "alloc_conf": request.alloc_conf,
-        "parallel": request.parallel_setup().model_dump(mode="json"),
-    }
-    extras = extra_needs(request)
-    if extras:
-        payload["extra_probes"] = [
-            {
-                "workload": need.workload.model_dump(mode="json"),
-                "gradient_checkpointing": need.gradient_checkpointing,
-                "step": need.step,
-                "role": need.role,
-            }
-            for need in extras
-        ]
-    return payload
+def job_payload(request: PlanRequest, torch_minor: str) -> JobPayload:
+    """What the worker reads (`tuner.job_payload`): the workload, device, backend, checkpointing
+    choices, torch minor and allocator setting; with `extra_probes`, the eval probe and a token
+    budget's lengths, which the worker probes after the train probes. The job's row stores
+    `job_payload(...).stored()`."""
+    return JobPayload(
+        workload=probed_workload(request.workload),
+        device=request.device,
+        backend=request.backend,
+        gradient_checkpointing=tuple(checkpointing_choices(request)),
+        torch_minor=torch_minor,
+        alloc_conf=request.alloc_conf,
+        parallel=request.parallel_setup(),
+        extra_probes=tuple(
+            ExtraProbe(
+                workload=need.workload,
+                gradient_checkpointing=need.gradient_checkpointing,
+                step=need.step,
+                role=need.role,
+            )
+            for need in extra_needs(request)
+        ),
+    )

@@ -19,7 +19,7 @@ from typing import Any
 from tuner.errors import SpecError
 from tuner.oom import out_of_memory_types
 from tuner.results import ProbeResult
-from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, MemoryLine, Trial
+from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, MemoryLine, SearchConfig, Trial
 from tuner.settings import get_settings
 from tuner.spec import DeviceSpec, WorkloadSpec
 from tuner.version import __version__
@@ -69,7 +69,7 @@ def autotune(
     """
     import torch
 
-    from tuner.search import find_max_batch
+    from tuner.search import run_search
 
     if steps_per_trial < 1:
         raise SpecError(f"steps_per_trial must be at least 1, got {steps_per_trial}.")
@@ -88,17 +88,14 @@ def autotune(
     capacity = int(device.total_memory_bytes * (1 - memory_margin)) if on_cuda else None
     trial = _trial_runner(step_fn, steps_per_trial=steps_per_trial, on_cuda=on_cuda)
 
-    started = time.perf_counter()
-    search = find_max_batch(
-        trial,
-        strategy=strategy,  # type: ignore[arg-type]  # find_max_batch validates it
-        capacity_bytes=capacity,
-        prior=prior,
+    config = SearchConfig(
+        strategy=strategy,  # type: ignore[arg-type]  # SearchConfig validates it
         min_batch_size=min_batch_size,
         max_batch_size=max_batch_size,
         max_trials=max_trials,
-        on_trial=on_trial,
     )
+    started = time.perf_counter()
+    search = run_search(trial, config, capacity_bytes=capacity, prior=prior, on_trial=on_trial)
     result = ProbeResult(
         fingerprint=fingerprint,
         workload=workload,
@@ -107,7 +104,7 @@ def autotune(
         backend="cuda" if on_cuda else "cpu",
         gradient_checkpointing=gradient_checkpointing,
         max_batch_size=search.max_batch_size,
-        strategy=strategy,
+        strategy=config.strategy,
         stop_reason=search.stop_reason,
         trials=list(search.trials),
         memory_line=search.memory_line,

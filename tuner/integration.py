@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,7 +32,7 @@ from tuner.live_config import json_safe, parameter_dtype_name, without_implied_v
 from tuner.parallelism import DEFAULT_BUCKET_CAP_MB, ParallelismSpec, ParamDtype, parse_parallelism_text
 from tuner.plan_probes import ExtraProbes, ProbeNeed, all_needs, probed_workload
 from tuner.results import Plan, ProbeResult
-from tuner.search_types import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TRIALS, Trial
+from tuner.search_types import DEFAULT_SEARCH, SearchConfig, Trial
 from tuner.settings import get_settings
 from tuner.spec import (
     Backend,
@@ -56,7 +57,7 @@ __all__ = [
     "plan_locally",
     "probe_locally",
     "probe_plan_locally",
-    "search_ceiling",
+    "search_for",
     "workload_for",
 ]
 
@@ -236,15 +237,19 @@ def _plan(
     return plan_locally(request)
 
 
-def search_ceiling(request: PlanRequest, need: ProbeNeed | None = None) -> int:
-    """The largest micro-batch a local probe for `request` tries. A train probe (the plan's own,
-    `need` None or of role `train`) stops at the caller's cap (`policy.max_micro_batch_size`): no
-    plan can use more, so searching beyond it is wasted. The eval probe and a token budget's
-    shorter lengths are not bound by the training micro-batch's cap (an eval batch is usually
-    larger; a short length's largest batch sets the token budget), so they search the full range."""
-    if need is not None and need.role != "train":
-        return DEFAULT_MAX_BATCH_SIZE
-    return request.policy.max_micro_batch_size or DEFAULT_MAX_BATCH_SIZE
+def search_for(
+    request: PlanRequest, need: ProbeNeed | None = None, search: SearchConfig = DEFAULT_SEARCH
+) -> SearchConfig:
+    """The search a local probe for `request` runs: `search`, up to the caller's cap
+    (`policy.max_micro_batch_size`) for a train probe (the plan's own, `need` None or of role
+    `train`): no plan can use more, so searching beyond it is wasted. The eval probe and a token
+    budget's shorter lengths are not bound by the training micro-batch's cap (an eval batch is
+    usually larger; a short length's largest batch sets the token budget), so they search the
+    full range. A server's worker never caps: its probe is shared by every request."""
+    cap = request.policy.max_micro_batch_size
+    if cap is None or (need is not None and need.role != "train"):
+        return search
+    return replace(search, max_batch_size=cap)
 
 
 def probe_locally(
@@ -252,10 +257,10 @@ def probe_locally(
     need: ProbeNeed | bool,
     *,
     progress: Callable[[Trial], None] | None = None,
-    max_trials: int = DEFAULT_MAX_TRIALS,
+    search: SearchConfig = DEFAULT_SEARCH,
 ) -> ProbeResult:
-    """One probe `request` needs, run in this machine and searched up to its ceiling
-    (`search_ceiling`): what `plan_locally` and `tuner plan` (without `--server`) both run.
+    """One probe `request` needs, run in this machine as `search_for` says (`search` capped by
+    the plan's policy): what `plan_locally` and `tuner plan` (without `--server`) both run.
     `need`: one of the request's probes (`tuner.plan_probes`), or a checkpointing choice for the
     train probe of that choice."""
     from probes.probe import run_probe
@@ -268,8 +273,7 @@ def probe_locally(
         backend=request.backend,
         device=request.device,
         gradient_checkpointing=need.gradient_checkpointing,
-        max_batch_size=search_ceiling(request, need),
-        max_trials=max_trials,
+        search=search_for(request, need, search),
         timeout=settings.probe_timeout_seconds,
         prior_timeout=settings.estimate_timeout_seconds,
         progress=progress,
@@ -302,10 +306,11 @@ def probe_plan_locally(
     request: PlanRequest,
     *,
     progress_for: ProgressFor | None = None,
-    max_trials: int = DEFAULT_MAX_TRIALS,
+    search: SearchConfig = DEFAULT_SEARCH,
     drop_unbuildable: bool = False,
 ) -> tuple[dict[bool, ProbeResult], ExtraProbes, list[str]]:
-    """Every probe `request` needs, one after the other (`probe_locally`): the train probe of
+    """Every probe `request` needs, one after the other (`probe_locally`, each searching as
+    `search` says): the train probe of
     each checkpointing choice, then the eval probe and a token budget's lengths
     (`tuner.plan_probes`). Returns the train probes, the extra probes and the hints of what was
     dropped: with `drop_unbuildable` under `auto`, a checkpointing choice the model cannot be
@@ -320,7 +325,7 @@ def probe_plan_locally(
             continue
         with (progress_for or _silent)(need) as bar:
             try:
-                result = probe_locally(request, need, progress=bar.advance, max_trials=max_trials)
+                result = probe_locally(request, need, progress=bar.advance, search=search)
             except ModelBuildError as exc:
                 if not drop_unbuildable or policy != "auto" or need.role != "train" or not probes:
                     raise

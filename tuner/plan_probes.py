@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from tuner.checkpointing import checkpointing_choices as choices_of_policy
 from tuner.checkpointing import on_off
 from tuner.results import ProbeResult
 from tuner.spec import PlanRequest, StepKind, TokensInputs, WorkloadSpec
 from tuner.token_budget import lengths_to_probe
+
+ProbeRole = Literal["train", "eval", "length"]
+"""`train` (the plan's own probes), `eval`, or `length` (a token budget's shorter lengths)."""
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,7 @@ class ProbeNeed:
     workload: WorkloadSpec
     gradient_checkpointing: bool
     step: StepKind = "train"
-    role: str = "train"
-    """`train` (the plan's own probes), `eval`, or `length` (a token budget's shorter lengths)."""
+    role: ProbeRole = "train"
 
     @property
     def seq_len(self) -> int | None:

@@ -38,17 +38,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from tuner.errors import ProbeError, SpecError
 from tuner.search_types import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_TRIALS,
+    DEFAULT_SEARCH,
     SEGMENT_BYTES,
+    STRATEGIES,
     MemoryLine,
     Move,
+    SearchConfig,
     SearchResult,
     StopReason,
+    Strategy,
     Trial,
 )
 from tuner.search_types import peak_of as _peak
@@ -57,16 +60,16 @@ __all__ = [
     "STRATEGIES",
     "FitsFn",
     "MemoryLine",
+    "SearchConfig",
     "SearchResult",
     "StopReason",
     "Strategy",
     "Trial",
     "find_max_batch",
     "fit_line",
+    "run_search",
 ]
 
-Strategy = Literal["guided", "doubling", "backoff"]
-STRATEGIES: tuple[Strategy, ...] = ("guided", "doubling", "backoff")
 FitsFn = Callable[[int], Trial]
 
 BACKOFF_FACTOR = 0.9
@@ -103,16 +106,40 @@ def find_max_batch(
     failure are adjacent (`exact`), when at most `tolerance` untried sizes lie between them
     (`tolerance`), when `max_batch_size` passes, when `min_batch_size` fails (answer 0,
     `nothing_fits`), or after `max_trials` trials. `on_trial` sees each trial as it finishes.
+    The keywords are those of a `SearchConfig` (`run_search` takes one).
     """
-    _check_arguments(strategy, capacity_bytes, min_batch_size, max_batch_size, max_trials, tolerance)
-    log = _TrialLog(fits, on_trial, max_trials)
-    if strategy == "doubling":
-        stop = _doubling(log, min_batch_size, max_batch_size, tolerance)
-    elif strategy == "backoff":
-        stop = _backoff(log, min_batch_size, max_batch_size)
+    config = SearchConfig(
+        strategy=strategy,
+        min_batch_size=min_batch_size,
+        max_batch_size=max_batch_size,
+        max_trials=max_trials,
+        tolerance=tolerance,
+    )
+    return run_search(fits, config, capacity_bytes=capacity_bytes, prior=prior, on_trial=on_trial)
+
+
+def run_search(
+    fits: FitsFn,
+    config: SearchConfig = DEFAULT_SEARCH,
+    *,
+    capacity_bytes: int | None = None,
+    prior: MemoryLine | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> SearchResult:
+    """`find_max_batch` with its settings in one `SearchConfig` (checked when it was built): what
+    the layers that hand a configuration down call. `capacity_bytes` and `prior` belong to the
+    device and the workload, not to the configuration."""
+    if capacity_bytes is not None and capacity_bytes <= 0:
+        raise SpecError(f"capacity_bytes must be positive, got {capacity_bytes}.")
+    low, high, tolerance = config.min_batch_size, config.max_batch_size, config.tolerance
+    log = _TrialLog(fits, on_trial, config.max_trials)
+    if config.strategy == "doubling":
+        stop = _doubling(log, low, high, tolerance)
+    elif config.strategy == "backoff":
+        stop = _backoff(log, low, high)
     else:
         usable_prior = prior if prior is not None and prior.per_sample_bytes > 0 else None
-        stop = _Guided(log, capacity_bytes, usable_prior, min_batch_size, max_batch_size, tolerance).run()
+        stop = _Guided(log, capacity_bytes, usable_prior, low, high, tolerance).run()
     lo, _ = log.bracket()
     return SearchResult(
         max_batch_size=lo,
@@ -168,28 +195,6 @@ def _on_floor(peaks: dict[int, int], size: int) -> bool:
     """Whether a smaller size of `peaks` peaks within one allocator segment of `size` (memory is
     flat there: a checkpointing floor)."""
     return any(b < size and abs(peaks[b] - peaks[size]) <= SEGMENT_BYTES for b in peaks)
-
-
-def _check_arguments(
-    strategy: str,
-    capacity_bytes: int | None,
-    min_batch_size: int,
-    max_batch_size: int,
-    max_trials: int,
-    tolerance: int,
-) -> None:
-    if strategy not in STRATEGIES:
-        raise SpecError(f"Unknown search strategy {strategy!r}: use one of {', '.join(STRATEGIES)}.")
-    if min_batch_size < 1:
-        raise SpecError(f"min_batch_size must be at least 1, got {min_batch_size}.")
-    if max_batch_size < min_batch_size:
-        raise SpecError(f"max_batch_size ({max_batch_size}) is below min_batch_size ({min_batch_size}).")
-    if max_trials < 1:
-        raise SpecError(f"max_trials must be at least 1, got {max_trials}.")
-    if tolerance < 0:
-        raise SpecError(f"tolerance must not be negative, got {tolerance}.")
-    if capacity_bytes is not None and capacity_bytes <= 0:
-        raise SpecError(f"capacity_bytes must be positive, got {capacity_bytes}.")
 
 
 @dataclass

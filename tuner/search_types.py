@@ -1,10 +1,13 @@
-"""Plain data of the search: a trial, a memory line, a search result. No torch, no SQL."""
+"""Plain data of the search: its configuration, a trial, a memory line, a search result. No
+torch, no SQL."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
+
+from tuner.errors import SpecError
 
 DEFAULT_MAX_BATCH_SIZE = 65536
 """The largest micro-batch a search tries unless told otherwise (a plan's caller may cap it lower:
@@ -15,6 +18,9 @@ SEGMENT_BYTES = 2 << 20
 """The caching allocator reserves memory from the driver in whole 2 MiB segments: reserved peaks
 are only known to within this, so a line cannot tell apart sizes whose peaks differ by less."""
 
+Strategy = Literal["guided", "doubling", "backoff"]
+STRATEGIES: tuple[Strategy, ...] = ("guided", "doubling", "backoff")
+
 StopReason = Literal[
     "exact",  # the largest passing size is one below the smallest failing size
     "tolerance",  # bracket narrower than the policy's tolerance
@@ -22,6 +28,46 @@ StopReason = Literal[
     "nothing_fits",  # min_batch_size does not fit
     "max_trials",  # trial budget spent before the bracket closed
 ]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How one search runs: its strategy, the micro-batch range it searches and when it stops.
+
+    Built once where a caller's settings come in (a CLI flag, `autotune`'s keywords, a plan's
+    `policy.max_micro_batch_size`) and handed unchanged down to `tuner.search.run_search`, so that
+    every layer in between passes one checked object instead of loose keywords. Invalid settings
+    are refused here, as a `SpecError`, before anything runs."""
+
+    strategy: Strategy = "guided"
+    """`guided`, `doubling` or `backoff` (`tuner.search`)."""
+    min_batch_size: int = 1
+    """The smallest micro-batch tried: the answer is 0 when it does not fit."""
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    """The largest micro-batch tried: the answer when it fits."""
+    max_trials: int = DEFAULT_MAX_TRIALS
+    """The trial budget: the search stops after this many trials."""
+    tolerance: int = 0
+    """Stop once at most this many untried sizes lie between the largest pass and the smallest
+    failure (0: find the exact boundary)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise SpecError(f"Unknown search strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}.")
+        if self.min_batch_size < 1:
+            raise SpecError(f"min_batch_size must be at least 1, got {self.min_batch_size}.")
+        if self.max_batch_size < self.min_batch_size:
+            raise SpecError(
+                f"max_batch_size ({self.max_batch_size}) is below min_batch_size ({self.min_batch_size})."
+            )
+        if self.max_trials < 1:
+            raise SpecError(f"max_trials must be at least 1, got {self.max_trials}.")
+        if self.tolerance < 0:
+            raise SpecError(f"tolerance must not be negative, got {self.tolerance}.")
+
+
+DEFAULT_SEARCH = SearchConfig()
+"""The search every caller runs unless told otherwise."""
 
 
 class Move(StrEnum):

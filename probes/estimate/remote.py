@@ -8,13 +8,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tuner.errors import EstimateError, ModelBuildError, SpecError
-from tuner.search_types import DEFAULT_MAX_BATCH_SIZE
+from tuner.search_types import DEFAULT_SEARCH, SearchConfig
 from tuner.settings import DEFAULT_ESTIMATE_TIMEOUT_SECONDS
 from tuner.spec import StepKind, WorkloadSpec
 
 if TYPE_CHECKING:
     from probes.estimate.report import EstimateReport
-    from tuner.search import Strategy
     from tuner.search_types import SearchResult
 
 
@@ -52,22 +51,20 @@ def estimate_max_batch(
     *,
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
-    strategy: Strategy = "guided",
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    search: SearchConfig = DEFAULT_SEARCH,
     timeout: float | None = None,
     alloc_conf: str | None = None,
 ) -> SearchResult:
     """The largest micro-batch whose predicted reserved peak fits a card of
     `device_total_bytes` less the margin (`probes.estimate.session.search_max_batch`), searched
-    in a fresh child."""
+    as `search` says in a fresh child."""
     result: SearchResult = run_estimate_child(
         _search_in_child,
         spec,
         device_total_bytes,
         gradient_checkpointing,
         memory_margin,
-        strategy,
-        max_batch_size,
+        search,
         alloc_conf,
         timeout=timeout,
         what=f"estimate search of {spec.describe()}",
@@ -111,8 +108,7 @@ def _search_in_child(
     device_total_bytes: int,
     gradient_checkpointing: bool,
     memory_margin: float,
-    strategy: Strategy,
-    max_batch_size: int,
+    search: SearchConfig,
     alloc_conf: str | None,
 ) -> SearchResult:
     from probes.estimate.session import search_max_batch
@@ -122,7 +118,6 @@ def _search_in_child(
         device_total_bytes,
         gradient_checkpointing=gradient_checkpointing,
         memory_margin=memory_margin,
-        strategy=strategy,
-        max_batch_size=max_batch_size,
+        search=search,
         alloc_conf=alloc_conf,
     )

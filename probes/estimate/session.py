@@ -20,12 +20,12 @@ from probes.estimate.trace import WARMUP_BATCH_SIZE, StepTrace, trace_step
 from tuner.alloc_conf import canonical_alloc_conf, parse_alloc_conf
 from tuner.errors import EstimateError, SpecError
 from tuner.parallelism import SINGLE, ParallelSetup
-from tuner.search import Strategy, find_max_batch, fit_line
+from tuner.search import fit_line, run_search
 from tuner.search_types import (
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_TRIALS,
+    DEFAULT_SEARCH,
     SEGMENT_BYTES,
     MemoryLine,
+    SearchConfig,
     SearchResult,
     Trial,
 )
@@ -328,15 +328,13 @@ def search_max_batch(
     *,
     gradient_checkpointing: bool,
     memory_margin: float = 0.0,
-    strategy: Strategy = "guided",
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    max_trials: int = DEFAULT_MAX_TRIALS,
+    search: SearchConfig = DEFAULT_SEARCH,
     on_trial: Callable[[Trial], None] | None = None,
     alloc_conf: str | None = None,
     parallel: ParallelSetup = SINGLE,
 ) -> SearchResult:
     """The largest micro-batch whose step fits the card less the margin in the allocator replay,
-    found by `tuner.search.find_max_batch` over estimates (guided: the line through b = 2 and 4
+    found by `tuner.search.run_search` (as `search` says) over estimates (guided: the line through b = 2 and 4
     is the prior; the search confirms, brackets, and bisects where the line does not hold).
     Installs the emulation in this process: call it in a child process."""
     session = current_session()
@@ -344,7 +342,7 @@ def search_max_batch(
         session.line(
             spec, gradient_checkpointing=gradient_checkpointing, alloc_conf=alloc_conf, parallel=parallel
         )
-        if strategy == "guided"
+        if search.strategy == "guided"
         else None
     )
     fits = estimate_fits(
@@ -355,13 +353,11 @@ def search_max_batch(
         alloc_conf=alloc_conf,
         parallel=parallel,
     )
-    return find_max_batch(
+    return run_search(
         fits,
-        strategy=strategy,
+        search,
         capacity_bytes=session.capacity_bytes(device_total_bytes, memory_margin),
         prior=prior,
-        max_batch_size=max_batch_size,
-        max_trials=max_trials,
         on_trial=on_trial,
     )
 

@@ -17,6 +17,7 @@ from probes.cuda import CudaTrials  # noqa: E402
 from probes.eval_step import prepare_training_state, run_eval_steps  # noqa: E402
 from probes.probe import run_probe  # noqa: E402
 from probes.workloads import build_workload  # noqa: E402
+from tuner.search_types import SearchConfig  # noqa: E402
 from tuner.spec import DeviceSpec, parse_workload  # noqa: E402
 
 DECODER = {
@@ -69,14 +70,15 @@ def test_cuda_eval_trial_measures_from_the_training_state() -> None:
 def test_eval_probe_fits_more_than_the_train_probe_on_an_emulated_card() -> None:
     spec = parse_workload(DECODER)
     card = DeviceSpec(name="emulated 4 GiB", total_memory_bytes=4 << 30)
-    train = run_probe(spec, backend="cuda", device=card, gradient_checkpointing=False, max_trials=16)
+    budget = SearchConfig(max_trials=16)
+    train = run_probe(spec, backend="cuda", device=card, gradient_checkpointing=False, search=budget)
     evaluation = run_probe(
-        spec, backend="cuda", device=card, gradient_checkpointing=False, max_trials=16, step="eval"
+        spec, backend="cuda", device=card, gradient_checkpointing=False, search=budget, step="eval"
     )
     assert evaluation.step == "eval"
     assert evaluation.max_batch_size > train.max_batch_size > 0
     estimate = run_probe(
-        spec, backend="estimate", device=card, gradient_checkpointing=False, max_trials=16, step="eval"
+        spec, backend="estimate", device=card, gradient_checkpointing=False, search=budget, step="eval"
     )
     # The estimate errs low, never far: within 15 % of the measured eval batch, not above it by more.
     assert estimate.max_batch_size <= evaluation.max_batch_size * 1.05

@@ -15,7 +15,7 @@ from tests.probes.tiny_specs import WIDE_CNN
 from tests.unit.synthetic_devices import DEVICES_BY_NAME
 from tuner.errors import DeviceRequiredError, ModelBuildError, ProbeError
 from tuner.results import ProbeResult
-from tuner.search_types import MemoryLine, Trial
+from tuner.search_types import MemoryLine, SearchConfig, Trial
 from tuner.spec import DeviceSpec, WorkloadSpec, parse_workload
 
 FAKES = "tests.probes.fake_backends"
@@ -72,7 +72,9 @@ def test_verification_steps_down_until_the_answer_holds() -> None:
 
 def _probe_with_prior(factory: str, **kwargs: object) -> ProbeResult:
     """A probe whose prior is traced for real: a wide CNN, whose estimated line has a clear slope."""
-    return _probe(factory, spec=WIDE_CNN, estimate_prior=True, max_batch_size=4096, **kwargs)
+    return _probe(
+        factory, spec=WIDE_CNN, estimate_prior=True, search=SearchConfig(max_batch_size=4096), **kwargs
+    )
 
 
 @pytest.mark.slow
@@ -127,7 +129,7 @@ def test_a_card_smaller_than_its_context_fits_nothing() -> None:
         backend="estimate",
         device=DeviceSpec(name="Tiny card", total_memory_bytes=256 << 20),
         gradient_checkpointing=False,
-        max_batch_size=64,
+        search=SearchConfig(max_batch_size=64),
     )
     assert (result.max_batch_size, result.stop_reason) == (0, "nothing_fits")
 

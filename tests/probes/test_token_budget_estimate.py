@@ -13,6 +13,7 @@ from probes.estimate.remote import run_estimate_child
 from tests.probes.tiny_specs import SMALL_LLAMA
 from tuner.integration import probe_plan_locally
 from tuner.planner import make_plan
+from tuner.search_types import SearchConfig
 from tuner.spec import DeviceSpec, WorkloadSpec, parse_plan_request
 
 CARD = DeviceSpec(name="Test GPU 2GiB", total_memory_bytes=2 << 30)
@@ -44,7 +45,7 @@ def planned() -> Any:
             "policy": {"gradient_checkpointing": "off"},
         }
     )
-    probes, extras, _ = probe_plan_locally(request, max_trials=24)
+    probes, extras, _ = probe_plan_locally(request, search=SearchConfig(max_trials=24))
     return request, make_plan(request, probes, extras)
 
 

@@ -30,6 +30,7 @@ from tuner.search_types import DEFAULT_MAX_BATCH_SIZE
 if TYPE_CHECKING:
     from tuner.parallelism import ParallelSetup
     from tuner.results import ProbeResult
+    from tuner.search_types import SearchConfig
     from tuner.spec import Backend, DeviceSpec, WorkloadSpec
 
 
@@ -83,6 +84,7 @@ def probe(
 ) -> None:
     """Find the largest micro-batch that fits, with a progress bar on a terminal."""
     with clear_errors():
+        from tuner.search_types import SearchConfig
         from tuner.spec import load_workload_file
 
         workload = load_workload_file(spec)
@@ -93,14 +95,17 @@ def probe(
         chosen = resolve_backend(backend, total_memory)
         if chosen == "estimate" and device is None:
             device = local_gpu()
+        search = SearchConfig(
+            strategy=strategy.value,
+            max_batch_size=max_batch_size,
+            max_trials=max_trials,
+        )
         result = _run(
             workload,
             chosen,
             device,
             checkpointing=checkpointing is OnOff.on,
-            strategy=strategy.value,
-            max_batch_size=max_batch_size,
-            max_trials=max_trials,
+            search=search,
             verify_steps=verify_steps,
             timeout=timeout,
             show_progress=sys.stderr.isatty(),
@@ -119,9 +124,7 @@ def _run(
     device: DeviceSpec | None,
     *,
     checkpointing: bool,
-    strategy: str,
-    max_batch_size: int,
-    max_trials: int,
+    search: SearchConfig,
     verify_steps: int,
     timeout: float | None,
     show_progress: bool,
@@ -139,9 +142,7 @@ def _run(
             backend=backend,
             device=device,
             gradient_checkpointing=checkpointing,
-            strategy=strategy,  # type: ignore[arg-type]
-            max_batch_size=max_batch_size,
-            max_trials=max_trials,
+            search=search,
             verify_steps=verify_steps,
             timeout=settings.probe_timeout_seconds if timeout is None else timeout,
             prior_timeout=settings.estimate_timeout_seconds,

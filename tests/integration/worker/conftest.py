@@ -55,7 +55,7 @@ class Queue:
         job, _ = repository.enqueue_or_join(
             self.engine,
             key=job_key(request, minor),
-            payload=job_payload(request, minor),
+            payload=job_payload(request, minor).stored(),
             max_attempts=max_attempts,
             waiter=canonical_request(request),
         )

@@ -262,6 +262,44 @@ def test_a_job_of_which_nothing_fits_fails_with_the_reason(queue: Queue) -> None
     assert probe_count(queue.engine) == 1  # the probe itself is stored: the next ask is answered from it
 
 
+@pytest.mark.slow
+def test_a_job_stored_by_the_previous_version_is_still_run(queue: Queue) -> None:
+    """A payload queued before parallelism and extra probes were part of it (neither key) reads
+    as a single process with no extra probes, and its job runs as it did."""
+    from storage.planning import canonical_request, installed_torch_minor, job_key, job_payload
+    from tuner.spec import parse_plan_request
+
+    request = parse_plan_request(mlp_request(effective_batch_size=128, checkpointing="off"))
+    minor = installed_torch_minor()
+    old_shape = {
+        key: value
+        for key, value in job_payload(request, minor).stored().items()
+        if key not in ("parallel", "extra_probes")
+    }
+    assert set(old_shape) == {
+        "workload",
+        "device",
+        "backend",
+        "gradient_checkpointing",
+        "torch_minor",
+        "alloc_conf",
+    }
+    job, _ = repository.enqueue_or_join(
+        queue.engine,
+        key=job_key(request, minor),
+        payload=old_shape,
+        max_attempts=1,
+        waiter=canonical_request(request),
+    )
+    assert make_worker(queue.engine, "old-shape").run_once() is True
+    done = queue.job(job.id)
+    assert done.status == "succeeded", done.error
+    probe = repository.get_probe(queue.engine, probe_id=done.probe_id)  # type: ignore[arg-type]
+    assert probe.parallelism == "" and probe.max_batch_size > 0
+    (waiter,) = repository.list_waiters(queue.engine, job_id=job.id)
+    assert waiter.status == "resolved" and waiter.plan_id is not None
+
+
 def test_a_job_that_names_no_device_fails_its_waiters_as_the_clients_fault(queue: Queue) -> None:
     from api.errors import status_for
     from api.plan_service import job_error, job_out
@@ -276,7 +314,7 @@ def test_a_job_that_names_no_device_fails_its_waiters_as_the_clients_fault(queue
     job, _ = repository.enqueue_or_join(
         queue.engine,
         key=job_key(request, minor) + "|no-device",
-        payload={**job_payload(request, minor), "device": None},
+        payload={**job_payload(request, minor).stored(), "device": None},
         max_attempts=3,
         waiter=request.model_dump(mode="json"),
     )
