@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -93,7 +94,6 @@ def job_plan_id(session: Session, *, job_id: int) -> int | None:
 def job_out(job: JobRecord, plan_id: int | None, worker_available: bool | None = None) -> JobOut:
     """The API's view of a job record (`worker_available`: for a queued job, whether a live worker
     could claim it)."""
-    payload = JobPayload.model_validate(job.payload)
     return JobOut(
         id=job.id,
         status=job.status,
@@ -108,7 +108,7 @@ def job_out(job: JobRecord, plan_id: int | None, worker_available: bool | None =
         backend=job.backend,
         device_name=job.device_name,
         device_memory_bytes=job.device_memory_bytes,
-        gradient_checkpointing=list(payload.gradient_checkpointing),
+        gradient_checkpointing=_checkpointing_choices(job),
         created_at=job.created_at,
         updated_at=job.updated_at,
         started_at=job.started_at,
@@ -116,6 +116,15 @@ def job_out(job: JobRecord, plan_id: int | None, worker_available: bool | None =
         location=f"/v1/jobs/{job.id}",
         plan_location=f"/v1/plans/{plan_id}" if plan_id is not None else None,
     )
+
+
+def _checkpointing_choices(job: JobRecord) -> list[bool]:
+    try:
+        return list(JobPayload.model_validate(job.payload).gradient_checkpointing)
+    except ValidationError:
+        # A payload this version cannot read (written by another version, or a workload that no
+        # longer validates) is the worker's to refuse; the job itself is still shown.
+        return []
 
 
 def job_view(session: Session, job: JobRecord) -> JobOut:

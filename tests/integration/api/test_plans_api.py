@@ -222,6 +222,21 @@ def test_an_uncached_request_queued_on_purpose_waits_for_a_worker(server: Server
     assert len(repository.list_waiters(server.engine, job_id=job["id"])) == 2
 
 
+def test_a_job_whose_payload_this_version_cannot_read_is_still_shown(server: Server) -> None:
+    """A job queued by another version (here: a workload key this one refuses) is the worker's
+    to refuse; `GET /v1/jobs/{id}` shows it, not a 500."""
+    workload = mlp_workload(hidden_dim=69).model_dump(mode="json")
+    workload["model"]["kwargs"]["not_a_kwarg_of_this_version"] = 1
+    payload = {"workload": workload, "device": None, "backend": "estimate", "gradient_checkpointing": [False]}
+    job, _ = repository.enqueue_or_join(
+        server.engine, key="unreadable-payload", payload=payload, max_attempts=1, backend="estimate"
+    )
+    with server.authorized() as client:
+        shown = client.get(f"/v1/jobs/{job.id}")
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["status"] == "queued" and shown.json()["gradient_checkpointing"] == []
+
+
 def test_fifty_concurrent_identical_requests_make_one_job(server: Server) -> None:
     workload = mlp_workload(hidden_dim=69)
     body = plan_request(workload, device=OTHER_DEVICE, checkpointing="off")
