@@ -279,56 +279,87 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = (), eval_trials: Sequence[T
     from rich.console import Console
     from rich.table import Table
 
-    from tuner.planner import Split, describe_split
-    from tuner.units import format_bytes
-
     out = Console()
     table = Table(title=f"Plan for {plan.workload.describe()} on {plan.device.name}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
+    for row in plan_rows(plan):
+        table.add_row(*row)
+    out.print(table)
+    for line in _plan_charts(plan, trials, eval_trials):
+        out.print(line, highlight=False)
+    out.print(plan.reason, highlight=False)
+    for warning in plan.warnings:
+        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    for hint in plan.hints:
+        out.print(f"[cyan]hint:[/] {hint}", highlight=False)
+
+
+def plan_rows(plan: Plan) -> list[tuple[str, str]]:
+    """The plan table's rows: the split, the memory it was planned in, and what the request added
+    (eval micro-batch, token budget, memory per rank, ramp)."""
+    from tuner.planner import Split, describe_split
+    from tuner.units import format_bytes
+
+    rows: list[tuple[str, str]] = []
     if plan.micro_batch_sizes:
         split = Split(plan.micro_batch_size, plan.accumulation_steps, tuple(plan.micro_batch_sizes))
-        table.add_row("micro-batches per rank", f"{describe_split(split)} (uneven)")
+        rows.append(("micro-batches per rank", f"{describe_split(split)} (uneven)"))
     else:
-        table.add_row("micro-batch size", str(plan.micro_batch_size))
-    table.add_row("accumulation steps", str(plan.accumulation_steps))
-    table.add_row("world size", str(plan.world_size))
-    table.add_row("parallelism", plan.parallelism.describe(plan.world_size))
-    table.add_row("effective batch", str(plan.effective_batch_size))
-    table.add_row("gradient checkpointing", on_off(plan.gradient_checkpointing))
+        rows.append(("micro-batch size", str(plan.micro_batch_size)))
     largest = ", ".join(f"{key}: {value}" for key, value in plan.max_micro_batch_size.items())
-    table.add_row("largest micro-batch", largest)
-    table.add_row("memory budget", format_bytes(plan.memory_budget_bytes))
-    table.add_row("predicted peak", format_bytes(plan.predicted_peak_bytes))
+    rows += [
+        ("accumulation steps", str(plan.accumulation_steps)),
+        ("world size", str(plan.world_size)),
+        ("parallelism", plan.parallelism.describe(plan.world_size)),
+        ("effective batch", str(plan.effective_batch_size)),
+        ("gradient checkpointing", on_off(plan.gradient_checkpointing)),
+        ("largest micro-batch", largest),
+        ("memory budget", format_bytes(plan.memory_budget_bytes)),
+        ("predicted peak", format_bytes(plan.predicted_peak_bytes)),
+    ]
     if plan.predicted_samples_per_second is not None:
-        table.add_row("predicted samples/s", f"{plan.predicted_samples_per_second:.1f} per device")
+        rows.append(("predicted samples/s", f"{plan.predicted_samples_per_second:.1f} per device"))
     if plan.eval_micro_batch_size is not None:
-        table.add_row("eval micro-batch", str(plan.eval_micro_batch_size))
-    if plan.token_budget is not None:
-        budget = plan.token_budget
-        table.add_row(
-            "max tokens per micro-batch",
-            f"{budget.max_tokens_per_micro_batch} (lengths {budget.min_seq_len}–{budget.seq_len}, "
-            f"set by {budget.limiting_seq_len})",
-        )
-        per_length = ", ".join(f"{point.seq_len}: {point.max_batch_size}" for point in budget.lengths)
-        table.add_row("largest batch by length", per_length)
-        if budget.accumulation_steps is not None:
-            table.add_row(
-                "token accumulation",
-                f"{budget.accumulation_steps} micro-batches of ≤ {budget.tokens_per_micro_batch} tokens "
-                f"for {budget.effective_tokens} tokens",
-            )
-    table.add_row("backend", plan.backend)
-    for row in memory_per_rank_rows(plan.memory_per_rank):
-        table.add_row(*row)
+        rows.append(("eval micro-batch", str(plan.eval_micro_batch_size)))
+    rows += _token_budget_rows(plan)
+    rows.append(("backend", plan.backend))
+    rows += memory_per_rank_rows(plan.memory_per_rank)
     if plan.accumulation_schedule:
         ramp = ", ".join(
             f"{entry['accumulation_steps']} until step {entry['until_step']}"
             for entry in plan.accumulation_schedule
         )
-        table.add_row("ramp (accumulation)", ramp)
-    out.print(table)
+        rows.append(("ramp (accumulation)", ramp))
+    return rows
+
+
+def _token_budget_rows(plan: Plan) -> list[tuple[str, str]]:
+    budget = plan.token_budget
+    if budget is None:
+        return []
+    per_length = ", ".join(f"{point.seq_len}: {point.max_batch_size}" for point in budget.lengths)
+    rows = [
+        (
+            "max tokens per micro-batch",
+            f"{budget.max_tokens_per_micro_batch} (lengths {budget.min_seq_len}–{budget.seq_len}, "
+            f"set by {budget.limiting_seq_len})",
+        ),
+        ("largest batch by length", per_length),
+    ]
+    if budget.accumulation_steps is not None:
+        rows.append(
+            (
+                "token accumulation",
+                f"{budget.accumulation_steps} micro-batches of ≤ {budget.tokens_per_micro_batch} tokens "
+                f"for {budget.effective_tokens} tokens",
+            )
+        )
+    return rows
+
+
+def _plan_charts(plan: Plan, trials: Sequence[Trial], eval_trials: Sequence[Trial]) -> list[str]:
+    """The memory curve of the train trials with the planned point, then the eval probe's."""
     planned = None
     if plan.predicted_peak_bytes is not None:
         planned = PlannedPoint(plan.micro_batch_size, plan.predicted_peak_bytes)
@@ -343,13 +374,7 @@ def print_plan(plan: Plan, trials: Sequence[Trial] = (), eval_trials: Sequence[T
             planned=PlannedPoint(plan.eval_micro_batch_size, plan.eval_predicted_peak_bytes),
             heading="Eval: peak reserved memory by batch, training state resident",
         )
-    for line in chart:
-        out.print(line, highlight=False)
-    out.print(plan.reason, highlight=False)
-    for warning in plan.warnings:
-        out.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    for hint in plan.hints:
-        out.print(f"[cyan]hint:[/] {hint}", highlight=False)
+    return chart
 
 
 MEMORY_CATEGORIES = ("parameters", "gradients", "buckets", "optimizer_state", "activations")

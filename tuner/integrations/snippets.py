@@ -50,9 +50,8 @@ def _heading(plan: Plan) -> str:
 
 def loop_snippet(plan: Plan) -> str:
     """A plain training loop that applies the plan with `tuner.training.GradientAccumulator`."""
-    precision = plan.workload.precision
-    per_rank = plan.effective_batch_size // plan.world_size
-    sizes = plan.micro_batch_sizes or [plan.micro_batch_size] * plan.accumulation_steps
+    scaler = plan.workload.precision == "fp16-mixed"
+    scaler_argument = ", scaler=scaler" if scaler else ""
     lines = [
         _heading(plan),
         f"# effective batch {plan.effective_batch_size} = {split_formula(plan)}"
@@ -60,16 +59,52 @@ def loop_snippet(plan: Plan) -> str:
         "import torch",
         "from tuner.training import GradientAccumulator",
         "",
+        *_split_constants(plan),
+        "",
+        *_model_setup(plan),
+        *(['scaler = torch.amp.GradScaler("cuda")'] if scaler else []),
+        f"accumulator = GradientAccumulator(model, optimizer{scaler_argument}, max_grad_norm=1.0)",
+        "loader = torch.utils.data.DataLoader(dataset, batch_size=sum(MICRO_BATCH_SIZES), shuffle=True)",
+        "",
+        "",
+        "def micro_batches(batch, sizes):",
+        "    # Samples along dim 0; the epoch's short last batch gives fewer, smaller pieces.",
+        "    total, start = len(next(iter(batch.values()))), 0",
+        "    for size in sizes:",
+        "        if start < total:",
+        "            yield {key: value[start : start + size] for key, value in batch.items()}",
+        "        start += size",
+        "",
+        "",
+        "for batch in loader:",
+        "    pieces = list(micro_batches(batch, MICRO_BATCH_SIZES))",
+        "    for index, piece in enumerate(pieces):",
+        "        last = index == len(pieces) - 1",
+        "        with accumulator.micro_batch(last=last):",
+        *_forward(plan),
+        "            accumulator.backward(loss_sum, num_items, last=last)",
+        "    accumulator.step()  # exact: the mean over every item of the window",
     ]
+    return "\n".join(lines)
+
+
+def _split_constants(plan: Plan) -> list[str]:
+    """The micro-batch sizes of one optimizer step per rank, as constants the loop reads."""
     if plan.micro_batch_sizes:
-        lines.append(f"MICRO_BATCH_SIZES = {sizes}  # one optimizer step per rank: {per_rank} samples")
-    else:
-        lines += [
-            f"MICRO_BATCH_SIZE = {plan.micro_batch_size}",
-            f"ACCUMULATION_STEPS = {plan.accumulation_steps}",
-            "MICRO_BATCH_SIZES = [MICRO_BATCH_SIZE] * ACCUMULATION_STEPS",
+        per_rank = plan.effective_batch_size // plan.world_size
+        return [
+            f"MICRO_BATCH_SIZES = {plan.micro_batch_sizes}  # one optimizer step per rank: {per_rank} samples"
         ]
-    lines.append("")
+    return [
+        f"MICRO_BATCH_SIZE = {plan.micro_batch_size}",
+        f"ACCUMULATION_STEPS = {plan.accumulation_steps}",
+        "MICRO_BATCH_SIZES = [MICRO_BATCH_SIZE] * ACCUMULATION_STEPS",
+    ]
+
+
+def _model_setup(plan: Plan) -> list[str]:
+    """Checkpointing as the probes measured it, and how the ranks hold the model."""
+    lines = []
     if plan.gradient_checkpointing:
         if plan.workload.model.family == "transformers":
             lines.append(
@@ -91,47 +126,19 @@ def loop_snippet(plan: Plan) -> str:
             f"# {plan.world_size} ranks: wrap the model in DistributedDataParallel and give the loader a "
             "DistributedSampler"
         )
-    scaler = precision == "fp16-mixed"
-    if scaler:
-        lines.append('scaler = torch.amp.GradScaler("cuda")')
-    scaler_argument = ", scaler=scaler" if scaler else ""
-    lines += [
-        f"accumulator = GradientAccumulator(model, optimizer{scaler_argument}, max_grad_norm=1.0)",
-        "loader = torch.utils.data.DataLoader(dataset, batch_size=sum(MICRO_BATCH_SIZES), shuffle=True)",
-        "",
-        "",
-        "def micro_batches(batch, sizes):",
-        "    # Samples along dim 0; the epoch's short last batch gives fewer, smaller pieces.",
-        "    total, start = len(next(iter(batch.values()))), 0",
-        "    for size in sizes:",
-        "        if start < total:",
-        "            yield {key: value[start : start + size] for key, value in batch.items()}",
-        "        start += size",
-        "",
-        "",
-        "for batch in loader:",
-        "    pieces = list(micro_batches(batch, MICRO_BATCH_SIZES))",
-        "    for index, piece in enumerate(pieces):",
-        "        last = index == len(pieces) - 1",
-        "        with accumulator.micro_batch(last=last):",
+    return lines
+
+
+def _forward(plan: Plan) -> list[str]:
+    """One piece's forward and summed loss, under the plan's autocast where it has one."""
+    loss = [
+        "# the loss SUMMED over the piece's items (tokens under the mask, or samples)",
+        "loss_sum, num_items = loss_and_count(model, piece)",
     ]
-    dtype = _AUTOCAST_DTYPES.get(precision)
-    if dtype is not None:
-        lines += [
-            f'            with torch.autocast("cuda", dtype={dtype}):',
-            "                # the loss SUMMED over the piece's items (tokens under the mask, or samples)",
-            "                loss_sum, num_items = loss_and_count(model, piece)",
-        ]
-    else:
-        lines += [
-            "            # the loss SUMMED over the piece's items (tokens under the mask, or samples)",
-            "            loss_sum, num_items = loss_and_count(model, piece)",
-        ]
-    lines += [
-        "            accumulator.backward(loss_sum, num_items, last=last)",
-        "    accumulator.step()  # exact: the mean over every item of the window",
-    ]
-    return "\n".join(lines)
+    dtype = _AUTOCAST_DTYPES.get(plan.workload.precision)
+    if dtype is None:
+        return [" " * 12 + line for line in loss]
+    return [f'            with torch.autocast("cuda", dtype={dtype}):', *(" " * 16 + line for line in loss)]
 
 
 def nearest_even_plan(plan: Plan) -> Plan:
