@@ -701,15 +701,7 @@ def throughput_chart(
     x_ticks = nice_ticks(max(sizes) * 1.05, integer=True)
     y_ticks = nice_ticks(max(values) * 1.08)
     frame = _Frame(x_max=x_ticks[-1], y_max=y_ticks[-1])
-    rows = [
-        [
-            (_swatch("circle", _colour(i)), f"samples/s ({one.label})")
-            for i, one in enumerate(series)
-            if measured[i]
-        ]
-    ]
-    if chosen_batch_size is not None:
-        rows[0].append((_swatch("dotted", CHOSEN_COLOUR), "chosen"))
+    rows = _throughput_legend(series, measured, chosen=chosen_batch_size is not None)
     height = PLOT_HEIGHT + LEGEND_ROW * len(rows) + 6
     description = " ".join(
         f"{one.label}: {len(points)} measured trials, best {max(v for _, v in points):.1f} samples/s."
@@ -719,33 +711,45 @@ def throughput_chart(
     parts = _open_svg(chart_id, title, description, height, "throughput-chart")
     parts += _axes(frame, x_ticks, y_ticks, "samples/s", [_tick_label(t) for t in y_ticks])
     for index, (one, points) in enumerate(zip(series, measured, strict=True)):
-        if not points:
-            continue
-        line, markers = _measured(
-            frame,
-            sorted(points),
-            _colour(index),
-            "throughput",
-            one.label,
-            lambda v: f"{v:.1f} samples/s",
-        )
-        parts += [f'<g class="series" data-label="{escape(one.label)}">', *line, *markers, "</g>"]
+        if points:
+            parts += _throughput_series(frame, one.label, sorted(points), _colour(index))
     if chosen_batch_size is not None:
-        parts += _chosen_marker(
-            frame, chosen_batch_size, f"chosen micro-batch {chosen_batch_size}", top=frame.top
-        )
-        if chosen_samples_per_second is not None:
-            tip = f"predicted {chosen_samples_per_second:.1f} samples/s at {chosen_batch_size}"
-            parts.append(
-                _point(
-                    frame.x(chosen_batch_size),
-                    frame.y(chosen_samples_per_second),
-                    CHOSEN_COLOUR,
-                    "circle",
-                    tip,
-                    "chosen-point",
-                )
-            )
+        parts += _chosen_throughput(frame, chosen_batch_size, chosen_samples_per_second)
     parts += _legend(rows, PLOT_HEIGHT + 4)
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _throughput_legend(
+    series: Sequence[ChartSeries], measured: Sequence[Sequence[tuple[int, float]]], *, chosen: bool
+) -> list[list[tuple[str, str]]]:
+    """One legend row: a swatch per series that measured anything, and the chosen marker's."""
+    row = [
+        (_swatch("circle", _colour(i)), f"samples/s ({one.label})")
+        for i, one in enumerate(series)
+        if measured[i]
+    ]
+    if chosen:
+        row.append((_swatch("dotted", CHOSEN_COLOUR), "chosen"))
+    return [row]
+
+
+def _throughput_series(
+    frame: _Frame, label: str, points: Sequence[tuple[int, float]], colour: str
+) -> list[str]:
+    """One series' measured samples/s: the line through them and a marker on each."""
+    line, markers = _measured(frame, points, colour, "throughput", label, lambda v: f"{v:.1f} samples/s")
+    return [f'<g class="series" data-label="{escape(label)}">', *line, *markers, "</g>"]
+
+
+def _chosen_throughput(frame: _Frame, batch_size: int, samples_per_second: float | None) -> list[str]:
+    """The chosen micro-batch's line, and the samples/s predicted there."""
+    parts = _chosen_marker(frame, batch_size, f"chosen micro-batch {batch_size}", top=frame.top)
+    if samples_per_second is not None:
+        tip = f"predicted {samples_per_second:.1f} samples/s at {batch_size}"
+        parts.append(
+            _point(
+                frame.x(batch_size), frame.y(samples_per_second), CHOSEN_COLOUR, "circle", tip, "chosen-point"
+            )
+        )
+    return parts
