@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import tomllib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -103,8 +104,14 @@ def test_connections_opening_a_new_sqlite_database_at_once_all_get_wal(tmp_path:
     switch to WAL needs a lock SQLite does not wait for on its own, so each must wait its turn."""
     for round_ in range(50):
         engines = [make_engine(f"sqlite:///{tmp_path}/{round_}/tuner.db") for _ in range(6)]
+        modes: list[str] = []
+
+        def open_one(engine: Engine, modes: list[str] = modes) -> None:
+            with engine.connect() as connection:
+                modes.append(str(connection.exec_driver_sql("PRAGMA journal_mode").scalar()))
+
         try:
-            errors, modes = _open_at_once(engines)
+            errors = _at_once(engines, open_one)
         finally:
             for engine in engines:
                 engine.dispose()
@@ -112,26 +119,25 @@ def test_connections_opening_a_new_sqlite_database_at_once_all_get_wal(tmp_path:
         assert modes == ["wal"] * len(engines)
 
 
-def _open_at_once(engines: list[Engine]) -> tuple[list[BaseException], list[str]]:
-    """Each engine opens a connection at the same moment: the errors, and each one's journal mode."""
+def _at_once(engines: list[Engine], action: Callable[[Engine], None]) -> list[BaseException]:
+    """`action` on each engine in a thread of its own, all released at the same moment: the
+    errors they raised."""
     barrier = threading.Barrier(len(engines))
-    modes: list[str] = []
     errors: list[BaseException] = []
 
-    def open_one(engine: Engine) -> None:
+    def start(engine: Engine) -> None:
         try:
             barrier.wait(timeout=30)
-            with engine.connect() as connection:
-                modes.append(connection.exec_driver_sql("PRAGMA journal_mode").scalar())
+            action(engine)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=open_one, args=(engine,)) for engine in engines]
+    threads = [threading.Thread(target=start, args=(engine,)) for engine in engines]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    return errors, modes
+    return errors
 
 
 def test_cli_upgrades_and_downgrades(empty_database_url: str) -> None:
@@ -196,21 +202,7 @@ def test_every_migration_file_is_packaged() -> None:
 def test_processes_starting_at_once_migrate_once(empty_database_url: str) -> None:
     """API replicas and workers all call ensure_schema at start; the migration lock serializes them."""
     engines = [make_engine(empty_database_url) for _ in range(4)]
-    barrier = threading.Barrier(len(engines))
-    errors: list[BaseException] = []
-
-    def start(engine: Engine) -> None:
-        try:
-            barrier.wait(timeout=30)
-            ensure_schema(engine)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(engine,)) for engine in engines]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    errors = _at_once(engines, ensure_schema)
     try:
         assert errors == []
         assert current_revision(engines[0]) == _head()
