@@ -223,12 +223,12 @@ def _bracket(probe: ProbeResult, batch_size: int) -> tuple[tuple[int, int], tupl
     return below[-1], above[0]
 
 
-def bracketed_micro_batch(probe: ProbeResult, budget_bytes: int) -> tuple[int, str]:
+def bracketed_micro_batch(probe: ProbeResult, budget_bytes: int, cap: int | None = None) -> tuple[int, str]:
     """`usable_micro_batch`, never above what the measured trials around it allow: where passing
     trials bracket the answer and the larger one exceeds the budget, memory between them is taken
     as the straight line through them, not the probe's fitted line (which, fitted far below, can
     run under both: the step's memory bends near the card's limit). Errs low."""
-    usable, limited_by = usable_micro_batch(probe, budget_bytes)
+    usable, limited_by = usable_micro_batch(probe, budget_bytes, cap)
     bracket = _bracket(probe, usable)
     if bracket is None:
         return usable, limited_by
@@ -520,7 +520,9 @@ def split_per_rank_batch(
 
 
 def _option(checkpointing: bool, probe: ProbeResult, budget: int, cap: int | None) -> _Option:
-    usable, limited_by = usable_micro_batch(probe, budget, cap)
+    # Bracketed: between two measured trials the memory is their straight line, wherever the
+    # fitted line runs under both (a step's memory can bend up near the card's limit).
+    usable, limited_by = bracketed_micro_batch(probe, budget, cap)
     return _Option(checkpointing, probe, usable, limited_by, throughput_curve(probe.trials))
 
 
@@ -534,7 +536,7 @@ def _candidate(option: _Option, per_rank: int, allow_uneven: bool) -> _Candidate
         split=split,
         poor_split=is_poor_split(per_rank, option.usable),
         samples_per_second=speed,
-        peak_bytes=predicted_peak_bytes(option.probe, split.micro_batch_size),
+        peak_bytes=bracketed_peak_bytes(option.probe, split.micro_batch_size),
     )
 
 
@@ -774,7 +776,6 @@ def describe_split(split: Split) -> str:
     (first, first_count), *rest = counts.items()
     noun = "micro-batches" if first_count > 1 else "micro-batch"
     return " and ".join([f"{first_count} {noun} of {first}", *(f"{n} of {size}" for size, n in rest)])
-
 
 
 def _nothing_fits_message(

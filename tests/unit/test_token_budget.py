@@ -219,6 +219,34 @@ def test_measured_trials_around_the_answer_overrule_a_line_fitted_far_below() ->
     assert budget - 40 * (1 << 20) < plan.eval_predicted_peak_bytes <= budget
 
 
+def test_the_training_micro_batch_keeps_to_the_measured_trials_around_it_too() -> None:
+    """The same line fitted far below, on the train probe: the training micro-batch is not the 557
+    that line allows below the over-budget trial at 558, but the 556 the straight line between
+    the bracketing trials allows (an uneven split reaches the prime per-rank batch)."""
+    budget = memory_budget(DEVICE.total_memory_bytes, 0.05)
+    low, high = 555, 558
+    train = probe_at(512).model_copy(
+        update={
+            "max_batch_size": high,
+            "memory_line": MemoryLine(fixed_bytes=GIB, per_sample_bytes=(budget - 3 * GIB) / high),
+            "trials": [
+                Trial(batch_size=low, ok=True, peak_reserved_bytes=budget - 40 * (1 << 20)),
+                Trial(batch_size=high, ok=True, peak_reserved_bytes=budget + 70 * (1 << 20)),
+                Trial(batch_size=high + 1, ok=False),
+            ],
+        }
+    )
+    asked = request(min_seq_len=None, effective_batch_size=557, policy={"allow_uneven_micro_batches": True})
+    plan = make_plan(asked, {False: train})
+    assert max(plan.micro_batch_sizes or [plan.micro_batch_size]) <= 556
+    assert sum(plan.micro_batch_sizes or [plan.micro_batch_size * plan.accumulation_steps]) == 557
+    assert plan.predicted_peak_bytes is not None and plan.predicted_peak_bytes <= budget
+    even = make_plan(request(min_seq_len=None, effective_batch_size=556), {False: train})
+    assert (even.micro_batch_size, even.accumulation_steps) == (556, 1)
+    assert even.predicted_peak_bytes is not None
+    assert budget - 40 * (1 << 20) < even.predicted_peak_bytes <= budget
+
+
 def test_the_length_range_is_no_part_of_the_fingerprint() -> None:
     ranged = request(min_seq_len=64).workload
     fixed = request(min_seq_len=None).workload
