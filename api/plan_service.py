@@ -54,7 +54,6 @@ from api.schemas import JobOut
 from api.worker_availability import job_worker_available, require_live_worker
 from storage import repository
 from storage.db import connection_capacity
-from storage.models import FINISHED_JOB_STATUSES
 from storage.planning import (
     cached_probes,
     canonical_request,
@@ -67,6 +66,7 @@ from storage.records import JobRecord
 from tuner.errors import CLIENT_FAULT_CODES, DeviceRequiredError, TunerError, client_fault_error
 from tuner.intake import refuse_what_cannot_fit
 from tuner.job_payload import JobPayload
+from tuner.job_status import FINISHED_JOB_STATUSES
 from tuner.plan_probes import checkpointing_choices
 from tuner.planner import per_rank_batch
 from tuner.results import Plan

@@ -189,16 +189,8 @@ class CudaTrials:
     def _steps(
         self, workload: BuiltWorkload, batch_size: int, iterations: int, phases: _PeakPhases
     ) -> StepReport:
-        if self.step == "eval":
-            return run_eval_steps(
-                workload,
-                batch_size,
-                iterations=iterations,
-                on_phase=phases.enter,
-                synchronize=torch.cuda.synchronize,
-                data_dependent=self._data_dependent,
-            )
-        return run_train_steps(
+        run_steps = run_eval_steps if self.step == "eval" else run_train_steps
+        return run_steps(
             workload,
             batch_size,
             iterations=iterations,

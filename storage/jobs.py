@@ -26,7 +26,10 @@ from sqlalchemy.orm import Session
 
 from storage.db import Bind, bound_session, dialect_insert, write_transaction
 from storage.job_events import notify_finished, publish_finished
-from storage.models import (
+from storage.models import JobRow, JobWaiterRow, utcnow
+from storage.records import Accepts, JobRecord, WaiterRecord
+from tuner.errors import ConflictError, NotFoundError
+from tuner.job_status import (
     ACTIVE_JOB_STATUSES,
     FINISHED_JOB_STATUSES,
     JOB_FAILED,
@@ -37,13 +40,8 @@ from storage.models import (
     WAITER_FAILED,
     WAITER_PENDING,
     WAITER_RESOLVED,
-    JobRow,
-    JobWaiterRow,
-    utcnow,
+    sql_in,
 )
-from storage.records import Accepts, JobRecord, WaiterRecord
-from tuner.errors import ConflictError, NotFoundError
-from tuner.job_status import sql_in
 
 JOBS = cast(Table, JobRow.__table__)
 WAITERS = cast(Table, JobWaiterRow.__table__)

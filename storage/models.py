@@ -34,33 +34,13 @@ from sqlalchemy.types import TypeDecorator
 
 from tuner.job_status import (
     ACTIVE_JOB_STATUSES,
-    FINISHED_JOB_STATUSES,
-    JOB_FAILED,
     JOB_QUEUED,
-    JOB_RUNNING,
     JOB_STATUSES,
-    JOB_SUCCEEDED,
-    WAITER_FAILED,
     WAITER_PENDING,
-    WAITER_RESOLVED,
     WAITER_STATUSES,
     sql_in,
 )
 from tuner.probe_key import PROBE_KEY_FIELDS
-
-__all__ = [
-    "ACTIVE_JOB_STATUSES",
-    "FINISHED_JOB_STATUSES",
-    "JOB_FAILED",
-    "JOB_QUEUED",
-    "JOB_RUNNING",
-    "JOB_STATUSES",
-    "JOB_SUCCEEDED",
-    "WAITER_FAILED",
-    "WAITER_PENDING",
-    "WAITER_RESOLVED",
-    "WAITER_STATUSES",
-]
 
 PROBE_COMPLETE = "complete"
 PROBE_SUPERSEDED = "superseded"

@@ -45,8 +45,6 @@ from storage.models import (
     DEFAULT_ALLOC_CONF,
     PROBE_COMPLETE,
     PROBE_KEY_COLUMNS,
-    WAITER_PENDING,
-    WAITER_RESOLVED,
     JobWaiterRow,
     PlanRow,
     ProbeRow,
@@ -56,6 +54,7 @@ from storage.models import (
 from storage.records import Accepts, JobRecord, WaiterRecord
 from storage.workers import WorkerRecord, announce_worker, live_workers, retire_worker
 from tuner.errors import ConflictError, NotFoundError
+from tuner.job_status import WAITER_PENDING, WAITER_RESOLVED
 from tuner.parallelism import ParallelismSpec, default_parallelism
 from tuner.probe_key import UNKNOWN_TORCH, ProbeKey, torch_minor
 from tuner.results import Plan, ProbeResult, WorkloadFacts

@@ -195,13 +195,12 @@ def test_the_needs_name_each_probe_once() -> None:
     assert extra_needs(request(min_seq_len=None)) == []
 
 
-def test_measured_trials_around_the_answer_overrule_a_line_fitted_far_below() -> None:
-    """A line fitted at small batches that runs under the measured peaks near the limit: the
-    eval micro-batch stays where the straight line between the bracketing trials allows."""
-    asked = request(min_seq_len=None, policy={"eval": True})
+def bent_near_the_limit(probe: ProbeResult) -> ProbeResult:
+    """`probe` with a line fitted far below that runs under its measured peaks near the limit:
+    555 passes 40 MiB within the budget, 558 passes 70 MiB over it, 559 fails."""
     budget = memory_budget(DEVICE.total_memory_bytes, 0.05)
     low, high = 555, 558
-    evaluation = probe_at(512, step="eval").model_copy(
+    return probe.model_copy(
         update={
             "max_batch_size": high,
             "memory_line": MemoryLine(fixed_bytes=GIB, per_sample_bytes=(budget - 3 * GIB) / high),
@@ -212,6 +211,14 @@ def test_measured_trials_around_the_answer_overrule_a_line_fitted_far_below() ->
             ],
         }
     )
+
+
+def test_measured_trials_around_the_answer_overrule_a_line_fitted_far_below() -> None:
+    """A line fitted at small batches that runs under the measured peaks near the limit: the
+    eval micro-batch stays where the straight line between the bracketing trials allows."""
+    asked = request(min_seq_len=None, policy={"eval": True})
+    budget = memory_budget(DEVICE.total_memory_bytes, 0.05)
+    evaluation = bent_near_the_limit(probe_at(512, step="eval"))
     plan = make_plan(asked, {False: probe_at(512)}, ExtraProbes(eval=evaluation))
     # 40 MiB of room at 555 and 110 MiB per 3 samples: one more sample, not two.
     assert plan.eval_micro_batch_size == 556
@@ -224,18 +231,7 @@ def test_the_training_micro_batch_keeps_to_the_measured_trials_around_it_too() -
     that line allows below the over-budget trial at 558, but the 556 the straight line between
     the bracketing trials allows (an uneven split reaches the prime per-rank batch)."""
     budget = memory_budget(DEVICE.total_memory_bytes, 0.05)
-    low, high = 555, 558
-    train = probe_at(512).model_copy(
-        update={
-            "max_batch_size": high,
-            "memory_line": MemoryLine(fixed_bytes=GIB, per_sample_bytes=(budget - 3 * GIB) / high),
-            "trials": [
-                Trial(batch_size=low, ok=True, peak_reserved_bytes=budget - 40 * (1 << 20)),
-                Trial(batch_size=high, ok=True, peak_reserved_bytes=budget + 70 * (1 << 20)),
-                Trial(batch_size=high + 1, ok=False),
-            ],
-        }
-    )
+    train = bent_near_the_limit(probe_at(512))
     asked = request(min_seq_len=None, effective_batch_size=557, policy={"allow_uneven_micro_batches": True})
     plan = make_plan(asked, {False: train})
     assert max(plan.micro_batch_sizes or [plan.micro_batch_size]) <= 556
